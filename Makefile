@@ -1,0 +1,42 @@
+# One entry point for every routine task. `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-long lint proto proto-check bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ./client -e ".[dev]"
+	touch $(STAMP)
+
+run: setup  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
+	$(VENV)/bin/limiterd serve $(ARGS)
+
+test: setup proto-check  ## everything but the long crash loop
+	$(PY) -m pytest -m "not long" $(ARGS)
+
+test-long: setup  ## the long tests (crash loop of 50+ rounds)
+	$(PY) -m pytest -m long $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+proto: setup  ## regenerate the stubs from proto/
+	$(PY) scripts/codegen.py
+
+proto-check: setup  ## fail when the committed stubs differ from what proto/ generates
+	@tmp=$$(mktemp -d) && $(PY) scripts/codegen.py $$tmp && \
+	  diff -r -x __pycache__ $$tmp client/src/limiterd_client/_proto > /dev/null || \
+	  { echo "stale stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
+	  rm -rf $$tmp
+
+bench: setup
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""limiterd's Python client."""

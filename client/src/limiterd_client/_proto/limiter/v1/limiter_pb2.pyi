@@ -1,0 +1,267 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    OK: _ClassVar[Outcome]
+    RATE_LIMITED: _ClassVar[Outcome]
+    OVERLOADED: _ClassVar[Outcome]
+    ERROR: _ClassVar[Outcome]
+    CANCELLED: _ClassVar[Outcome]
+
+class ReservationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESERVATION_STATE_UNSPECIFIED: _ClassVar[ReservationState]
+    OPEN: _ClassVar[ReservationState]
+    REPORTED: _ClassVar[ReservationState]
+    RELEASED: _ClassVar[ReservationState]
+    EXPIRED: _ClassVar[ReservationState]
+OUTCOME_UNSPECIFIED: Outcome
+OK: Outcome
+RATE_LIMITED: Outcome
+OVERLOADED: Outcome
+ERROR: Outcome
+CANCELLED: Outcome
+RESERVATION_STATE_UNSPECIFIED: ReservationState
+OPEN: ReservationState
+REPORTED: ReservationState
+RELEASED: ReservationState
+EXPIRED: ReservationState
+
+class AcquireRequest(_message.Message):
+    __slots__ = ("scope", "model", "user", "input_tokens", "max_output_tokens", "max_wait_ms", "lease_ms", "request_id")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    model: str
+    user: str
+    input_tokens: int
+    max_output_tokens: int
+    max_wait_ms: int
+    lease_ms: int
+    request_id: str
+    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class AcquireResponse(_message.Message):
+    __slots__ = ("reservation_id", "lease_expires_at_ms", "waited_ms", "reserved_requests", "reserved_input_tokens", "reserved_output_tokens", "granted_at_ms", "replayed")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    WAITED_MS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    lease_expires_at_ms: int
+    waited_ms: int
+    reserved_requests: int
+    reserved_input_tokens: int
+    reserved_output_tokens: int
+    granted_at_ms: int
+    replayed: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_expires_at_ms: _Optional[int] = ..., waited_ms: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ..., granted_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ProviderInfo(_message.Message):
+    __slots__ = ("http_status", "error_type", "error_code", "request_id", "headers", "fell_back")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_FIELD_NUMBER: _ClassVar[int]
+    http_status: int
+    error_type: str
+    error_code: str
+    request_id: str
+    headers: _containers.ScalarMap[str, str]
+    fell_back: bool
+    def __init__(self, http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., error_code: _Optional[str] = ..., request_id: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., fell_back: _Optional[bool] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("reservation_id", "actual_input_tokens", "actual_output_tokens", "outcome", "retry_after_ms", "provider")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    actual_input_tokens: int
+    actual_output_tokens: int
+    outcome: Outcome
+    retry_after_ms: int
+    provider: ProviderInfo
+    def __init__(self, reservation_id: _Optional[str] = ..., actual_input_tokens: _Optional[int] = ..., actual_output_tokens: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., retry_after_ms: _Optional[int] = ..., provider: _Optional[_Union[ProviderInfo, _Mapping]] = ...) -> None: ...
+
+class Settlement(_message.Message):
+    __slots__ = ("reservation_id", "state", "settled_at_ms", "refunded_requests", "refunded_input_tokens", "refunded_output_tokens", "overrun_input_tokens", "overrun_output_tokens")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OVERRUN_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OVERRUN_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    state: ReservationState
+    settled_at_ms: int
+    refunded_requests: int
+    refunded_input_tokens: int
+    refunded_output_tokens: int
+    overrun_input_tokens: int
+    overrun_output_tokens: int
+    def __init__(self, reservation_id: _Optional[str] = ..., state: _Optional[_Union[ReservationState, str]] = ..., settled_at_ms: _Optional[int] = ..., refunded_requests: _Optional[int] = ..., refunded_input_tokens: _Optional[int] = ..., refunded_output_tokens: _Optional[int] = ..., overrun_input_tokens: _Optional[int] = ..., overrun_output_tokens: _Optional[int] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("settlement", "replayed")
+    SETTLEMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    settlement: Settlement
+    replayed: bool
+    def __init__(self, settlement: _Optional[_Union[Settlement, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("settlement", "replayed")
+    SETTLEMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    settlement: Settlement
+    replayed: bool
+    def __init__(self, settlement: _Optional[_Union[Settlement, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class KeepAliveRequest(_message.Message):
+    __slots__ = ("reservation_id", "lease_ms")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    lease_ms: int
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class KeepAliveResponse(_message.Message):
+    __slots__ = ("reservation_id", "lease_expires_at_ms")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    lease_expires_at_ms: int
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_expires_at_ms: _Optional[int] = ...) -> None: ...
+
+class ListLeasesRequest(_message.Message):
+    __slots__ = ("scope", "model", "page_size", "page_token")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    model: str
+    page_size: int
+    page_token: str
+    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("reservation_id", "scope", "scope_alias", "model", "user", "request_id", "granted_at_ms", "lease_expires_at_ms", "reserved_requests", "reserved_input_tokens", "reserved_output_tokens")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_ALIAS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    scope: str
+    scope_alias: str
+    model: str
+    user: str
+    request_id: str
+    granted_at_ms: int
+    lease_expires_at_ms: int
+    reserved_requests: int
+    reserved_input_tokens: int
+    reserved_output_tokens: int
+    def __init__(self, reservation_id: _Optional[str] = ..., scope: _Optional[str] = ..., scope_alias: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., request_id: _Optional[str] = ..., granted_at_ms: _Optional[int] = ..., lease_expires_at_ms: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ...) -> None: ...
+
+class ListLeasesResponse(_message.Message):
+    __slots__ = ("leases", "next_page_token")
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[Lease]
+    next_page_token: str
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetBucketsRequest(_message.Message):
+    __slots__ = ("scope", "model")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    model: str
+    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class Dimension(_message.Message):
+    __slots__ = ("name", "level", "capacity", "refill_per_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    REFILL_PER_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    level: float
+    capacity: int
+    refill_per_s: float
+    def __init__(self, name: _Optional[str] = ..., level: _Optional[float] = ..., capacity: _Optional[int] = ..., refill_per_s: _Optional[float] = ...) -> None: ...
+
+class Bucket(_message.Message):
+    __slots__ = ("scope", "scope_alias", "model", "user", "dimensions", "queue_depth", "paused_until_ms", "open_reservations")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_ALIAS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    scope_alias: str
+    model: str
+    user: str
+    dimensions: _containers.RepeatedCompositeFieldContainer[Dimension]
+    queue_depth: int
+    paused_until_ms: int
+    open_reservations: int
+    def __init__(self, scope: _Optional[str] = ..., scope_alias: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., dimensions: _Optional[_Iterable[_Union[Dimension, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., paused_until_ms: _Optional[int] = ..., open_reservations: _Optional[int] = ...) -> None: ...
+
+class GetBucketsResponse(_message.Message):
+    __slots__ = ("buckets", "now_ms")
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    NOW_MS_FIELD_NUMBER: _ClassVar[int]
+    buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
+    now_ms: int
+    def __init__(self, buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., now_ms: _Optional[int] = ...) -> None: ...

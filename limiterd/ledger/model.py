@@ -1,0 +1,156 @@
+"""The ledger's values. Frozen and typed; protobuf never reaches this far."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class BucketKey(NamedTuple):
+    """scope x model (user == "") or scope x model x user."""
+
+    scope: str
+    model: str
+    user: str = ""
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    REPORTED = "reported"
+    RELEASED = "released"
+    EXPIRED = "expired"  # the lease lapsed: settled as consumed (an orphan)
+
+
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireRequest:
+    scope: str
+    model: str
+    user: str
+    input_tokens: int
+    max_output_tokens: int
+    request_id: str = ""
+    lease_s: float | None = None  # None = the configured default
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    state: State
+    settled_at: float
+    refunded: Amounts = Amounts()
+    overrun: Amounts = Amounts()
+    outcome: Outcome | None = None  # set for REPORTED
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    scope: str
+    model: str
+    user: str
+    request_id: str
+    reserved: Amounts
+    buckets: tuple[BucketKey, ...]
+    granted_at: float
+    expires_at: float
+    waited_s: float = 0.0
+    settlement: Settlement | None = None
+
+    @property
+    def state(self) -> State:
+        return self.settlement.state if self.settlement else State.OPEN
+
+    def same_request(self, req: AcquireRequest) -> bool:
+        """Whether a repeated request_id asks for the same thing (else it is a client bug)."""
+        return (
+            (self.scope, self.model, self.user) == (req.scope, req.model, req.user)
+            and self.reserved.input_tokens == req.input_tokens
+            and self.reserved.output_tokens == req.max_output_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BucketLevels:
+    """The durable part of a bucket: token levels at a time. Concurrency is derived from
+    the open reservations, so it is not stored."""
+
+    key: BucketKey
+    requests: float | None
+    input_tokens: float | None
+    output_tokens: float | None
+    as_of: float
+
+
+# ---- Changes: everything the journal records. The ledger emits them; nothing else does.
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationOpened:
+    reservation: Reservation
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseExtended:
+    reservation_id: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationSettled:
+    reservation_id: str
+    settlement: Settlement
+
+
+@dataclass(frozen=True, slots=True)
+class PauseSet:
+    scope: str
+    model: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class BucketDropped:
+    key: BucketKey
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementsForgotten:
+    """Settled reservations up to and including this settle time are no longer kept."""
+
+    settled_before: float
+    ids: tuple[str, ...]
+
+
+Change = (
+    ReservationOpened
+    | LeaseExtended
+    | ReservationSettled
+    | PauseSet
+    | BucketLevels
+    | BucketDropped
+    | SettlementsForgotten
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a journal hands back at start: enough to rebuild the ledger exactly."""
+
+    reservations: tuple[Reservation, ...]  # open, and settled within the retention window
+    buckets: tuple[BucketLevels, ...]
+    pauses: tuple[PauseSet, ...]
