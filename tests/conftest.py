@@ -45,13 +45,13 @@ alias = "team-a"
 """
 
 
-def test_config() -> Config:
+def make_test_config() -> Config:
     return parse_config(TEST_CONFIG_TOML, "<tests>")
 
 
 @pytest.fixture
 async def daemon() -> AsyncIterator[RunningServer]:
-    async with running_server(config=test_config()) as srv:
+    async with running_server(config=make_test_config()) as srv:
         yield srv
 
 
