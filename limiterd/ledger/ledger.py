@@ -16,7 +16,7 @@ it does not block buckets it does not lack (one exhausted user never stalls the 
 from __future__ import annotations
 
 import heapq
-import uuid
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -258,7 +258,7 @@ class Ledger:
         now: float,
     ) -> Reservation:
         del self._open[r.id]
-        settled = replace(r, settlement=settlement)
+        settled = r.settled(settlement)
         self._remember(settled)
         self._changes.append(ReservationSettled(r.id, settlement))
         touched = []
@@ -492,7 +492,7 @@ class Ledger:
             self._dirty.add(b.key)
         lease = req.lease_s if req.lease_s is not None else self._config.settings.default_lease_s
         r = Reservation(
-            id=uuid.uuid4().hex,
+            id=os.urandom(16).hex(),
             scope=req.scope,
             model=req.model,
             user=req.user,
