@@ -462,9 +462,9 @@ async def test_second_journal_on_the_same_file_is_refused(tmp_path: Path) -> Non
 
 async def test_lock_held_by_another_process_names_its_pid(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
-    holder = textwrap.dedent(
+    proc = spawn(
         f"""
-        import asyncio, sys
+        import asyncio
         from limiterd.storage.sqlite import SqliteJournal
         async def main():
             j = SqliteJournal({str(path)!r})
@@ -473,11 +473,6 @@ async def test_lock_held_by_another_process_names_its_pid(tmp_path: Path) -> Non
             await asyncio.sleep(60)
         asyncio.run(main())
         """
-    )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'client' / 'src'}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", holder], stdout=subprocess.PIPE, env=env, text=True
     )
     try:
         assert proc.stdout is not None
@@ -529,3 +524,70 @@ def test_open_journal_picks_the_backend(tmp_path: Path) -> None:
     assert isinstance(open_journal(":memory:"), MemoryJournal)
     j = open_journal(str(tmp_path / "db.sqlite3"))
     assert isinstance(j, SqliteJournal) and j.durable
+
+
+# ---- crashes
+
+
+def spawn(code: str) -> subprocess.Popen[str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'client' / 'src'}"}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, env=env, text=True
+    )
+
+
+async def test_every_acknowledged_batch_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    writer = spawn(
+        f"""
+        import asyncio
+        from limiterd.ledger.model import *
+        from limiterd.storage.sqlite import SqliteJournal
+        K = BucketKey("team", "claude")
+        async def main():
+            j = SqliteJournal({str(path)!r})
+            await j.open()
+            for n in range(1_000_000):
+                r = Reservation(f"r{{n}}", "team", "claude", "", "", Amounts(1, 2, 3), (K,),
+                                1.0, 2.0)
+                batch = [ReservationOpened(r), BucketLevels(K, n, n, n, float(n))]
+                if n:
+                    batch.append(ReservationSettled(f"r{{n - 1}}",
+                                                    Settlement(State.RELEASED, float(n))))
+                await j.write(batch)
+                print(n, flush=True)  # acknowledged: must survive from here on
+        asyncio.run(main())
+        """
+    )
+    try:
+        assert writer.stdout is not None
+        acked = -1
+        while acked < 300:
+            line = writer.stdout.readline()
+            assert line, "the writer died before it was killed"
+            acked = int(line)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=10)
+        rest = writer.stdout.read().split()
+        acked = int(rest[-1]) if rest else acked
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        if writer.stdout is not None:
+            writer.stdout.close()
+
+    snap = await reopen(path)  # the lock died with the writer; quick_check passes
+    got = by_id(snap)
+    # Batch n is all there or not at all, and every acknowledged one is there.
+    last = max(int(rid[1:]) for rid in got)
+    assert last >= acked
+    assert set(got) == {f"r{n}" for n in range(last + 1)}
+    assert [r.id for r in snap.reservations if r.settlement is None] == [f"r{last}"]
+    assert snap.buckets == (BucketLevels(BucketKey("team", "claude"), last, last, last, last),)
+
+
+async def test_a_folder_as_the_db_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="is a folder"):
+        await SqliteJournal(tmp_path).open()

@@ -252,48 +252,75 @@ def _plan(changes: Iterable[Change]) -> _Plan:
 # ---- loading
 
 
-def _load_reservations(rows: Iterable[sqlite3.Row | tuple[Any, ...]]) -> list[Reservation]:
-    keys_cache: dict[str, tuple[BucketKey, ...]] = {}  # most rows share a few bucket sets
-    amounts_cache: dict[tuple[int, int, int], Amounts] = {}  # frozen, so safe to share
-    states = {s.value: s for s in State}
-    outcomes = {o.value: o for o in Outcome}
-    out: list[Reservation] = []
-    append = out.append
-    for (
-        rid, scope, model, user, request_id, rq, ri, ro, bjson, granted_at, expires_at,
-        waited_s, state, settled_at, fq, fi, fo, oq, oi, oo, outcome,
-    ) in rows:  # fmt: skip
-        keys = keys_cache.get(bjson)
-        if keys is None:
-            keys = keys_cache[bjson] = tuple(BucketKey(*k) for k in json.loads(bjson))
-        reserved = amounts_cache.get((rq, ri, ro))
-        if reserved is None:
-            reserved = amounts_cache[(rq, ri, ro)] = Amounts(rq, ri, ro)
-        settlement = None
-        if settled_at is not None:
+_OPEN_COLUMNS = (
+    "id, scope, model, user, request_id, reserved_requests, reserved_input, reserved_output,"
+    " buckets, granted_at, expires_at, waited_s"
+)
+# Open rows are most of a big file: reading them without the NULL settlement columns is
+# markedly cheaper (Python builds one object per value fetched).
+_SELECT_OPEN = f"SELECT {_OPEN_COLUMNS} FROM reservations WHERE settled_at IS NULL"
+_SELECT_SETTLED = (
+    f"SELECT {_OPEN_COLUMNS}, state, settled_at, refunded_requests, refunded_input,"
+    " refunded_output, overrun_requests, overrun_input, overrun_output, outcome"
+    " FROM reservations WHERE settled_at IS NOT NULL"
+)
+
+
+class _RowReader:
+    """Rows -> Reservations, sharing equal frozen parts (bucket tuples, Amounts)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[BucketKey, ...]] = {}  # most rows share a few bucket sets
+        self.amounts: dict[tuple[int, int, int], Amounts] = {}
+        self.states = {s.value: s for s in State}
+        self.outcomes = {o.value: o for o in Outcome}
+
+    def open_rows(self, rows: Iterable[Sequence[Any]]) -> list[Reservation]:
+        keys_cache, amounts_cache = self.keys, self.amounts
+        out: list[Reservation] = []
+        append = out.append
+        for (
+            rid,
+            scope,
+            model,
+            user,
+            request_id,
+            rq,
+            ri,
+            ro,
+            bjson,
+            granted,
+            expires,
+            waited,
+        ) in rows:
+            keys = keys_cache.get(bjson)
+            if keys is None:
+                keys = keys_cache[bjson] = tuple(BucketKey(*k) for k in json.loads(bjson))
+            reserved = amounts_cache.get((rq, ri, ro))
+            if reserved is None:
+                reserved = amounts_cache[(rq, ri, ro)] = Amounts(rq, ri, ro)
+            append(
+                Reservation(
+                    rid, scope, model, user, request_id, reserved, keys, granted, expires, waited
+                )
+            )
+        return out
+
+    def settled_rows(self, rows: Iterable[Sequence[Any]]) -> list[Reservation]:
+        rows = list(rows)
+        out = self.open_rows(r[:12] for r in rows)
+        for i, (state, settled_at, fq, fi, fo, oq, oi, oo, outcome) in enumerate(
+            r[12:] for r in rows
+        ):
             settlement = Settlement(
-                state=states[state],
+                state=self.states[state],
                 settled_at=settled_at,
                 refunded=Amounts(fq, fi, fo),
                 overrun=Amounts(oq, oi, oo),
-                outcome=outcomes[outcome] if outcome is not None else None,
+                outcome=self.outcomes[outcome] if outcome is not None else None,
             )
-        append(
-            Reservation(
-                rid,
-                scope,
-                model,
-                user,
-                request_id,
-                reserved,
-                keys,
-                granted_at,
-                expires_at,
-                waited_s,
-                settlement,
-            )
-        )
-    return out
+            out[i] = replace(out[i], settlement=settlement)
+        return out
 
 
 # ---- error messages
@@ -313,14 +340,17 @@ def _startup_error(path: Path, e: BaseException) -> StartupError:
             f"{path} is not a limiterd database or is corrupt: move it aside "
             f"(mv {path} {path}.bad) and start again; state in it is lost"
         )
+    if err in (errno.ENOTDIR, errno.EEXIST):  # mkdir met a file where a folder should be
+        return StartupError(
+            f"{path} is not writable: a parent of it is a file, not a folder ({e}): "
+            "move that file or point --db elsewhere"
+        )
     if code == sqlite3.SQLITE_FULL or err in (errno.ENOSPC, errno.EDQUOT):
         return StartupError(f"{path}: the disk is full ({e}): free space and start again")
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM) or err in (
         errno.EACCES,
         errno.EPERM,
         errno.EROFS,
-        errno.ENOTDIR,
-        errno.EEXIST,
     ):
         return StartupError(
             f"{path} is not writable ({e}): fix the permissions of {path.parent} "
@@ -375,6 +405,8 @@ class SqliteJournal(Journal):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _startup_error(self.path, e) from e
+        if self.path.is_dir():
+            raise StartupError(f"{self.path} is a folder: point --db at a file inside it")
         self._lock()
         try:
             return await self._open_locked()
@@ -501,7 +533,9 @@ class SqliteJournal(Journal):
 
     @staticmethod
     async def _load(conn: aiosqlite.Connection) -> Snapshot:
-        reservations = _load_reservations(await conn.execute_fetchall("SELECT * FROM reservations"))
+        reader = _RowReader()
+        reservations = reader.open_rows(await conn.execute_fetchall(_SELECT_OPEN))
+        reservations += reader.settled_rows(await conn.execute_fetchall(_SELECT_SETTLED))
         buckets = tuple(
             BucketLevels(BucketKey(s, m, u), rq, it, ot, as_of)
             for s, m, u, rq, it, ot, as_of in await conn.execute_fetchall("SELECT * FROM buckets")
