@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from limiterd.clock import FakeClock
@@ -591,3 +592,52 @@ async def test_every_acknowledged_batch_survives_sigkill(tmp_path: Path) -> None
 async def test_a_folder_as_the_db_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="is a folder"):
         await SqliteJournal(tmp_path).open()
+
+
+async def test_a_value_sqlite_cannot_hold_fails_the_whole_batch(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    j = SqliteJournal(path)
+    await j.open()
+    huge = res("huge", reserved=Amounts(1, 2**70, 1))
+    with pytest.raises(StorageError, match="nothing was written"):
+        await j.write([ReservationOpened(res("ok")), BucketLevels(B_MODEL, 1, 1, 1, T0),
+                       ReservationOpened(huge)])  # fmt: skip
+    await j.close()
+    assert await reopen(path) == Snapshot((), (), ())
+
+
+# ---- migrations
+
+
+async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import limiterd.storage.sqlite as mod
+
+    path = tmp_path / "db.sqlite3"
+    j = SqliteJournal(path)
+    await j.open()
+    await j.write([ReservationOpened(res("a"))])
+    await j.close()
+
+    async def v2_broken(conn: aiosqlite.Connection) -> None:
+        await conn.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
+        await conn.execute("THIS IS NOT SQL")
+
+    monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS, v2_broken])
+    with pytest.raises(StartupError, match="cannot open"):
+        await SqliteJournal(path).open()
+    con = sqlite3.connect(path)  # still version 1, without the half-added column
+    cols = [r[1] for r in con.execute("PRAGMA table_info(reservations)")]
+    assert con.execute("SELECT value FROM meta").fetchall() == [("1",)]
+    con.close()
+    assert "note" not in cols
+
+    async def v2(conn: aiosqlite.Connection) -> None:
+        await conn.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
+
+    monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS[:1], v2])
+    assert set(by_id(await reopen(path))) == {"a"}
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta").fetchall() == [("2",)]
+    con.close()

@@ -488,30 +488,30 @@ class SqliteJournal(Journal):
             await conn.execute(f"PRAGMA max_page_count = {pages}")
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        """Bring the file to the newest schema in one transaction: all steps or none."""
+        latest = len(MIGRATIONS)
         await conn.execute("BEGIN IMMEDIATE")
         try:
             version = await self._version(conn)
-            if version > SCHEMA_VERSION:
+            if version > latest:
                 raise StartupError(
                     f"{self.path} was written by a newer limiterd (schema {version}, "
-                    f"this build knows up to {SCHEMA_VERSION}): upgrade limiterd "
+                    f"this build knows up to {latest}): upgrade limiterd "
                     "or point --db elsewhere"
                 )
             if version == 0:
                 await conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
             for migration in MIGRATIONS[version:]:
                 await migration(conn)
-            if version < SCHEMA_VERSION:
+            if version < latest:
                 await conn.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(latest),)
                 )
             # Pauses that ran out while we were down mean nothing any more.
             await conn.execute("DELETE FROM pauses WHERE until < ?", (self._clock.now(),))
             await conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                await conn.execute("ROLLBACK")
+            await self._rollback_quietly(conn)
             raise
 
     @staticmethod
@@ -573,7 +573,8 @@ class SqliteJournal(Journal):
                 if rows:
                     await conn.executemany(sql, rows)
             await conn.execute("COMMIT")
-        except (sqlite3.Error, OSError, ValueError) as e:
+        except (sqlite3.Error, OSError, ValueError, OverflowError) as e:
+            # OverflowError: an int beyond SQLite's 64 bits, i.e. bad input, not a crash.
             await self._rollback_quietly(conn)
             raise StorageError(f"{self.path}: write failed, nothing was written: {e}") from e
         except BaseException:
