@@ -13,6 +13,7 @@ from limiterd.config.loader import ConfigError, check_config
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN, ENV_PREFIX
 from limiterd.server import ListenError, ServeOptions, serve
 from limiterd.storage.base import StartupError
+from limiterd.storage.sqlite import default_db_path
 
 
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
@@ -26,8 +27,10 @@ def main() -> None:
               help="host:port, or a unix socket path (/path or unix:/path).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file. Default: built-in Anthropic Tier 1 limits.")
-@click.option("--db", default=DEFAULT_DB,
-              help="SQLite journal file (its folder is created), or :memory: for no persistence.")
+@click.option("--db", default=None,
+              help=f"SQLite journal file (its folder is created), or :memory: for no persistence. "
+                   f"Default: $XDG_STATE_HOME/limiterd/limiterd.sqlite3 if XDG_STATE_HOME is set, "
+                   f"else ./{DEFAULT_DB}.")
 @click.option("--synchronous", type=click.Choice(["NORMAL", "FULL"]), default="NORMAL",
               help="NORMAL survives a process crash; FULL also survives power loss.")
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=DEFAULT_GRACE_S,
@@ -36,7 +39,8 @@ def main() -> None:
               help="File mode (octal) of the unix socket, when listening on one.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")
-def serve_cmd(listen: str, config_path: str | None, db: str, synchronous: str, grace_s: float,
+def serve_cmd(listen: str, config_path: str | None, db: str | None, synchronous: str,
+              grace_s: float,
               unix_socket_mode: str, log_level: str) -> None:
     """Run the daemon."""
     logging.basicConfig(
@@ -47,7 +51,7 @@ def serve_cmd(listen: str, config_path: str | None, db: str, synchronous: str, g
     except ValueError:
         raise click.BadParameter("must be an octal file mode such as 660",
                                  param_hint="--unix-socket-mode") from None
-    options = ServeOptions(listen=listen, config_path=config_path, db=db,
+    options = ServeOptions(listen=listen, config_path=config_path, db=db or str(default_db_path()),
                            synchronous=synchronous, grace_s=grace_s, unix_socket_mode=mode)
     try:
         asyncio.run(serve(options))

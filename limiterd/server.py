@@ -25,6 +25,7 @@ from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN
 from limiterd.engine import Engine
 from limiterd.storage.base import Journal
 from limiterd.storage.memory import MemoryJournal
+from limiterd.storage.sqlite import open_journal
 from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
@@ -56,14 +57,6 @@ def grpc_address(listen: str) -> str:
     if listen.startswith("/") or listen.startswith("./"):
         return f"unix:{listen}"
     return listen
-
-
-def open_journal(db: str, synchronous: str = "NORMAL") -> Journal:
-    if db == ":memory:":
-        return MemoryJournal()
-    from limiterd.storage.sqlite import SqliteJournal  # only the durable mode needs it
-
-    return SqliteJournal(db, synchronous=synchronous)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -144,7 +137,7 @@ async def serve(options: ServeOptions) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config file. Raises ConfigError,
     StartupError or ListenError (each a one-line message) when it cannot start."""
     config = load_config(options.config_path)
-    journal = open_journal(options.db, options.synchronous)
+    journal = open_journal(options.db, options.synchronous)  # type: ignore[arg-type]
     srv = await start_server(config, journal, options.listen,
                              unix_socket_mode=options.unix_socket_mode)
     log.info(
