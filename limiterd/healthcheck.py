@@ -23,9 +23,13 @@ _WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 
 def probe_target(listen: str) -> str:
     """The address to dial for a daemon started with `--listen listen`."""
+    if listen.startswith(("/", "./")):  # a unix socket path, as `serve --listen` takes it
+        return f"unix:{listen}"
+    if listen.startswith("unix:"):
+        return listen
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
+        raise ValueError(f"listen address must be HOST:PORT or a unix socket, got {listen!r}")
     return f"{_WILDCARDS.get(host, host)}:{port}"
 
 
