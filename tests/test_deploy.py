@@ -168,6 +168,18 @@ def sidecar(pod: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
+# Native sidecars (restartPolicy on an init container) are on by default from 1.29.
+OLDEST_KUBERNETES = "1.29.0"
+
+
+def test_k8s_manifest_matches_the_api_schema() -> None:
+    import kubernetes_validate  # ships the Kubernetes OpenAPI schemas; no cluster needed
+
+    for doc in yaml.safe_load_all(K8S.read_text()):
+        # strict: an unknown or misspelt field fails instead of being dropped by the API server
+        kubernetes_validate.validate(doc, OLDEST_KUBERNETES, strict=True)
+
+
 def test_k8s_sidecar_is_native(pod: dict[str, Any], sidecar: dict[str, Any]) -> None:
     assert sidecar["restartPolicy"] == "Always"
     assert "limiterd" not in [c["name"] for c in pod["containers"]]
