@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from limiterd.clock import Clock, Timer
@@ -35,6 +35,20 @@ class PersistenceFailing(Exception):
 
 class Superseded(Exception):
     """A newer Acquire with the same request_id took over this wait (ABORTED)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStatus:
+    """Where a waiting caller stands (AcquireStream's Queued event)."""
+
+    position: int
+    estimated_wait_s: float
+    queue_depth: int
+    waited_s: float
+    model_overloaded: bool
+
+
+StatusCallback = Callable[[WaitStatus], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +77,8 @@ class Engine:
         self._write_backoff = WRITE_RETRY_MIN_S
         self._listeners: list[ChangeListener] = []
         self._stopping = False
+        self._detached: dict[Waiter, Timer] = {}  # lost streams keeping their place
+        self._watchers: set[asyncio.Event] = set()  # streams to nudge when queues move
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -107,14 +123,25 @@ class Engine:
 
     # ---- calls ---------------------------------------------------------------------------------
 
-    async def acquire(self, req: AcquireRequest, max_wait_s: float) -> Granted | Rejected:
-        """Raises LedgerError (bad request), PersistenceFailing, Superseded."""
+    async def acquire(
+        self,
+        req: AcquireRequest,
+        max_wait_s: float,
+        on_status: StatusCallback | None = None,
+    ) -> Granted | Rejected:
+        """Grant, or wait up to `max_wait_s`. Raises LedgerError (bad request),
+        PersistenceFailing, Superseded.
+
+        With `on_status` (AcquireStream), a waiting caller hears where it stands at once, at
+        the configured interval and whenever its position or estimate changes; if it goes
+        away with a request_id, it keeps its place for the re-attach grace.
+        """
         if not self._healthy:
             raise PersistenceFailing("the journal is failing to write; try again shortly")
         now = self.clock.now()
         result = self.ledger.acquire(req, now, now + max_wait_s)
         if isinstance(result, Waiter):
-            result = await self._wait(result)
+            result = await self._wait(result, on_status)
         else:
             self._after()
         if isinstance(result, Rejected) or result.replayed:
@@ -131,24 +158,74 @@ class Engine:
             raise PersistenceFailing("the journal is failing to write; the grant was undone")
         return result
 
-    async def _wait(self, w: Waiter) -> Granted | Rejected:
+    async def _wait(self, w: Waiter, on_status: StatusCallback | None) -> Granted | Rejected:
         fut: asyncio.Future[Granted | Rejected] = asyncio.get_running_loop().create_future()
         previous = self._waiting.get(w)
         if previous is not None and not previous.done():
             previous.set_exception(Superseded("a newer Acquire with this request_id took over"))
+        if (timer := self._detached.pop(w, None)) is not None:
+            timer.cancel()  # a lost stream came back in time: it keeps its place
         self._waiting[w] = fut
         self._after()
         try:
+            if on_status is not None:
+                await self._report_status(w, fut, on_status)
             return await fut
         except asyncio.CancelledError:
             if self._waiting.get(w) is fut:
                 del self._waiting[w]
-                if w.result is None:
+                grace = self.ledger.config.settings.reattach_grace_s
+                if w.result is None and on_status is not None and w.request.request_id:
+                    self._detached[w] = self.clock.call_at(
+                        self.clock.now() + grace, lambda: self._give_up(w)
+                    )
+                elif w.result is None:
                     self.ledger.cancel_wait(w, self.clock.now())
                     self._after()
                 elif isinstance(w.result, Granted):
                     self._abandon(w.result)
             raise
+
+    async def _report_status(
+        self, w: Waiter, fut: asyncio.Future[Granted | Rejected], on_status: StatusCallback
+    ) -> None:
+        """Send WaitStatus until `fut` is done: at once, every interval as a keepalive, and
+        when the position or the estimate (to the second) changes."""
+        interval = self.ledger.config.settings.stream_update_interval_s
+        wake = asyncio.Event()
+        fut.add_done_callback(lambda _: wake.set())
+        self._watchers.add(wake)
+        last: tuple[int, int] | None = None
+        last_sent = -math.inf
+        try:
+            while not fut.done():
+                now = self.clock.now()
+                position, estimate, depth = self.ledger.wait_status(w, now)
+                key = (position, round(estimate))
+                if key != last or now - last_sent >= interval:
+                    overloaded = self.ledger.overloaded_until(w.request.model, now) > 0
+                    await on_status(WaitStatus(position, estimate, depth,
+                                               now - w.enqueued_at, overloaded))
+                    last, last_sent = key, now
+                    if fut.done():
+                        break
+                wake.clear()
+                timer = self.clock.call_at(
+                    min(last_sent + interval, now + max(1.0, interval / 5)), wake.set
+                )
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
+        finally:
+            self._watchers.discard(wake)
+
+    def _give_up(self, w: Waiter) -> None:
+        """The re-attach grace of a lost stream ran out: its place is given up."""
+        self._detached.pop(w, None)
+        if w not in self._waiting and w.result is None:
+            self.ledger.cancel_wait(w, self.clock.now())
+            self._after()
 
     def _abandon(self, granted: Granted) -> None:
         """The caller left after its grant was made but before it could hear of it. Without a
@@ -170,11 +247,17 @@ class Engine:
         actual_output: int,
         outcome: Outcome,
         retry_after_s: float,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[Reservation, bool]:
-        """Settles in memory even while persistence fails; journaled when it recovers."""
+        """Settles in memory even while persistence fails; journaled when it recovers.
+        `headers`: the provider's response headers, to correct the ledger from."""
+        now = self.clock.now()
         r, replayed = self.ledger.report(
-            reservation_id, actual_input, actual_output, outcome, retry_after_s, self.clock.now()
+            reservation_id, actual_input, actual_output, outcome, retry_after_s, now
         )
+        if headers and not replayed:
+            for note in self.ledger.sync_from_headers(r.scope, r.model, headers, now):
+                log.info("provider sync: %s", note)
         self._after()
         await self._commit()
         return r, replayed
@@ -206,11 +289,15 @@ class Engine:
 
     def _after(self) -> None:
         """After every ledger call: answer ended waiters, re-arm the timer, wake the writer."""
-        for w in self.ledger.take_ended():
+        ended = self.ledger.take_ended()
+        for w in ended:
             fut = self._waiting.pop(w, None)
             if fut is not None and not fut.done():
                 assert w.result is not None
                 fut.set_result(w.result)
+        if ended and self._watchers:  # positions moved: streams recompute theirs
+            for wake in self._watchers:
+                wake.set()
         self._arm()
         self._wake.set()
 

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 from limiterd.config.loader import parse_config
 from limiterd.config.model import Config
 from limiterd.server import RunningServer, running_server
+from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 # Small limits so tests reach them quickly. "tiny": 10 requests, 1000 in, 1000 out per minute.
 TEST_CONFIG_TOML = """

@@ -10,9 +10,10 @@ import grpc
 
 from limiterd.api import convert
 from limiterd.api.errors import RpcFailure, exhausted, to_failure
-from limiterd.engine import Engine
+from limiterd.engine import Engine, StatusCallback, WaitStatus
+from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.errors import InvalidRequest
-from limiterd.ledger.ledger import Rejected
+from limiterd.ledger.ledger import LIMIT_FIELDS, Rejected
 from limiterd.ledger.model import Reservation
 from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
@@ -38,31 +39,61 @@ class LimiterService(pb_grpc.LimiterServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    async def _acquire(
+        self,
+        request: pb.AcquireRequest,
+        context: grpc.aio.ServicerContext,
+        on_status: StatusCallback | None = None,
+    ) -> pb.AcquireResponse:
+        engine = self.engine
+        req, max_wait_s = convert.acquire_request(request, engine.ledger.config.settings)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            max_wait_s = max(0.0, min(max_wait_s, remaining - DEADLINE_MARGIN_S))
+        result = await engine.acquire(req, max_wait_s, on_status)
+        if isinstance(result, Rejected):
+            raise exhausted(
+                f"no capacity for model {req.model!r} within {round(max_wait_s * 1000)} ms",
+                result.retry_after_s,
+            )
+        response = convert.acquire_response(result.reservation, result.replayed)
+        overloaded = engine.ledger.overloaded_until(req.model, engine.clock.now())
+        if overloaded:
+            response.model_overloaded = True
+            response.overloaded_until_ms = convert.ms(overloaded)
+        return response
+
     async def Acquire(
         self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquireResponse:
-        async def call() -> pb.AcquireResponse:
-            req, max_wait_s = convert.acquire_request(request, self.engine.ledger.config.settings)
-            remaining = context.time_remaining()
-            if remaining is not None:
-                max_wait_s = max(0.0, min(max_wait_s, remaining - DEADLINE_MARGIN_S))
-            result = await self.engine.acquire(req, max_wait_s)
-            if isinstance(result, Rejected):
-                raise exhausted(
-                    f"no capacity for model {req.model!r} within {round(max_wait_s * 1000)} ms",
-                    result.retry_after_s,
-                )
-            return convert.acquire_response(result.reservation, result.replayed)
+        return await answer(context, lambda: self._acquire(request, context))
 
-        return await answer(context, call)
+    async def AcquireStream(
+        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def on_status(status: WaitStatus) -> None:
+            await context.write(pb.AcquireEvent(queued=pb.Queued(
+                position=status.position,
+                estimated_wait_ms=convert.ms(status.estimated_wait_s),
+                queue_depth=status.queue_depth,
+                waited_ms=convert.ms(status.waited_s),
+                model_overloaded=status.model_overloaded,
+            )))
+
+        async def call() -> None:
+            granted = await self._acquire(request, context, on_status)
+            await context.write(pb.AcquireEvent(granted=granted))
+
+        await answer(context, call)
 
     async def Report(
         self, request: pb.ReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportResponse:
         async def call() -> pb.ReportResponse:
             rid, actual_in, actual_out, outcome, retry_after_s = convert.report_request(request)
+            headers = request.provider.headers if request.HasField("provider") else None
             r, replayed = await self.engine.report(
-                rid, actual_in, actual_out, outcome, retry_after_s
+                rid, actual_in, actual_out, outcome, retry_after_s, headers
             )
             return pb.ReportResponse(settlement=convert.settlement(r), replayed=replayed)
 
@@ -154,11 +185,12 @@ class AdminService(pb_grpc.AdminServicer):
                 key = b.key
                 if not scope_ok(key.scope) or (request.model and key.model != request.model):
                     continue
+                learned = ledger.learned_fields(key)
                 dims = [
                     pb.Dimension(name=name, level=b.levels[i], capacity=cap,
-                                 refill_per_s=cap / 60.0)
-                    for i, (name, cap) in enumerate(
-                        zip(("requests", "input_tokens", "output_tokens"), b.caps, strict=True)
+                                 refill_per_s=cap / 60.0, learned=field in learned)
+                    for i, (name, field, cap) in enumerate(
+                        zip(RATE_DIMS, LIMIT_FIELDS, b.caps, strict=True)
                     )
                     if cap is not None
                 ]
@@ -172,6 +204,7 @@ class AdminService(pb_grpc.AdminServicer):
                     user=key.user, dimensions=dims, queue_depth=ledger.queue_depth(b),
                     paused_until_ms=convert.ms(paused) if paused else 0,
                     open_reservations=open_per_bucket.get(key, 0),
+                    overloaded_until_ms=convert.ms(ledger.overloaded_until(key.model, now)),
                 ))
             out.sort(key=lambda m: (m.scope_alias or m.scope, m.model, m.user))
             return pb.GetBucketsResponse(buckets=out, now_ms=convert.ms(now))

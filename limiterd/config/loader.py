@@ -71,7 +71,14 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
     "settlement_retention_s": ("settlement_retention_s", 1),
     "max_settlements": ("max_settlements", None),
     "idle_sweep_interval_s": ("idle_sweep_interval_s", 1),
+    "stream_update_interval_ms": ("stream_update_interval_s", 1000),
+    "reattach_grace_ms": ("reattach_grace_s", 1000),
+    "overload_window_s": ("overload_window_s", 1),
+    "overload_threshold": ("overload_threshold", None),
+    "overload_cooldown_s": ("overload_cooldown_s", 1),
+    "sync_tolerance_tokens": ("sync_tolerance_tokens", None),
 }
+_DAEMON_FLAGS = ("learn_limits",)
 _TOP_KEYS = ("daemon", "models", "user_limits", "scopes")
 _SCOPE_KEYS = ("scope", "alias", "models", "user_limits")
 
@@ -188,11 +195,17 @@ def _settings(value: Any, p: _Problems) -> Settings:
     table = p.table(value, "daemon")
     if table is None:
         return Settings()
-    p.unknown_keys(table, tuple(_DAEMON), "daemon")
-    values: dict[str, float | int] = {}
+    p.unknown_keys(table, (*_DAEMON, *_DAEMON_FLAGS), "daemon")
+    values: dict[str, float | int | bool] = {}
     for key, (name, divisor) in _DAEMON.items():
         if key in table and (n := p.integer(table[key], _key("daemon", key))) is not None:
             values[name] = n if divisor is None else n / divisor
+    for key in _DAEMON_FLAGS:
+        if key in table:
+            if isinstance(table[key], bool):
+                values[key] = table[key]
+            else:
+                p.add(_key("daemon", key), f"must be true or false, got {_show(table[key])}")
     settings = Settings(**values)  # type: ignore[arg-type]  # names come from _DAEMON
     if settings.default_lease_s > settings.max_lease_s:
         p.add("daemon.default_lease_ms",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from limiterd.config.model import Config, Limits
@@ -43,6 +43,7 @@ from limiterd.ledger.model import (
 )
 
 QueueKey = tuple[BucketKey, ...]
+LIMIT_FIELDS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
 
 # When only a concurrency slot is missing, nothing refills by itself: the wait ends when a
 # reservation settles. This is the retry-after we tell callers in that case.
@@ -97,6 +98,9 @@ class Ledger:
         self._ended: list[Waiter] = []
         self._next_sweep = now + config.settings.idle_sweep_interval_s
         self._sweep_keys: list[BucketKey] = []
+        self._overload_events: dict[str, deque[float]] = {}
+        self._overloaded: dict[str, float] = {}
+        self._learned: dict[BucketKey, Limits] = {}  # capacities learned from the provider
 
     # ---- outboxes -------------------------------------------------------------------------
 
@@ -215,6 +219,8 @@ class Ledger:
         )
         if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
             self._pause(r.scope, r.model, now + retry_after_s)
+        elif outcome is Outcome.OVERLOADED:
+            self._note_overload(r.model, now)
         return self._settle(r, settlement, (0.0, float(d_in), float(d_out)), now), False
 
     def release(self, reservation_id: str, now: float) -> tuple[Reservation, bool]:
@@ -511,6 +517,8 @@ class Ledger:
 
     def _plan(self, req: AcquireRequest) -> tuple[QueueKey, tuple[Limits, ...]]:
         limits = self._config.limits_for(req.scope, req.model)
+        if self._learned and limits is not None:
+            limits = self._with_learned(BucketKey(req.scope, req.model), limits)
         if limits is None:
             raise InvalidRequest(
                 "model", f"no limits are configured for model {req.model!r} (and no default)"
@@ -592,7 +600,101 @@ class Ledger:
     def _limits_for_key(self, key: BucketKey) -> Limits | None:
         if key.user:
             return self._config.user_limits_for(key.scope, key.model)
-        return self._config.limits_for(key.scope, key.model)
+        limits = self._config.limits_for(key.scope, key.model)
+        return self._with_learned(key, limits) if limits is not None else None
+
+    def _with_learned(self, key: BucketKey, limits: Limits) -> Limits:
+        learned = self._learned.get(key)
+        return limits.merged(learned) if learned is not None else limits
+
+    # ---- overload awareness and provider sync -------------------------------------------
+
+    def _note_overload(self, model: str, now: float) -> None:
+        s = self._config.settings
+        events = self._overload_events.setdefault(model, deque())
+        events.append(now)
+        while events and (events[0] <= now - s.overload_window_s
+                          or len(events) > s.overload_threshold):
+            events.popleft()
+        if len(events) >= s.overload_threshold:
+            until = now + s.overload_cooldown_s
+            if until > self._overloaded.get(model, 0.0):
+                self._overloaded[model] = until
+
+    def overloaded_until(self, model: str, now: float) -> float:
+        """When the overload mark on `model` lifts (0.0: not marked). It lifts on its own."""
+        until = self._overloaded.get(model)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self._overloaded[model]
+            return 0.0
+        return until
+
+    def overloaded_models(self, now: float) -> dict[str, float]:
+        return {m: u for m in list(self._overloaded) if (u := self.overloaded_until(m, now))}
+
+    def sync_from_headers(
+        self, scope: str, model: str, headers: Mapping[str, str], now: float
+    ) -> list[str]:
+        """Correct the scope x model bucket from the provider's rate-limit headers.
+
+        Lowers a level when the provider says less remains than the ledger believes, by more
+        than the provider's rounding (so repeated reports do not thrash). Never raises a level;
+        raises a capacity only when config allows learning limits. Returns what it changed,
+        for the log.
+        """
+        key = BucketKey(scope, model)
+        b = self._buckets.get(key)
+        if b is None or not headers:
+            return []
+        b.refill(now)
+        notes = []
+        s = self._config.settings
+        for i, (name, tolerance) in enumerate(
+            (("requests", 1), ("input-tokens", s.sync_tolerance_tokens),
+             ("output-tokens", s.sync_tolerance_tokens))
+        ):
+            limit = _header_int(headers, f"anthropic-ratelimit-{name}-limit")
+            remaining = _header_int(headers, f"anthropic-ratelimit-{name}-remaining")
+            cap = b.caps[i]
+            if cap is None:
+                continue
+            if s.learn_limits and limit is not None and limit > cap:
+                field = LIMIT_FIELDS[i]
+                learned = self._learned.get(key, Limits())
+                self._learned[key] = learned.merged(Limits(**{field: limit}))
+                b.set_limits(b.limits.merged(Limits(**{field: limit})))
+                notes.append(f"learned {field}={limit} for {model} from the provider "
+                             f"(configured {cap})")
+            if remaining is not None and remaining + tolerance < b.levels[i]:
+                notes.append(f"lowered {name} for {model} from {b.levels[i]:.0f} to {remaining}: "
+                             "the provider reports less remaining")
+                b.levels[i] = float(remaining)
+                self._dirty.add(key)
+        return notes
+
+    def learned_fields(self, key: BucketKey) -> frozenset[str]:
+        learned = self._learned.get(key)
+        if learned is None:
+            return frozenset()
+        return frozenset(f for f in LIMIT_FIELDS if getattr(learned, f) is not None)
+
+    def wait_status(self, w: Waiter, now: float) -> tuple[int, float, int]:
+        """(position, estimated seconds, queue depth) of a waiting caller. Position 1 is
+        next in line among everyone waiting on any of its buckets."""
+        ahead = depth = 0
+        seen: set[QueueKey] = set()
+        for k in w.queue:
+            b = self._buckets.get(k)
+            if b is None:
+                continue
+            for qk in b.queues - seen:
+                seen.add(qk)
+                for other in self._queues.get(qk, ()):
+                    depth += 1
+                    ahead += other.seq < w.seq
+        return ahead + 1, self._estimate(w, w.queue, w.amounts, now), depth
 
     # ---- inspection ---------------------------------------------------------------------------
 
@@ -620,3 +722,14 @@ class Ledger:
     @property
     def waiting_count(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        n = int(value.strip())
+    except ValueError:
+        return None
+    return n if n >= 0 else None
