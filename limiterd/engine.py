@@ -181,6 +181,7 @@ class Engine:
                     )
                 elif w.result is None:
                     self.ledger.cancel_wait(w, self.clock.now())
+                    self._nudge()
                     self._after()
                 elif isinstance(w.result, Granted):
                     self._abandon(w.result)
@@ -225,6 +226,7 @@ class Engine:
         self._detached.pop(w, None)
         if w not in self._waiting and w.result is None:
             self.ledger.cancel_wait(w, self.clock.now())
+            self._nudge()
             self._after()
 
     def _abandon(self, granted: Granted) -> None:
@@ -295,11 +297,15 @@ class Engine:
             if fut is not None and not fut.done():
                 assert w.result is not None
                 fut.set_result(w.result)
-        if ended and self._watchers:  # positions moved: streams recompute theirs
-            for wake in self._watchers:
-                wake.set()
+        if ended:
+            self._nudge()
         self._arm()
         self._wake.set()
+
+    def _nudge(self) -> None:
+        """Queues moved: waiting streams recompute where they stand."""
+        for wake in self._watchers:
+            wake.set()
 
     def _arm(self) -> None:
         if self._stopping:
