@@ -573,13 +573,13 @@ class Ledger:
             self._index_request(r)
             heapq.heappush(self._leases, (r.expires_at, r.id))
             for key in r.buckets:
-                b = self._buckets.get(key)
-                if b is None:
+                held = self._buckets.get(key)
+                if held is None:
                     limits = self._limits_for_key(key)
                     if limits is None:
                         continue
-                    b = self._buckets[key] = Bucket.full(key, limits, now)
-                b.in_flight += 1
+                    held = self._buckets[key] = Bucket.full(key, limits, now)
+                held.in_flight += 1
         order = sorted(self._settled_order)
         self._settled_order = deque(order)
         for p in snap.pauses:
