@@ -50,6 +50,8 @@ LIMIT_FIELDS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens
 CONCURRENCY_RETRY_S = 1.0
 # How many buckets one idle sweep step looks at, so a sweep never stalls the loop.
 SWEEP_CHUNK = 2000
+# Stale heap entries tolerated before the heaps are rebuilt (see _compact_heaps).
+COMPACT_SLACK = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,7 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Waiter]] = []  # lazily pruned
         self._retries: list[tuple[float, QueueKey]] = []  # when a blocked head may fit
         self._retry_at: dict[QueueKey, float] = {}
+        self._heap_limit = COMPACT_SLACK
         self._seq = 0
         self._changes: list[Change] = []
         self._dirty: set[BucketKey] = set()
@@ -267,6 +270,8 @@ class Ledger:
         settled = r.settled(settlement)
         self._remember(settled)
         self._changes.append(ReservationSettled(r.id, settlement))
+        if len(self._leases) + len(self._deadlines) > self._heap_limit:
+            self._compact_heaps()
         touched = []
         for key in r.buckets:
             b = self._buckets.get(key)
@@ -279,6 +284,16 @@ class Ledger:
             touched.append(b)
         self._drain(touched, now)
         return settled
+
+    def _compact_heaps(self) -> None:
+        """Settled reservations and ended waiters leave stale heap entries behind (they are
+        skipped when they come due). Under sustained load they would pile up for a whole
+        lease; rebuild the heaps when most of an entry set is stale."""
+        self._leases = [(r.expires_at, r.id) for r in self._open.values()]
+        heapq.heapify(self._leases)
+        self._deadlines = [e for e in self._deadlines if e[2].result is None]
+        heapq.heapify(self._deadlines)
+        self._heap_limit = 2 * (len(self._leases) + len(self._deadlines)) + COMPACT_SLACK
 
     def _remember(self, settled: Reservation) -> None:
         assert settled.settlement is not None
@@ -374,6 +389,8 @@ class Ledger:
                 self._buckets[k].queues.add(w.queue)
         q.append(w)
         heapq.heappush(self._deadlines, (w.deadline, w.seq, w))
+        if len(self._leases) + len(self._deadlines) > self._heap_limit:
+            self._compact_heaps()
 
     def _end(
         self, w: Waiter, result: Granted | Rejected, now: float, redrain: bool = True
