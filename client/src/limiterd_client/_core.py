@@ -109,7 +109,8 @@ def exit_action(state: Settle, grant: Grant, exc: BaseException | None
         outcome = pb.OK
     elif isinstance(exc, ProviderError):
         outcome = outcome_for(exc)
-    elif isinstance(exc, BaseException) and type(exc).__name__ == "CancelledError":
+    elif isinstance(exc, GeneratorExit | KeyboardInterrupt) or (
+            type(exc).__name__ == "CancelledError"):
         outcome = pb.CANCELLED
     else:
         outcome = pb.ERROR
