@@ -34,7 +34,7 @@ from .errors import (
     ProviderError,
     ProviderMeta,
 )
-from .local import FailClosed, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
 
 
 class Limiter:
@@ -49,7 +49,7 @@ class Limiter:
         target: str | None = None,
         *,
         channel: grpc.aio.Channel | None = None,
-        on_unavailable: UnavailablePolicy = FailClosed(),
+        on_unavailable: UnavailablePolicy = FAIL_CLOSED,
         lease_ms: int = 0,
         rpc_timeout: float = 5.0,
         transport_attempts: int = 3,

@@ -35,6 +35,7 @@ class SafeCapacity:
 
 
 UnavailablePolicy = FailClosed | FailOpen | SafeCapacity
+FAIL_CLOSED = FailClosed()
 
 
 class LocalBucket:

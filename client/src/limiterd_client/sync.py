@@ -26,7 +26,7 @@ from ._core import (
 from ._proto.limiter.v1 import limiter_pb2 as pb
 from ._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .errors import LimiterBusy, LimiterRejected, LimiterUnavailable, ProviderError, ProviderMeta
-from .local import FailClosed, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
 
 
 class SyncLimiter:
@@ -38,7 +38,7 @@ class SyncLimiter:
         target: str | None = None,
         *,
         channel: grpc.Channel | None = None,
-        on_unavailable: UnavailablePolicy = FailClosed(),
+        on_unavailable: UnavailablePolicy = FAIL_CLOSED,
         lease_ms: int = 0,
         rpc_timeout: float = 5.0,
         transport_attempts: int = 3,
