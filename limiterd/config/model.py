@@ -67,6 +67,17 @@ class Settings:
     settlement_retention_s: float = 86400.0
     max_settlements: int = 100_000
     idle_sweep_interval_s: float = 10.0
+    # Live wait status (AcquireStream)
+    stream_update_interval_s: float = 5.0  # a Queued keepalive at least this often
+    reattach_grace_s: float = 10.0  # a lost stream keeps its place this long
+    # Overload awareness: this many OVERLOADED outcomes for a model within the window mark
+    # it overloaded for the cool-down.
+    overload_window_s: float = 60.0
+    overload_threshold: int = 3
+    overload_cooldown_s: float = 30.0
+    # Provider-synchronized ledgers
+    sync_tolerance_tokens: int = 1000  # the provider rounds remaining tokens to thousands
+    learn_limits: bool = False  # raise capacity when the provider reports a higher limit
 
 
 @dataclass(frozen=True)

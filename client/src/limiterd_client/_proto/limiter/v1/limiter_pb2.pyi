@@ -56,7 +56,7 @@ class AcquireRequest(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
-    __slots__ = ("reservation_id", "lease_expires_at_ms", "waited_ms", "reserved_requests", "reserved_input_tokens", "reserved_output_tokens", "granted_at_ms", "replayed")
+    __slots__ = ("reservation_id", "lease_expires_at_ms", "waited_ms", "reserved_requests", "reserved_input_tokens", "reserved_output_tokens", "granted_at_ms", "replayed", "model_overloaded", "overloaded_until_ms")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
     WAITED_MS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,8 @@ class AcquireResponse(_message.Message):
     RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GRANTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OVERLOADED_FIELD_NUMBER: _ClassVar[int]
+    OVERLOADED_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     lease_expires_at_ms: int
     waited_ms: int
@@ -73,7 +75,31 @@ class AcquireResponse(_message.Message):
     reserved_output_tokens: int
     granted_at_ms: int
     replayed: bool
-    def __init__(self, reservation_id: _Optional[str] = ..., lease_expires_at_ms: _Optional[int] = ..., waited_ms: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ..., granted_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    model_overloaded: bool
+    overloaded_until_ms: int
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_expires_at_ms: _Optional[int] = ..., waited_ms: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ..., granted_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., model_overloaded: _Optional[bool] = ..., overloaded_until_ms: _Optional[int] = ...) -> None: ...
+
+class AcquireEvent(_message.Message):
+    __slots__ = ("queued", "granted")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    queued: Queued
+    granted: AcquireResponse
+    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., granted: _Optional[_Union[AcquireResponse, _Mapping]] = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("position", "estimated_wait_ms", "queue_depth", "waited_ms", "model_overloaded")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    WAITED_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OVERLOADED_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    estimated_wait_ms: int
+    queue_depth: int
+    waited_ms: int
+    model_overloaded: bool
+    def __init__(self, position: _Optional[int] = ..., estimated_wait_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., waited_ms: _Optional[int] = ..., model_overloaded: _Optional[bool] = ...) -> None: ...
 
 class ProviderInfo(_message.Message):
     __slots__ = ("http_status", "error_type", "error_code", "request_id", "headers", "fell_back")
@@ -227,19 +253,21 @@ class GetBucketsRequest(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Dimension(_message.Message):
-    __slots__ = ("name", "level", "capacity", "refill_per_s")
+    __slots__ = ("name", "level", "capacity", "refill_per_s", "learned")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     REFILL_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_FIELD_NUMBER: _ClassVar[int]
     name: str
     level: float
     capacity: int
     refill_per_s: float
-    def __init__(self, name: _Optional[str] = ..., level: _Optional[float] = ..., capacity: _Optional[int] = ..., refill_per_s: _Optional[float] = ...) -> None: ...
+    learned: bool
+    def __init__(self, name: _Optional[str] = ..., level: _Optional[float] = ..., capacity: _Optional[int] = ..., refill_per_s: _Optional[float] = ..., learned: _Optional[bool] = ...) -> None: ...
 
 class Bucket(_message.Message):
-    __slots__ = ("scope", "scope_alias", "model", "user", "dimensions", "queue_depth", "paused_until_ms", "open_reservations")
+    __slots__ = ("scope", "scope_alias", "model", "user", "dimensions", "queue_depth", "paused_until_ms", "open_reservations", "overloaded_until_ms")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_ALIAS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +276,7 @@ class Bucket(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     PAUSED_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
     OPEN_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    OVERLOADED_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
     scope: str
     scope_alias: str
     model: str
@@ -256,7 +285,8 @@ class Bucket(_message.Message):
     queue_depth: int
     paused_until_ms: int
     open_reservations: int
-    def __init__(self, scope: _Optional[str] = ..., scope_alias: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., dimensions: _Optional[_Iterable[_Union[Dimension, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., paused_until_ms: _Optional[int] = ..., open_reservations: _Optional[int] = ...) -> None: ...
+    overloaded_until_ms: int
+    def __init__(self, scope: _Optional[str] = ..., scope_alias: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., dimensions: _Optional[_Iterable[_Union[Dimension, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., paused_until_ms: _Optional[int] = ..., open_reservations: _Optional[int] = ..., overloaded_until_ms: _Optional[int] = ...) -> None: ...
 
 class GetBucketsResponse(_message.Message):
     __slots__ = ("buckets", "now_ms")

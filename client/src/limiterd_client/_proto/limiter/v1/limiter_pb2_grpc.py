@@ -40,6 +40,11 @@ class LimiterStub:
                 request_serializer=limiter_dot_v1_dot_limiter__pb2.AcquireRequest.SerializeToString,
                 response_deserializer=limiter_dot_v1_dot_limiter__pb2.AcquireResponse.FromString,
                 _registered_method=True)
+        self.AcquireStream = channel.unary_stream(
+                '/limiter.v1.Limiter/AcquireStream',
+                request_serializer=limiter_dot_v1_dot_limiter__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=limiter_dot_v1_dot_limiter__pb2.AcquireEvent.FromString,
+                _registered_method=True)
         self.Report = channel.unary_unary(
                 '/limiter.v1.Limiter/Report',
                 request_serializer=limiter_dot_v1_dot_limiter__pb2.ReportRequest.SerializeToString,
@@ -65,6 +70,17 @@ class LimiterServicer:
         """Reserve capacity for one provider call: 1 request, input_tokens and max_output_tokens, on
         every bucket that applies, all or nothing. Waits in FIFO order up to
         min(max_wait_ms, the call's deadline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireStream(self, request, context):
+        """Acquire with live wait status: a Queued event at once when the call must wait, again
+        at an interval and whenever its position or estimate changes, then exactly one Granted
+        (or a failure status, as Acquire). A caller that loses the stream calls again with the
+        same request_id within the re-attach grace and keeps its place; a grant made meanwhile
+        is returned then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +114,11 @@ def add_LimiterServicer_to_server(servicer, server):
                     servicer.Acquire,
                     request_deserializer=limiter_dot_v1_dot_limiter__pb2.AcquireRequest.FromString,
                     response_serializer=limiter_dot_v1_dot_limiter__pb2.AcquireResponse.SerializeToString,
+            ),
+            'AcquireStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AcquireStream,
+                    request_deserializer=limiter_dot_v1_dot_limiter__pb2.AcquireRequest.FromString,
+                    response_serializer=limiter_dot_v1_dot_limiter__pb2.AcquireEvent.SerializeToString,
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
@@ -143,6 +164,33 @@ class Limiter:
             '/limiter.v1.Limiter/Acquire',
             limiter_dot_v1_dot_limiter__pb2.AcquireRequest.SerializeToString,
             limiter_dot_v1_dot_limiter__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/limiter.v1.Limiter/AcquireStream',
+            limiter_dot_v1_dot_limiter__pb2.AcquireRequest.SerializeToString,
+            limiter_dot_v1_dot_limiter__pb2.AcquireEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,3 @@
+from limiterd.cli import main
+
+main()

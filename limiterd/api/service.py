@@ -1,0 +1,233 @@
+"""gRPC servicers: map protobuf to engine calls and domain failures to statuses. No logic."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from limiterd.api import convert
+from limiterd.api.errors import RpcFailure, exhausted, to_failure
+from limiterd.engine import Engine, StatusCallback, WaitStatus
+from limiterd.ledger.buckets import RATE_DIMS
+from limiterd.ledger.errors import InvalidRequest
+from limiterd.ledger.ledger import LIMIT_FIELDS, Rejected
+from limiterd.ledger.model import Reservation
+from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+# Leave this much of the caller's gRPC deadline for the answer to travel back, so a grant is
+# never made that the caller can only hear of after it gave up.
+DEADLINE_MARGIN_S = 0.02
+
+
+async def answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call`; turn any failure into a status (the daemon never crashes on input)."""
+    try:
+        return await call()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        failure = to_failure(exc)
+    await context.abort(failure.code, failure.message, failure.trailing)
+    raise AssertionError("unreachable")  # abort() raises
+
+
+class LimiterService(pb_grpc.LimiterServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def _acquire(
+        self,
+        request: pb.AcquireRequest,
+        context: grpc.aio.ServicerContext,
+        on_status: StatusCallback | None = None,
+    ) -> pb.AcquireResponse:
+        engine = self.engine
+        req, max_wait_s = convert.acquire_request(request, engine.ledger.config.settings)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            max_wait_s = max(0.0, min(max_wait_s, remaining - DEADLINE_MARGIN_S))
+        result = await engine.acquire(req, max_wait_s, on_status)
+        if isinstance(result, Rejected):
+            raise exhausted(
+                f"no capacity for model {req.model!r} within {round(max_wait_s * 1000)} ms",
+                result.retry_after_s,
+            )
+        response = convert.acquire_response(result.reservation, result.replayed)
+        overloaded = engine.ledger.overloaded_until(req.model, engine.clock.now())
+        if overloaded:
+            response.model_overloaded = True
+            response.overloaded_until_ms = convert.ms(overloaded)
+        return response
+
+    async def Acquire(
+        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AcquireResponse:
+        return await answer(context, lambda: self._acquire(request, context))
+
+    async def AcquireStream(
+        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def on_status(status: WaitStatus) -> None:
+            await context.write(pb.AcquireEvent(queued=pb.Queued(
+                position=status.position,
+                estimated_wait_ms=convert.ms(status.estimated_wait_s),
+                queue_depth=status.queue_depth,
+                waited_ms=convert.ms(status.waited_s),
+                model_overloaded=status.model_overloaded,
+            )))
+
+        async def call() -> None:
+            granted = await self._acquire(request, context, on_status)
+            await context.write(pb.AcquireEvent(granted=granted))
+
+        await answer(context, call)
+
+    async def Report(
+        self, request: pb.ReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportResponse:
+        async def call() -> pb.ReportResponse:
+            rid, actual_in, actual_out, outcome, retry_after_s = convert.report_request(request)
+            headers = request.provider.headers if request.HasField("provider") else None
+            r, replayed = await self.engine.report(
+                rid, actual_in, actual_out, outcome, retry_after_s, headers
+            )
+            return pb.ReportResponse(settlement=convert.settlement(r), replayed=replayed)
+
+        return await answer(context, call)
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        async def call() -> pb.ReleaseResponse:
+            r, replayed = await self.engine.release(convert.reservation_id(request.reservation_id))
+            return pb.ReleaseResponse(settlement=convert.settlement(r), replayed=replayed)
+
+        return await answer(context, call)
+
+    async def KeepAlive(
+        self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KeepAliveResponse:
+        async def call() -> pb.KeepAliveResponse:
+            rid = convert.reservation_id(request.reservation_id)
+            settings = self.engine.ledger.config.settings
+            lease_s = (
+                convert._ms_to_s("lease_ms", request.lease_ms, settings.max_lease_s)
+                if request.lease_ms else None
+            )
+            r = await self.engine.keep_alive(rid, lease_s)
+            return pb.KeepAliveResponse(
+                reservation_id=r.id, lease_expires_at_ms=convert.ms(r.expires_at)
+            )
+
+        return await answer(context, call)
+
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _scope_matches(self, wanted: str) -> Callable[[str], bool]:
+        config = self.engine.ledger.config
+        if not wanted:
+            return lambda scope: True
+        return lambda scope: scope == wanted or config.alias_for(scope) == wanted
+
+    def _alias(self, scope: str) -> str:
+        return self.engine.ledger.config.alias_for(scope) or ""
+
+    async def ListLeases(
+        self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLeasesResponse:
+        async def call() -> pb.ListLeasesResponse:
+            if not 0 <= request.page_size <= MAX_PAGE:
+                raise InvalidRequest("page_size", f"must be 0..{MAX_PAGE}")
+            size = request.page_size or DEFAULT_PAGE
+            after = _decode_token(request.page_token)
+            scope_ok = self._scope_matches(request.scope)
+            leases = sorted(
+                (
+                    r for r in self.engine.ledger.open_reservations()
+                    if scope_ok(r.scope) and (not request.model or r.model == request.model)
+                ),
+                key=_lease_order,
+            )
+            if after is not None:
+                leases = [r for r in leases if _lease_order(r) > after]
+            page = leases[:size]
+            token = _encode_token(_lease_order(page[-1])) if len(leases) > size else ""
+            return pb.ListLeasesResponse(
+                leases=[convert.lease(r, self._alias(r.scope)) for r in page],
+                next_page_token=token,
+            )
+
+        return await answer(context, call)
+
+    async def GetBuckets(
+        self, request: pb.GetBucketsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBucketsResponse:
+        async def call() -> pb.GetBucketsResponse:
+            ledger, now = self.engine.ledger, self.engine.clock.now()
+            scope_ok = self._scope_matches(request.scope)
+            open_per_bucket: dict[tuple[str, str, str], int] = {}
+            for r in ledger.open_reservations():
+                for key in r.buckets:
+                    open_per_bucket[key] = open_per_bucket.get(key, 0) + 1
+            out = []
+            for b in ledger.buckets(now):
+                key = b.key
+                if not scope_ok(key.scope) or (request.model and key.model != request.model):
+                    continue
+                learned = ledger.learned_fields(key)
+                dims = [
+                    pb.Dimension(name=name, level=b.levels[i], capacity=cap,
+                                 refill_per_s=cap / 60.0, learned=field in learned)
+                    for i, (name, field, cap) in enumerate(
+                        zip(RATE_DIMS, LIMIT_FIELDS, b.caps, strict=True)
+                    )
+                    if cap is not None
+                ]
+                if b.limits.max_concurrent is not None:
+                    mc = b.limits.max_concurrent
+                    dims.append(pb.Dimension(name="concurrent", level=mc - b.in_flight,
+                                             capacity=mc))
+                paused = 0.0 if key.user else ledger.paused_until(key.scope, key.model, now)
+                out.append(pb.Bucket(
+                    scope=key.scope, scope_alias=self._alias(key.scope), model=key.model,
+                    user=key.user, dimensions=dims, queue_depth=ledger.queue_depth(b),
+                    paused_until_ms=convert.ms(paused) if paused else 0,
+                    open_reservations=open_per_bucket.get(key, 0),
+                    overloaded_until_ms=convert.ms(ledger.overloaded_until(key.model, now)),
+                ))
+            out.sort(key=lambda m: (m.scope_alias or m.scope, m.model, m.user))
+            return pb.GetBucketsResponse(buckets=out, now_ms=convert.ms(now))
+
+        return await answer(context, call)
+
+
+def _lease_order(r: Reservation) -> tuple[float, str]:
+    return (r.expires_at, r.id)
+
+
+def _encode_token(key: tuple[float, str]) -> str:
+    return base64.urlsafe_b64encode(f"{key[0]!r}:{key[1]}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        expires, rid = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        return float(expires), rid
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest("page_token", "is not a token this daemon returned") from exc
+
+
+__all__ = ["AdminService", "LimiterService", "RpcFailure"]

@@ -1,0 +1,323 @@
+"""TOML -> Config. Every mistake in a file is collected and reported at once.
+
+Format (deploy/limiterd.example.toml is the commented version; every section is optional)::
+
+    [daemon]                           # all values positive integers
+    default_lease_ms = 600000          # lease of a reservation when Acquire says lease_ms = 0
+    max_lease_ms = 3600000             # must be >= default_lease_ms
+    max_wait_ms = 600000               # longest Acquire wait accepted
+    max_waiters_per_queue = 1000
+    settlement_retention_s = 86400     # how long settled reservations answer duplicates
+    max_settlements = 100000
+    idle_sweep_interval_s = 10
+
+    # default limits per model: an exact model id or an fnmatch glob.
+    # An exact id beats any glob; among globs the first in file order wins.
+    [models."claude-opus-4*"]
+    requests_per_minute = 50
+    input_tokens_per_minute = 30000
+    output_tokens_per_minute = 8000
+    max_concurrent = 20                # every limit is optional; omitted = no limit
+
+    # default limits for each distinct `user` under a scope x model
+    [user_limits."claude-*"]
+    requests_per_minute = 10
+
+    [[scopes]]
+    scope = "3f1a..."                  # the API-key hash (client's scope_for_api_key)
+    alias = "prod-key"                 # required: shown in logs and metrics instead of the hash
+    [scopes.models."claude-sonnet-4*"]  # overrides: only the fields given replace the defaults
+    input_tokens_per_minute = 80000
+    [scopes.user_limits."claude-*"]
+    requests_per_minute = 5
+
+Limits are integers in 1..10**12. Unknown keys are errors (typos would otherwise silently
+mean "no limit"). An empty file is valid: no model has limits, so every model is unknown.
+Messages read `<file>: <dotted.key>: <what is wrong>`, one problem per line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from limiterd.config.model import Config, Limits, ModelRule, ScopeConfig, Settings
+
+__all__ = ["ConfigError", "DEFAULTS_SOURCE", "check_config", "load_config", "parse_config"]
+
+DEFAULTS_SOURCE = "<built-in defaults.toml>"
+MAX_LIMIT = 10**12
+MAX_SCOPE_BYTES = 256
+_ALIAS = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_AT = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)$")
+
+_LIMIT_KEYS = tuple(f.name for f in fields(Limits))
+# [daemon] key -> (Settings field, divisor from the file's unit to the model's)
+_DAEMON: dict[str, tuple[str, int | None]] = {
+    "default_lease_ms": ("default_lease_s", 1000),
+    "max_lease_ms": ("max_lease_s", 1000),
+    "max_wait_ms": ("max_wait_s", 1000),
+    "max_waiters_per_queue": ("max_waiters_per_queue", None),
+    "settlement_retention_s": ("settlement_retention_s", 1),
+    "max_settlements": ("max_settlements", None),
+    "idle_sweep_interval_s": ("idle_sweep_interval_s", 1),
+    "stream_update_interval_ms": ("stream_update_interval_s", 1000),
+    "reattach_grace_ms": ("reattach_grace_s", 1000),
+    "overload_window_s": ("overload_window_s", 1),
+    "overload_threshold": ("overload_threshold", None),
+    "overload_cooldown_s": ("overload_cooldown_s", 1),
+    "sync_tolerance_tokens": ("sync_tolerance_tokens", None),
+}
+_DAEMON_FLAGS = ("learn_limits",)
+_TOP_KEYS = ("daemon", "models", "user_limits", "scopes")
+_SCOPE_KEYS = ("scope", "alias", "models", "user_limits")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used. `problems` holds one line per mistake."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """The config in the TOML file at `path`; None = the shipped defaults."""
+    if path is None:
+        text = resources.files("limiterd.config").joinpath("defaults.toml").read_text("utf-8")
+        return parse_config(text, DEFAULTS_SOURCE)
+    source = os.fspath(path)
+    try:
+        data = Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: config file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{source}: is a directory, not a config file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{source}: config file not readable: permission denied"]) from None
+    except OSError as e:
+        raise ConfigError([f"{source}: cannot read config file: {e.strerror or e}"]) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{source}: not UTF-8 text (bad byte at offset {e.start})"]) from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str) -> Config:
+    """The config in TOML `text`; `source` names it in messages (usually the file path)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        at = _AT.search(msg)
+        where = at.group(1) if at else "somewhere"
+        raise ConfigError([f"{source}: {where}: invalid TOML: {_AT.sub('', msg)}"]) from None
+    p = _Problems(source)
+    p.unknown_keys(doc, _TOP_KEYS, "")
+    settings = _settings(doc.get("daemon", {}), p)
+    models = _rules(doc.get("models", {}), "models", p)
+    user_models = _rules(doc.get("user_limits", {}), "user_limits", p)
+    scopes = _scopes(doc.get("scopes", []), p)
+    if p.lines:
+        raise ConfigError(p.lines)
+    return Config(settings, models, user_models, MappingProxyType(scopes), source=source)
+
+
+def check_config(path: str | os.PathLike[str] | None) -> str:
+    """A short human summary of a valid config; raises ConfigError like load_config."""
+    cfg = load_config(path)
+    s = cfg.settings
+
+    def rules(n: int, what: str) -> str:
+        return f"{n} {what} rule{'' if n == 1 else 's'}"
+
+    lines = [f"{cfg.source}: OK"]
+    if cfg.models:
+        pats = ", ".join(r.pattern for r in cfg.models)
+        lines.append(f"  {rules(len(cfg.models), 'model')}: {pats}")
+    else:
+        lines.append("  no model rules: every model is unknown")
+    lines.append(f"  {rules(len(cfg.user_models), 'per-user limit')}")
+    aliases = ", ".join(sc.alias for sc in cfg.scopes.values())
+    lines.append(f"  {len(cfg.scopes)} scope{'' if len(cfg.scopes) == 1 else 's'}"
+                 + (f": {aliases}" if aliases else ""))
+    lines.append(f"  leases {s.default_lease_s:.10g}s default, {s.max_lease_s:.10g}s max; "
+                 f"waits up to {s.max_wait_s:.10g}s, {s.max_waiters_per_queue} per queue")
+    return "\n".join(lines)
+
+
+class _Problems:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str, what: str) -> None:
+        self.lines.append(f"{self.source}: {key}: {what}" if key else f"{self.source}: {what}")
+
+    def unknown_keys(self, table: dict[str, Any], allowed: tuple[str, ...], path: str) -> None:
+        for key in table:
+            if key in allowed:
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = (f'did you mean "{close[0]}"?' if close
+                    else "expected one of: " + ", ".join(allowed))
+            self.add(_key(path, key), f"unknown key; {hint}")
+
+    def table(self, value: Any, path: str) -> dict[str, Any] | None:
+        if isinstance(value, dict):
+            return value
+        self.add(path, f"must be a table, got {_show(value)}")
+        return None
+
+    def integer(self, value: Any, path: str) -> int | None:
+        # bool is an int subclass in Python; `true` is never a limit
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            self.add(path, f"must be a positive integer, got {_show(value)}")
+            return None
+        if value > MAX_LIMIT:
+            self.add(path, f"must be at most {MAX_LIMIT}, got {value}")
+            return None
+        return value
+
+
+def _settings(value: Any, p: _Problems) -> Settings:
+    table = p.table(value, "daemon")
+    if table is None:
+        return Settings()
+    p.unknown_keys(table, (*_DAEMON, *_DAEMON_FLAGS), "daemon")
+    values: dict[str, float | int | bool] = {}
+    for key, (name, divisor) in _DAEMON.items():
+        if key in table and (n := p.integer(table[key], _key("daemon", key))) is not None:
+            values[name] = n if divisor is None else n / divisor
+    for key in _DAEMON_FLAGS:
+        if key in table:
+            if isinstance(table[key], bool):
+                values[key] = table[key]
+            else:
+                p.add(_key("daemon", key), f"must be true or false, got {_show(table[key])}")
+    settings = Settings(**values)  # type: ignore[arg-type]  # names come from _DAEMON
+    if settings.default_lease_s > settings.max_lease_s:
+        p.add("daemon.default_lease_ms",
+              f"must be <= daemon.max_lease_ms ({round(settings.max_lease_s * 1000)}), "
+              f"got {round(settings.default_lease_s * 1000)}")
+    return settings
+
+
+def _rules(value: Any, path: str, p: _Problems) -> tuple[ModelRule, ...]:
+    table = p.table(value, path)
+    if table is None:
+        return ()
+    rules = []
+    for pattern, body in table.items():
+        rule_path = _key(path, pattern)
+        if not pattern:
+            p.add(rule_path, "model pattern must not be empty")
+        limits = _limits(body, rule_path, p)
+        if limits is not None and pattern:
+            rules.append(ModelRule(pattern, limits))
+    return tuple(rules)
+
+
+def _limits(value: Any, path: str, p: _Problems) -> Limits | None:
+    table = p.table(value, path)
+    if table is None:
+        return None
+    values: dict[str, int] = {}
+    for key, v in table.items():
+        if key in _LIMIT_KEYS:
+            if (n := p.integer(v, _key(path, key))) is not None:
+                values[key] = n
+        elif isinstance(v, dict):
+            # [models.claude-3.5-haiku] nests tables at the dot: the usual cause
+            p.add(_key(path, key), "unknown key (a table); a model id with a dot must be "
+                  'quoted, e.g. [models."claude-3.5-haiku"]')
+        else:
+            p.unknown_keys({key: v}, _LIMIT_KEYS, path)
+    return Limits(**values)
+
+
+def _scopes(value: Any, p: _Problems) -> dict[str, ScopeConfig]:
+    if not isinstance(value, list):
+        p.add("scopes", f"must be an array of tables ([[scopes]]), got {_show(value)}")
+        return {}
+    scopes: dict[str, ScopeConfig] = {}
+    seen_alias: dict[str, str] = {}
+    seen_scope: dict[str, str] = {}
+    for i, item in enumerate(value):
+        path = f"scopes[{i}]"
+        table = p.table(item, path)
+        if table is None:
+            continue
+        p.unknown_keys(table, _SCOPE_KEYS, path)
+        scope = _scope_hash(table.get("scope"), f"{path}.scope", p)
+        alias = _alias(table.get("alias"), f"{path}.alias", p)
+        models = _rules(table.get("models", {}), f"{path}.models", p)
+        user_models = _rules(table.get("user_limits", {}), f"{path}.user_limits", p)
+        if scope is not None and scope in seen_scope:
+            p.add(f"{path}.scope", f"duplicate of {seen_scope[scope]}.scope {_show(scope)}")
+            scope = None
+        if alias is not None and alias in seen_alias:
+            p.add(f"{path}.alias", f"duplicate of {seen_alias[alias]}.alias {_show(alias)}")
+            alias = None
+        if scope is not None:
+            seen_scope[scope] = path
+        if alias is not None:
+            seen_alias[alias] = path
+        if scope is not None and alias is not None:
+            scopes[scope] = ScopeConfig(scope, alias, models, user_models)
+    return scopes
+
+
+def _scope_hash(value: Any, path: str, p: _Problems) -> str | None:
+    if value is None:
+        p.add(path, "missing; the API-key hash this entry applies to")
+    elif not isinstance(value, str) or not value:
+        p.add(path, f"must be a non-empty string, got {_show(value)}")
+    elif len(value.encode()) > MAX_SCOPE_BYTES:
+        p.add(path, f"must be at most {MAX_SCOPE_BYTES} bytes, got {len(value.encode())}")
+    else:
+        return value
+    return None
+
+
+def _alias(value: Any, path: str, p: _Problems) -> str | None:
+    if value is None:
+        p.add(path, 'missing; a name for logs and metrics, e.g. "prod-key"')
+    elif not isinstance(value, str) or not _ALIAS.fullmatch(value):
+        p.add(path, f"must be 1 to 64 characters of A-Z a-z 0-9 . _ -, got {_show(value)}")
+    else:
+        return value
+    return None
+
+
+def _key(path: str, key: str) -> str:
+    """`path.key`, quoting `key` the way TOML would need it."""
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return f"{path}.{part}" if path else part
+
+
+def _show(value: Any) -> str:
+    """A value as it looks in TOML, or its kind when that would be long."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = json.dumps(value, ensure_ascii=False)
+        return shown if len(shown) <= 80 else shown[:76] + '..."'
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"  # dates and times

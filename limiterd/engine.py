@@ -1,0 +1,372 @@
+"""The async shell around the pure ledger: callers waiting, timers, and group commit.
+
+Every ledger call happens on the one event loop, synchronously, so a check-and-reserve can
+never interleave with another. After each call the engine:
+- answers the waiters the ledger says have ended (granted or timed out),
+- re-arms one timer for the ledger's next wakeup (lease expiry, deadlines, refills),
+- wakes the writer task, which group-commits everything changed since its last commit in one
+  journal write. A request is answered only after the write holding its change returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from limiterd.clock import Clock, Timer
+from limiterd.config.model import Config
+from limiterd.ledger.ledger import Granted, Ledger, Rejected, Waiter
+from limiterd.ledger.model import AcquireRequest, Change, Outcome, Reservation
+from limiterd.storage.base import Journal, StorageError
+
+log = logging.getLogger("limiterd.engine")
+
+# Backoff between journal write attempts while persistence is failing.
+WRITE_RETRY_MIN_S = 0.05
+WRITE_RETRY_MAX_S = 5.0
+
+
+class PersistenceFailing(Exception):
+    """New grants are refused while the journal cannot write (UNAVAILABLE)."""
+
+
+class Superseded(Exception):
+    """A newer Acquire with the same request_id took over this wait (ABORTED)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStatus:
+    """Where a waiting caller stands (AcquireStream's Queued event)."""
+
+    position: int
+    estimated_wait_s: float
+    queue_depth: int
+    waited_s: float
+    model_overloaded: bool
+
+
+StatusCallback = Callable[[WaitStatus], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    open_reservations: int
+    waiting: int
+    healthy: bool
+
+
+ChangeListener = Callable[[Sequence[Change]], None]
+
+
+class Engine:
+    def __init__(self, config: Config, journal: Journal, clock: Clock) -> None:
+        self.clock = clock
+        self.journal = journal
+        self.ledger = Ledger(config, clock.now())
+        self._waiting: dict[Waiter, asyncio.Future[Granted | Rejected]] = {}
+        self._timer: Timer | None = None
+        self._timer_at = math.inf
+        self._pending: list[asyncio.Future[bool]] = []
+        self._retry_batch: list[Change] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._healthy = True
+        self._write_backoff = WRITE_RETRY_MIN_S
+        self._listeners: list[ChangeListener] = []
+        self._stopping = False
+        self._detached: dict[Waiter, Timer] = {}  # lost streams keeping their place
+        self._watchers: set[asyncio.Event] = set()  # streams to nudge when queues move
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load what the journal kept, settle what lapsed while down, start the writer."""
+        snapshot = await self.journal.open()
+        now = self.clock.now()
+        self.ledger.restore(snapshot, now)
+        self.ledger.advance(now)
+        await self.journal.write(self.ledger.take_changes())
+        self._writer = asyncio.create_task(self._write_loop(), name="limiterd-writer")
+        self._arm()
+
+    async def stop(self) -> None:
+        """Flush everything pending, then close the journal."""
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._writer is not None:
+            self._wake.set()
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+        batch = self._retry_batch + self.ledger.take_changes()
+        try:
+            if batch:
+                await self.journal.write(batch)
+            self._retry_batch = []
+        except StorageError as exc:
+            log.error("could not write the last %d changes at shutdown: %s", len(batch), exc)
+        for fut in self._pending:
+            if not fut.done():
+                fut.set_result(False)
+        await self.journal.close()
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Called with every batch of changes (metrics observe the ledger this way)."""
+        self._listeners.append(listener)
+
+    # ---- calls ---------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        req: AcquireRequest,
+        max_wait_s: float,
+        on_status: StatusCallback | None = None,
+    ) -> Granted | Rejected:
+        """Grant, or wait up to `max_wait_s`. Raises LedgerError (bad request),
+        PersistenceFailing, Superseded.
+
+        With `on_status` (AcquireStream), a waiting caller hears where it stands at once, at
+        the configured interval and whenever its position or estimate changes; if it goes
+        away with a request_id, it keeps its place for the re-attach grace.
+        """
+        if not self._healthy:
+            raise PersistenceFailing("the journal is failing to write; try again shortly")
+        now = self.clock.now()
+        result = self.ledger.acquire(req, now, now + max_wait_s)
+        if isinstance(result, Waiter):
+            result = await self._wait(result, on_status)
+        else:
+            self._after()
+        if isinstance(result, Rejected) or result.replayed:
+            if isinstance(result, Granted):
+                await self._commit()  # the original grant may still be in flight to disk
+            return result
+        try:
+            durable = await self._commit()
+        except asyncio.CancelledError:
+            self._abandon(result)
+            raise
+        if not durable:
+            self._release_quietly(result.reservation.id)
+            raise PersistenceFailing("the journal is failing to write; the grant was undone")
+        return result
+
+    async def _wait(self, w: Waiter, on_status: StatusCallback | None) -> Granted | Rejected:
+        fut: asyncio.Future[Granted | Rejected] = asyncio.get_running_loop().create_future()
+        previous = self._waiting.get(w)
+        if previous is not None and not previous.done():
+            previous.set_exception(Superseded("a newer Acquire with this request_id took over"))
+        if (timer := self._detached.pop(w, None)) is not None:
+            timer.cancel()  # a lost stream came back in time: it keeps its place
+        self._waiting[w] = fut
+        self._after()
+        try:
+            if on_status is not None:
+                await self._report_status(w, fut, on_status)
+            return await fut
+        except asyncio.CancelledError:
+            if self._waiting.get(w) is fut:
+                del self._waiting[w]
+                grace = self.ledger.config.settings.reattach_grace_s
+                if w.result is None and on_status is not None and w.request.request_id:
+                    self._detached[w] = self.clock.call_at(
+                        self.clock.now() + grace, lambda: self._give_up(w)
+                    )
+                elif w.result is None:
+                    self.ledger.cancel_wait(w, self.clock.now())
+                    self._nudge()
+                    self._after()
+                elif isinstance(w.result, Granted):
+                    self._abandon(w.result)
+            raise
+
+    async def _report_status(
+        self, w: Waiter, fut: asyncio.Future[Granted | Rejected], on_status: StatusCallback
+    ) -> None:
+        """Send WaitStatus until `fut` is done: at once, every interval as a keepalive, and
+        when the position or the estimate (to the second) changes."""
+        interval = self.ledger.config.settings.stream_update_interval_s
+        wake = asyncio.Event()
+        fut.add_done_callback(lambda _: wake.set())
+        self._watchers.add(wake)
+        last: tuple[int, int] | None = None
+        last_sent = -math.inf
+        try:
+            while not fut.done():
+                now = self.clock.now()
+                position, estimate, depth = self.ledger.wait_status(w, now)
+                key = (position, round(estimate))
+                if key != last or now - last_sent >= interval:
+                    overloaded = self.ledger.overloaded_until(w.request.model, now) > 0
+                    await on_status(WaitStatus(position, estimate, depth,
+                                               now - w.enqueued_at, overloaded))
+                    last, last_sent = key, now
+                    if fut.done():
+                        break
+                wake.clear()
+                timer = self.clock.call_at(
+                    min(last_sent + interval, now + max(1.0, interval / 5)), wake.set
+                )
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
+        finally:
+            self._watchers.discard(wake)
+
+    def _give_up(self, w: Waiter) -> None:
+        """The re-attach grace of a lost stream ran out: its place is given up."""
+        self._detached.pop(w, None)
+        if w not in self._waiting and w.result is None:
+            self.ledger.cancel_wait(w, self.clock.now())
+            self._nudge()
+            self._after()
+
+    def _abandon(self, granted: Granted) -> None:
+        """The caller left after its grant was made but before it could hear of it. Without a
+        request_id it can never claim the grant, so give it back; with one, a retry will."""
+        if not granted.reservation.request_id:
+            self._release_quietly(granted.reservation.id)
+
+    def _release_quietly(self, reservation_id: str) -> None:
+        try:
+            self.ledger.release(reservation_id, self.clock.now())
+        except Exception:  # already settled by someone else: nothing to undo
+            pass
+        self._after()
+
+    async def report(
+        self,
+        reservation_id: str,
+        actual_input: int,
+        actual_output: int,
+        outcome: Outcome,
+        retry_after_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[Reservation, bool]:
+        """Settles in memory even while persistence fails; journaled when it recovers.
+        `headers`: the provider's response headers, to correct the ledger from."""
+        now = self.clock.now()
+        r, replayed = self.ledger.report(
+            reservation_id, actual_input, actual_output, outcome, retry_after_s, now
+        )
+        if headers and not replayed:
+            for note in self.ledger.sync_from_headers(r.scope, r.model, headers, now):
+                log.info("provider sync: %s", note)
+        self._after()
+        await self._commit()
+        return r, replayed
+
+    async def release(self, reservation_id: str) -> tuple[Reservation, bool]:
+        r, replayed = self.ledger.release(reservation_id, self.clock.now())
+        self._after()
+        await self._commit()
+        return r, replayed
+
+    async def keep_alive(self, reservation_id: str, lease_s: float | None) -> Reservation:
+        r = self.ledger.keep_alive(reservation_id, lease_s, self.clock.now())
+        self._after()
+        await self._commit()
+        return r
+
+    def set_config(self, config: Config) -> None:
+        self.ledger.set_config(config, self.clock.now())
+        self._after()
+
+    def stats(self) -> Stats:
+        return Stats(self.ledger.open_count, self.ledger.waiting_count, self._healthy)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # ---- the loop's bookkeeping -------------------------------------------------------------
+
+    def _after(self) -> None:
+        """After every ledger call: answer ended waiters, re-arm the timer, wake the writer."""
+        ended = self.ledger.take_ended()
+        for w in ended:
+            fut = self._waiting.pop(w, None)
+            if fut is not None and not fut.done():
+                assert w.result is not None
+                fut.set_result(w.result)
+        if ended:
+            self._nudge()
+        self._arm()
+        self._wake.set()
+
+    def _nudge(self) -> None:
+        """Queues moved: waiting streams recompute where they stand."""
+        for wake in self._watchers:
+            wake.set()
+
+    def _arm(self) -> None:
+        if self._stopping:
+            return
+        at = self.ledger.next_wakeup()
+        if at is None or at >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.clock.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self.ledger.advance(self.clock.now())
+        self._after()
+
+    async def _commit(self) -> bool:
+        """Wait until the changes made so far are durable. False: the write failed."""
+        if not self.journal.durable or self._writer is None:
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(fut)
+        self._wake.set()
+        return await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch = self._retry_batch + self.ledger.take_changes()
+            waiting, self._pending = self._pending, []
+            ok = True
+            if batch:
+                try:
+                    await self.journal.write(batch)
+                except StorageError as exc:
+                    ok = False
+                    self._write_failed(batch, exc)
+                else:
+                    self._write_ok()
+                    for listener in self._listeners:
+                        listener(batch)
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(ok)
+
+    def _write_failed(self, batch: list[Change], exc: StorageError) -> None:
+        if self._healthy:
+            log.error("persistence is failing, refusing new grants until it recovers: %s", exc)
+        self._healthy = False
+        self._retry_batch = batch
+        delay, self._write_backoff = (
+            self._write_backoff,
+            min(WRITE_RETRY_MAX_S, self._write_backoff * 2),
+        )
+        self.clock.call_at(self.clock.now() + delay, self._wake.set)
+
+    def _write_ok(self) -> None:
+        if not self._healthy:
+            log.warning("persistence recovered; %s", self.journal.describe())
+        self._healthy = True
+        self._retry_batch = []
+        self._write_backoff = WRITE_RETRY_MIN_S

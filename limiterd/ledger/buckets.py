@@ -1,0 +1,125 @@
+"""Token buckets with continuous refill, the model Anthropic describes for its own limits.
+
+A bucket holds up to its per-minute limit and refills at limit/60 per second. A level may go
+negative (debt from an overrun reported after the fact); later grants wait until it refills.
+Concurrency is not a rate: it is a count of open reservations against `max_concurrent`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from limiterd.config.model import Limits
+from limiterd.ledger.model import Amounts, BucketKey, BucketLevels
+
+# Float slack: a level 1e-9 short of an amount counts as enough, so a waiter woken at the
+# computed refill time is never turned away by rounding.
+EPS = 1e-6
+
+# The rate dimensions, in the order of Amounts' fields.
+RATE_DIMS = ("requests", "input_tokens", "output_tokens")
+
+
+def capacities(limits: Limits) -> tuple[int | None, int | None, int | None]:
+    return (
+        limits.requests_per_minute,
+        limits.input_tokens_per_minute,
+        limits.output_tokens_per_minute,
+    )
+
+
+def amounts_tuple(a: Amounts) -> tuple[int, int, int]:
+    return (a.requests, a.input_tokens, a.output_tokens)
+
+
+@dataclass(slots=True, eq=False)
+class Bucket:
+    key: BucketKey
+    limits: Limits
+    caps: tuple[int | None, int | None, int | None]
+    levels: list[float]  # per RATE_DIMS; meaningless where the cap is None
+    as_of: float
+    in_flight: int = 0  # open reservations holding a concurrency slot here
+    queues: set[tuple[BucketKey, ...]] = field(default_factory=set)  # queues with waiters
+
+    @classmethod
+    def full(cls, key: BucketKey, limits: Limits, now: float) -> Bucket:
+        caps = capacities(limits)
+        return cls(key, limits, caps, [float(c or 0) for c in caps], now)
+
+    def refill(self, now: float) -> None:
+        elapsed = now - self.as_of
+        if elapsed <= 0:  # also guards against the wall clock stepping back
+            return
+        self.as_of = now
+        levels, caps = self.levels, self.caps
+        for i in range(3):
+            cap = caps[i]
+            if cap is not None and levels[i] < cap:
+                levels[i] = min(float(cap), levels[i] + cap * elapsed / 60.0)
+
+    def set_limits(self, limits: Limits) -> None:
+        """New limits (config reload): keep levels, never above the new capacity."""
+        self.limits = limits
+        self.caps = capacities(limits)
+        for i, cap in enumerate(self.caps):
+            if cap is None:
+                self.levels[i] = 0.0
+            elif self.levels[i] > cap:
+                self.levels[i] = float(cap)
+
+    def fits(self, amounts: tuple[int, int, int]) -> bool:
+        """Whether `amounts` can be taken now (after refill)."""
+        caps, levels = self.caps, self.levels
+        for i in range(3):
+            if caps[i] is not None and levels[i] + EPS < amounts[i]:
+                return False
+        mc = self.limits.max_concurrent
+        return mc is None or self.in_flight < mc
+
+    def take(self, amounts: tuple[int, int, int]) -> None:
+        for i in range(3):
+            if self.caps[i] is not None:
+                self.levels[i] -= amounts[i]
+        self.in_flight += 1
+
+    def give(self, amounts: tuple[float, float, float]) -> None:
+        """Refund (positive) or charge debt (negative); a refund never fills past capacity."""
+        for i in range(3):
+            cap = self.caps[i]
+            if cap is not None and amounts[i]:
+                self.levels[i] = min(float(cap), self.levels[i] + amounts[i])
+
+    def seconds_until(self, demand: tuple[float, float, float]) -> float:
+        """Refill time until `demand` fits on the rate dimensions (0 if it fits now)."""
+        worst = 0.0
+        for i in range(3):
+            cap = self.caps[i]
+            if cap is not None:
+                deficit = demand[i] - self.levels[i]
+                if deficit > EPS:
+                    worst = max(worst, deficit * 60.0 / cap)
+        return worst
+
+    def is_idle_full(self) -> bool:
+        """Carries no information: nothing in flight, nobody waiting, every level full."""
+        if self.in_flight or self.queues:
+            return False
+        return all(c is None or lvl >= c for c, lvl in zip(self.caps, self.levels, strict=True))
+
+    def exceeds_capacity(self, amounts: tuple[int, int, int]) -> tuple[str, int] | None:
+        """The first dimension whose capacity is below `amounts`: it could never be granted."""
+        for name, cap, amount in zip(RATE_DIMS, self.caps, amounts, strict=True):
+            if cap is not None and amount > cap:
+                return name, cap
+        return None
+
+    def snapshot(self) -> BucketLevels:
+        lv, caps = self.levels, self.caps
+        return BucketLevels(
+            key=self.key,
+            requests=lv[0] if caps[0] is not None else None,
+            input_tokens=lv[1] if caps[1] is not None else None,
+            output_tokens=lv[2] if caps[2] is not None else None,
+            as_of=self.as_of,
+        )

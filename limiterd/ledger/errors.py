@@ -1,0 +1,55 @@
+"""Why the ledger refused. The API layer maps each to a gRPC status; messages name the field."""
+
+from __future__ import annotations
+
+from limiterd.ledger.model import BucketKey, Reservation
+
+
+class LedgerError(Exception):
+    """Base: a request the ledger will not carry out. Nothing was changed."""
+
+
+class InvalidRequest(LedgerError):
+    """Maps to INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NeverFits(LedgerError):
+    """More than a bucket could ever hold: waiting would not help (FAILED_PRECONDITION)."""
+
+    def __init__(self, bucket: BucketKey, dimension: str, capacity: int, asked: int) -> None:
+        who = f"scope x model {bucket.model!r}" if not bucket.user else (
+            f"user {bucket.user!r} under model {bucket.model!r}"
+        )
+        super().__init__(
+            f"{dimension}: asked for {asked}, but the {who} bucket holds at most {capacity} "
+            f"{dimension} per minute"
+        )
+        self.bucket, self.dimension, self.capacity = bucket, dimension, capacity
+
+
+class QueueFull(LedgerError):
+    """Too many callers already wait on this bucket set (RESOURCE_EXHAUSTED at once)."""
+
+    def __init__(self, limit: int, retry_after_s: float) -> None:
+        super().__init__(f"{limit} callers already wait for this scope and model; try later")
+        self.retry_after_s = retry_after_s
+
+
+class NotFound(LedgerError):
+    def __init__(self, reservation_id: str) -> None:
+        super().__init__(f"reservation_id: no reservation {reservation_id!r} (unknown or expired)")
+
+
+class AlreadySettled(LedgerError):
+    """A different operation than the one that settled it (FAILED_PRECONDITION)."""
+
+    def __init__(self, reservation: Reservation, attempted: str) -> None:
+        state = reservation.state.value
+        super().__init__(
+            f"reservation_id: {reservation.id} is already {state}; cannot {attempted} it"
+        )
+        self.reservation = reservation

@@ -1,0 +1,735 @@
+"""The ledger: buckets, reservations, leases and FIFO wait queues, as a pure state machine.
+
+Every method takes `now` from the caller and does no I/O; the async engine drives it on one
+event loop, so check-and-reserve is atomic without locks. Two outboxes tell the outside what
+happened, and are the only way it learns:
+- take_changes(): the Change values a journal must record (group-committed by the engine);
+- take_ended(): waiters whose wait ended (granted or timed out), for the engine to answer.
+
+Waiting: each bucket set (scope x model, plus scope x model x user where user limits apply)
+has a FIFO queue. A newcomer is granted at once only when no queue touching its buckets has
+anyone waiting; otherwise it joins its queue and the queues are drained oldest-first. A waiter
+that cannot be granted claims the buckets it lacks, so nobody younger takes them first, but
+it does not block buckets it does not lack (one exhausted user never stalls the others).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+from limiterd.config.model import Config, Limits
+from limiterd.ledger.buckets import RATE_DIMS, Bucket, amounts_tuple
+from limiterd.ledger.errors import AlreadySettled, InvalidRequest, NeverFits, NotFound, QueueFull
+from limiterd.ledger.model import (
+    AcquireRequest,
+    Amounts,
+    BucketDropped,
+    BucketKey,
+    Change,
+    LeaseExtended,
+    Outcome,
+    PauseSet,
+    Reservation,
+    ReservationOpened,
+    ReservationSettled,
+    Settlement,
+    SettlementsForgotten,
+    Snapshot,
+    State,
+)
+
+QueueKey = tuple[BucketKey, ...]
+LIMIT_FIELDS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
+
+# When only a concurrency slot is missing, nothing refills by itself: the wait ends when a
+# reservation settles. This is the retry-after we tell callers in that case.
+CONCURRENCY_RETRY_S = 1.0
+# How many buckets one idle sweep step looks at, so a sweep never stalls the loop.
+SWEEP_CHUNK = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    reservation: Reservation
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Not granted in time. `retry_after_s`: the estimated time until it could be."""
+
+    retry_after_s: float
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    """A caller in a queue. Mutable handle shared with the engine; `result` is set once."""
+
+    seq: int
+    request: AcquireRequest
+    queue: QueueKey
+    amounts: tuple[int, int, int]
+    enqueued_at: float
+    deadline: float
+    result: Granted | Rejected | None = None
+
+
+class Ledger:
+    def __init__(self, config: Config, now: float) -> None:
+        self._config = config
+        self._buckets: dict[BucketKey, Bucket] = {}
+        self._open: dict[str, Reservation] = {}
+        self._settled: dict[str, Reservation] = {}
+        self._settled_order: deque[tuple[float, str]] = deque()
+        self._by_request: dict[tuple[str, str], Reservation | Waiter] = {}
+        self._queues: dict[QueueKey, deque[Waiter]] = {}
+        self._pauses: dict[tuple[str, str], float] = {}
+        self._leases: list[tuple[float, str]] = []  # (expires_at, id), lazily pruned
+        self._deadlines: list[tuple[float, int, Waiter]] = []  # lazily pruned
+        self._retries: list[tuple[float, QueueKey]] = []  # when a blocked head may fit
+        self._retry_at: dict[QueueKey, float] = {}
+        self._seq = 0
+        self._changes: list[Change] = []
+        self._dirty: set[BucketKey] = set()
+        self._ended: list[Waiter] = []
+        self._next_sweep = now + config.settings.idle_sweep_interval_s
+        self._sweep_keys: list[BucketKey] = []
+        self._overload_events: dict[str, deque[float]] = {}
+        self._overloaded: dict[str, float] = {}
+        self._learned: dict[BucketKey, Limits] = {}  # capacities learned from the provider
+
+    # ---- outboxes -------------------------------------------------------------------------
+
+    def take_changes(self) -> list[Change]:
+        """What changed since the last call, for the journal; bucket levels deduplicated."""
+        changes = self._changes
+        if self._dirty:
+            for key in self._dirty:
+                b = self._buckets.get(key)
+                if b is not None:
+                    changes.append(b.snapshot())
+            self._dirty = set()
+        self._changes = []
+        return changes
+
+    def take_ended(self) -> list[Waiter]:
+        ended, self._ended = self._ended, []
+        return ended
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    # ---- acquire ----------------------------------------------------------------------------
+
+    def acquire(
+        self, req: AcquireRequest, now: float, deadline: float
+    ) -> Granted | Waiter | Rejected:
+        """Grant now, queue until `deadline`, or reject. Raises LedgerError for bad requests.
+
+        A repeated request_id returns the original grant (Granted.replayed) or the same
+        Waiter, whose deadline becomes the new caller's: the engine moves the wait to it.
+        """
+        rid_key = (req.scope, req.request_id) if req.request_id else None
+        if rid_key is not None and (prior := self._by_request.get(rid_key)) is not None:
+            return self._repeat(prior, req, now, deadline)
+
+        keys, limits = self._plan(req)
+        amounts = (1, req.input_tokens, req.max_output_tokens)
+        buckets = [self._bucket(k, lim, now) for k, lim in zip(keys, limits, strict=True)]
+        for b in buckets:
+            if (over := b.exceeds_capacity(amounts)) is not None:
+                name, cap = over
+                raise NeverFits(b.key, name, cap, amounts[RATE_DIMS.index(name)])
+        paused = self._paused_until(req.scope, req.model, now)
+        free = not paused and not any(b.queues for b in buckets)
+        if free and all(b.fits(amounts) for b in buckets):
+            return Granted(self._grant(req, keys, buckets, amounts, now, now))
+
+        queue = self._queues.get(keys)
+        if queue is not None and len(queue) >= self._config.settings.max_waiters_per_queue:
+            raise QueueFull(len(queue), self._estimate(None, keys, amounts, now))
+        self._seq += 1
+        w = Waiter(self._seq, req, keys, amounts, now, deadline)
+        self._enqueue(w)
+        if rid_key is not None:
+            self._by_request[rid_key] = w
+        self._drain(buckets, now)
+        if isinstance(w.result, Granted):
+            self._ended.remove(w)
+            return w.result
+        if deadline <= now:  # try once: it did not fit, so it leaves at once
+            rejected = Rejected(self._estimate(w, keys, amounts, now))
+            self._end(w, rejected, now)
+            self._ended.remove(w)
+            return rejected
+        return w
+
+    def _repeat(
+        self, prior: Reservation | Waiter, req: AcquireRequest, now: float, deadline: float
+    ) -> Granted | Waiter:
+        if isinstance(prior, Waiter):
+            if prior.request != replace(req, lease_s=prior.request.lease_s):
+                raise InvalidRequest("request_id", "already used for a different request")
+            prior.deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, prior.seq, prior))
+            return prior
+        if not prior.same_request(req):
+            raise InvalidRequest("request_id", "already used for a different request")
+        return Granted(prior, replayed=True)
+
+    def cancel_wait(self, w: Waiter, now: float) -> None:
+        """The caller went away: leave the queue at once, holding nothing."""
+        if w.result is not None:
+            return
+        self._end(w, Rejected(0.0), now)
+        self._ended.remove(w)
+
+    # ---- settle ------------------------------------------------------------------------------
+
+    def report(
+        self,
+        reservation_id: str,
+        actual_input: int,
+        actual_output: int,
+        outcome: Outcome,
+        retry_after_s: float,
+        now: float,
+    ) -> tuple[Reservation, bool]:
+        """Settle with actual usage: refund what was not used, charge an overrun as debt.
+
+        Returns (the settled reservation, replayed). A 429 (RATE_LIMITED) with a retry-after
+        pauses every grant on its scope x model until then.
+        """
+        r = self._open.get(reservation_id)
+        if r is None:
+            return self._settled_again(reservation_id, State.REPORTED, "report"), True
+        d_in = r.reserved.input_tokens - actual_input
+        d_out = r.reserved.output_tokens - actual_output
+        settlement = Settlement(
+            State.REPORTED,
+            now,
+            refunded=Amounts(0, max(0, d_in), max(0, d_out)),
+            overrun=Amounts(0, max(0, -d_in), max(0, -d_out)),
+            outcome=outcome,
+        )
+        if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
+            self._pause(r.scope, r.model, now + retry_after_s)
+        elif outcome is Outcome.OVERLOADED:
+            self._note_overload(r.model, now)
+        return self._settle(r, settlement, (0.0, float(d_in), float(d_out)), now), False
+
+    def release(self, reservation_id: str, now: float) -> tuple[Reservation, bool]:
+        """The provider call never happened: refund everything."""
+        r = self._open.get(reservation_id)
+        if r is None:
+            return self._settled_again(reservation_id, State.RELEASED, "release"), True
+        settlement = Settlement(State.RELEASED, now, refunded=r.reserved)
+        refund = tuple(float(x) for x in amounts_tuple(r.reserved))
+        return self._settle(r, settlement, refund, now), False  # type: ignore[arg-type]
+
+    def keep_alive(self, reservation_id: str, lease_s: float | None, now: float) -> Reservation:
+        r = self._open.get(reservation_id)
+        if r is None:
+            raise self._not_open(reservation_id, "keep alive")
+        lease = lease_s if lease_s is not None else self._config.settings.default_lease_s
+        r = replace(r, expires_at=now + lease)
+        self._open[r.id] = r
+        self._index_request(r)
+        heapq.heappush(self._leases, (r.expires_at, r.id))
+        self._changes.append(LeaseExtended(r.id, r.expires_at))
+        return r
+
+    def _settled_again(self, reservation_id: str, state: State, verb: str) -> Reservation:
+        r = self._settled.get(reservation_id)
+        if r is None:
+            raise NotFound(reservation_id)
+        if r.state is not state:
+            raise AlreadySettled(r, verb)
+        return r
+
+    def _not_open(self, reservation_id: str, verb: str) -> Exception:
+        r = self._settled.get(reservation_id)
+        return AlreadySettled(r, verb) if r is not None else NotFound(reservation_id)
+
+    def _settle(
+        self,
+        r: Reservation,
+        settlement: Settlement,
+        give: tuple[float, float, float],
+        now: float,
+    ) -> Reservation:
+        del self._open[r.id]
+        settled = r.settled(settlement)
+        self._remember(settled)
+        self._changes.append(ReservationSettled(r.id, settlement))
+        touched = []
+        for key in r.buckets:
+            b = self._buckets.get(key)
+            if b is None:  # only after a config change removed its limits
+                continue
+            b.refill(now)
+            b.give(give)
+            b.in_flight -= 1
+            self._dirty.add(key)
+            touched.append(b)
+        self._drain(touched, now)
+        return settled
+
+    def _remember(self, settled: Reservation) -> None:
+        assert settled.settlement is not None
+        self._settled[settled.id] = settled
+        self._settled_order.append((settled.settlement.settled_at, settled.id))
+        self._index_request(settled)
+
+    def _index_request(self, r: Reservation) -> None:
+        if r.request_id:
+            self._by_request[(r.scope, r.request_id)] = r
+
+    # ---- time ---------------------------------------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Do what is due by `now`: time out waiters, expire leases, wake waiters whose
+        buckets refilled, forget old settlements, drop idle buckets."""
+        touched: dict[BucketKey, Bucket] = {}
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, w = heapq.heappop(self._deadlines)
+            if w.result is None and w.deadline == deadline:
+                self._end(w, Rejected(self._estimate(w, w.queue, w.amounts, now)), now)
+        while self._leases and self._leases[0][0] <= now:
+            expires_at, rid = heapq.heappop(self._leases)
+            r = self._open.get(rid)
+            if r is not None and r.expires_at == expires_at:
+                # Orphaned: the provider most likely did the work, so nothing is refunded.
+                self._settle(r, Settlement(State.EXPIRED, now), (0.0, 0.0, 0.0), now)
+        while self._retries and self._retries[0][0] <= now:
+            at, qkey = heapq.heappop(self._retries)
+            if self._retry_at.get(qkey) == at:
+                del self._retry_at[qkey]
+                for k in qkey:
+                    if (b := self._buckets.get(k)) is not None:
+                        touched[k] = b
+        if touched:
+            self._drain(touched.values(), now)
+        self._forget_settled(now)
+        if now >= self._next_sweep:
+            self._sweep_idle(now)
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time advance() has something to do (may be early, never late)."""
+        times = [h[0][0] for h in (self._deadlines, self._leases, self._retries) if h]
+        if self._settled_order:
+            times.append(self._settled_order[0][0] + self._config.settings.settlement_retention_s)
+        if self._buckets:
+            times.append(self._next_sweep)
+        return min(times) if times else None
+
+    def _forget_settled(self, now: float) -> None:
+        s = self._config.settings
+        horizon = now - s.settlement_retention_s
+        order, forgotten = self._settled_order, []
+        last = 0.0
+        while order and (order[0][0] <= horizon or len(self._settled) > s.max_settlements):
+            last, rid = order.popleft()
+            r = self._settled.pop(rid, None)
+            if r is None:
+                continue
+            forgotten.append(rid)
+            if r.request_id and self._by_request.get((r.scope, r.request_id)) is r:
+                del self._by_request[(r.scope, r.request_id)]
+        if forgotten:
+            self._changes.append(SettlementsForgotten(last, tuple(forgotten)))
+
+    def _sweep_idle(self, now: float) -> None:
+        """Drop buckets that are full and idle: they carry no information. In chunks."""
+        if not self._sweep_keys:
+            self._sweep_keys = list(self._buckets)
+        chunk, self._sweep_keys = self._sweep_keys[:SWEEP_CHUNK], self._sweep_keys[SWEEP_CHUNK:]
+        for key in chunk:
+            b = self._buckets.get(key)
+            if b is None:
+                continue
+            b.refill(now)
+            if b.is_idle_full():
+                del self._buckets[key]
+                self._dirty.discard(key)
+                self._changes.append(BucketDropped(key))
+        for (scope, model), until in list(self._pauses.items()):
+            if until <= now:
+                del self._pauses[(scope, model)]
+        if not self._sweep_keys:
+            self._next_sweep = now + self._config.settings.idle_sweep_interval_s
+
+    # ---- queues ---------------------------------------------------------------------------------
+
+    def _enqueue(self, w: Waiter) -> None:
+        q = self._queues.get(w.queue)
+        if q is None:
+            q = self._queues[w.queue] = deque()
+            for k in w.queue:
+                self._buckets[k].queues.add(w.queue)
+        q.append(w)
+        heapq.heappush(self._deadlines, (w.deadline, w.seq, w))
+
+    def _end(
+        self, w: Waiter, result: Granted | Rejected, now: float, redrain: bool = True
+    ) -> None:
+        """Take `w` out of its queue with its result; let the others move up (unless the
+        caller is _drain itself, which moves on to the next head anyway)."""
+        q = self._queues[w.queue]
+        was_head = q[0] is w
+        if was_head:
+            q.popleft()
+        else:
+            q.remove(w)
+        if not q:
+            del self._queues[w.queue]
+            self._retry_at.pop(w.queue, None)
+            for k in w.queue:
+                if (b := self._buckets.get(k)) is not None:
+                    b.queues.discard(w.queue)
+        w.result = result
+        self._ended.append(w)
+        req = w.request
+        if req.request_id and isinstance(result, Rejected):
+            if self._by_request.get((req.scope, req.request_id)) is w:
+                del self._by_request[(req.scope, req.request_id)]
+        if redrain and isinstance(result, Rejected) and was_head:
+            self._drain([self._buckets[k] for k in w.queue if k in self._buckets], now)
+
+    def _drain(self, buckets: Iterable[Bucket], now: float) -> None:
+        """Grant waiters on queues touching `buckets`, oldest first, while they fit."""
+        qkeys: set[QueueKey] = set()
+        for b in buckets:
+            qkeys |= b.queues
+        if not qkeys:
+            return
+        heads = [(self._queues[qk][0].seq, qk) for qk in qkeys]
+        heapq.heapify(heads)
+        claimed: set[BucketKey] = set()  # owed to an older waiter that does not fit yet
+        while heads:
+            seq, qk = heapq.heappop(heads)
+            q = self._queues.get(qk)
+            if not q or q[0].seq != seq:
+                continue
+            w = q[0]
+            if w.deadline <= now and w.deadline > w.enqueued_at:
+                # Past its deadline (a timer may not have fired yet): never grant late.
+                self._end(w, Rejected(self._estimate(w, qk, w.amounts, now)), now, redrain=False)
+            elif not claimed.isdisjoint(qk):
+                continue
+            else:
+                bs = [self._buckets[k] for k in qk]
+                for b in bs:
+                    b.refill(now)
+                paused = self._paused_until(w.request.scope, w.request.model, now)
+                lacking = [b.key for b in bs if not b.fits(w.amounts)]
+                if paused or lacking:
+                    claimed.update(lacking or qk[:1])
+                    self._plan_retry(w, bs, paused, now)
+                    continue
+                q.popleft()
+                self._retry_at.pop(qk, None)
+                w.result = Granted(self._grant(w.request, qk, bs, w.amounts, now, w.enqueued_at))
+                self._ended.append(w)
+                if not q:
+                    del self._queues[qk]
+                    for b in bs:
+                        b.queues.discard(qk)
+            q = self._queues.get(qk)
+            if q:
+                heapq.heappush(heads, (q[0].seq, qk))
+
+    def _plan_retry(self, w: Waiter, bs: list[Bucket], paused_until: float, now: float) -> None:
+        wait = max(b.seconds_until(w.amounts) for b in bs)
+        at = max(now + wait, paused_until)
+        if at <= now:  # only a concurrency slot is missing: a settlement will wake it
+            return
+        current = self._retry_at.get(w.queue)
+        if current is None or at < current or current <= now:
+            self._retry_at[w.queue] = at
+            heapq.heappush(self._retries, (at, w.queue))
+
+    def _estimate(
+        self, w: Waiter | None, keys: QueueKey, amounts: tuple[int, int, int], now: float
+    ) -> float:
+        """Seconds until this request could be granted: refill for the demand queued ahead of
+        it (and its own), or the end of a pause; a bare concurrency wait gets a short retry."""
+        seq = w.seq if w is not None else self._seq + 1
+        worst = 0.0
+        for k in keys:
+            b = self._buckets.get(k)
+            if b is None:
+                continue
+            b.refill(now)
+            demand = list(map(float, amounts))
+            ahead = 0
+            for qk in b.queues:
+                for other in self._queues.get(qk, ()):
+                    if other.seq >= seq:
+                        break
+                    ahead += 1
+                    for i in range(3):
+                        demand[i] += other.amounts[i]
+            worst = max(worst, b.seconds_until((demand[0], demand[1], demand[2])))
+            mc = b.limits.max_concurrent
+            if mc is not None and b.in_flight + ahead >= mc:
+                worst = max(worst, CONCURRENCY_RETRY_S)
+        paused = self._paused_until(keys[0].scope, keys[0].model, now)
+        return max(worst, paused - now if paused else 0.0)
+
+    # ---- grants and buckets ----------------------------------------------------------------
+
+    def _grant(
+        self,
+        req: AcquireRequest,
+        keys: QueueKey,
+        buckets: list[Bucket],
+        amounts: tuple[int, int, int],
+        now: float,
+        since: float,
+    ) -> Reservation:
+        for b in buckets:
+            b.take(amounts)
+            self._dirty.add(b.key)
+        lease = req.lease_s if req.lease_s is not None else self._config.settings.default_lease_s
+        r = Reservation(
+            id=os.urandom(16).hex(),
+            scope=req.scope,
+            model=req.model,
+            user=req.user,
+            request_id=req.request_id,
+            reserved=Amounts(*amounts),
+            buckets=keys,
+            granted_at=now,
+            expires_at=now + lease,
+            waited_s=now - since,
+        )
+        self._open[r.id] = r
+        self._index_request(r)
+        heapq.heappush(self._leases, (r.expires_at, r.id))
+        self._changes.append(ReservationOpened(r))
+        return r
+
+    def _plan(self, req: AcquireRequest) -> tuple[QueueKey, tuple[Limits, ...]]:
+        limits = self._config.limits_for(req.scope, req.model)
+        if self._learned and limits is not None:
+            limits = self._with_learned(BucketKey(req.scope, req.model), limits)
+        if limits is None:
+            raise InvalidRequest(
+                "model", f"no limits are configured for model {req.model!r} (and no default)"
+            )
+        if req.user:
+            user_limits = self._config.user_limits_for(req.scope, req.model)
+            if user_limits is not None:
+                return (
+                    (BucketKey(req.scope, req.model), BucketKey(req.scope, req.model, req.user)),
+                    (limits, user_limits),
+                )
+        return (BucketKey(req.scope, req.model),), (limits,)
+
+    def _bucket(self, key: BucketKey, limits: Limits, now: float) -> Bucket:
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = Bucket.full(key, limits, now)
+        else:
+            b.refill(now)
+        return b
+
+    def _paused_until(self, scope: str, model: str, now: float) -> float:
+        until = self._pauses.get((scope, model))
+        return until if until is not None and until > now else 0.0
+
+    def _pause(self, scope: str, model: str, until: float) -> None:
+        if until > self._pauses.get((scope, model), 0.0):
+            self._pauses[(scope, model)] = until
+            self._changes.append(PauseSet(scope, model, until))
+
+    # ---- restart and reload -------------------------------------------------------------------
+
+    def restore(self, snap: Snapshot, now: float) -> None:
+        """Rebuild from a journal's snapshot; then advance() settles leases that lapsed while
+        the daemon was down. Levels are brought forward by the refill for the downtime,
+        never above capacity (and clamped to the current config's limits)."""
+        for bl in snap.buckets:
+            limits = self._limits_for_key(bl.key)
+            if limits is None:
+                continue
+            b = Bucket.full(bl.key, limits, bl.as_of)
+            for i, level in enumerate((bl.requests, bl.input_tokens, bl.output_tokens)):
+                if level is not None and b.caps[i] is not None:
+                    b.levels[i] = min(level, float(b.caps[i]))  # type: ignore[arg-type]
+            b.refill(now)
+            self._buckets[bl.key] = b
+        for r in sorted(snap.reservations, key=lambda r: r.granted_at):
+            if r.settlement is not None:
+                self._remember(r)
+                continue
+            self._open[r.id] = r
+            self._index_request(r)
+            heapq.heappush(self._leases, (r.expires_at, r.id))
+            for key in r.buckets:
+                held = self._buckets.get(key)
+                if held is None:
+                    limits = self._limits_for_key(key)
+                    if limits is None:
+                        continue
+                    held = self._buckets[key] = Bucket.full(key, limits, now)
+                held.in_flight += 1
+        order = sorted(self._settled_order)
+        self._settled_order = deque(order)
+        for p in snap.pauses:
+            if p.until > now:
+                self._pauses[(p.scope, p.model)] = p.until
+
+    def set_config(self, config: Config, now: float) -> None:
+        """Apply new limits, keeping levels and reservations (hot reload)."""
+        self._config = config
+        for b in self._buckets.values():
+            limits = self._limits_for_key(b.key)
+            if limits is not None:
+                b.refill(now)
+                b.set_limits(limits)
+                self._dirty.add(b.key)
+        self._drain(list(self._buckets.values()), now)
+
+    def _limits_for_key(self, key: BucketKey) -> Limits | None:
+        if key.user:
+            return self._config.user_limits_for(key.scope, key.model)
+        limits = self._config.limits_for(key.scope, key.model)
+        return self._with_learned(key, limits) if limits is not None else None
+
+    def _with_learned(self, key: BucketKey, limits: Limits) -> Limits:
+        learned = self._learned.get(key)
+        return limits.merged(learned) if learned is not None else limits
+
+    # ---- overload awareness and provider sync -------------------------------------------
+
+    def _note_overload(self, model: str, now: float) -> None:
+        s = self._config.settings
+        events = self._overload_events.setdefault(model, deque())
+        events.append(now)
+        while events and (events[0] <= now - s.overload_window_s
+                          or len(events) > s.overload_threshold):
+            events.popleft()
+        if len(events) >= s.overload_threshold:
+            until = now + s.overload_cooldown_s
+            if until > self._overloaded.get(model, 0.0):
+                self._overloaded[model] = until
+
+    def overloaded_until(self, model: str, now: float) -> float:
+        """When the overload mark on `model` lifts (0.0: not marked). It lifts on its own."""
+        until = self._overloaded.get(model)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self._overloaded[model]
+            return 0.0
+        return until
+
+    def overloaded_models(self, now: float) -> dict[str, float]:
+        return {m: u for m in list(self._overloaded) if (u := self.overloaded_until(m, now))}
+
+    def sync_from_headers(
+        self, scope: str, model: str, headers: Mapping[str, str], now: float
+    ) -> list[str]:
+        """Correct the scope x model bucket from the provider's rate-limit headers.
+
+        Lowers a level when the provider says less remains than the ledger believes, by more
+        than the provider's rounding (so repeated reports do not thrash). Never raises a level;
+        raises a capacity only when config allows learning limits. Returns what it changed,
+        for the log.
+        """
+        key = BucketKey(scope, model)
+        b = self._buckets.get(key)
+        if b is None or not headers:
+            return []
+        b.refill(now)
+        notes = []
+        s = self._config.settings
+        for i, (name, tolerance) in enumerate(
+            (("requests", 1), ("input-tokens", s.sync_tolerance_tokens),
+             ("output-tokens", s.sync_tolerance_tokens))
+        ):
+            limit = _header_int(headers, f"anthropic-ratelimit-{name}-limit")
+            remaining = _header_int(headers, f"anthropic-ratelimit-{name}-remaining")
+            cap = b.caps[i]
+            if cap is None:
+                continue
+            if s.learn_limits and limit is not None and limit > cap:
+                field = LIMIT_FIELDS[i]
+                learned = self._learned.get(key, Limits())
+                self._learned[key] = learned.merged(Limits(**{field: limit}))
+                b.set_limits(b.limits.merged(Limits(**{field: limit})))
+                notes.append(f"learned {field}={limit} for {model} from the provider "
+                             f"(configured {cap})")
+            if remaining is not None and remaining + tolerance < b.levels[i]:
+                notes.append(f"lowered {name} for {model} from {b.levels[i]:.0f} to {remaining}: "
+                             "the provider reports less remaining")
+                b.levels[i] = float(remaining)
+                self._dirty.add(key)
+        return notes
+
+    def learned_fields(self, key: BucketKey) -> frozenset[str]:
+        learned = self._learned.get(key)
+        if learned is None:
+            return frozenset()
+        return frozenset(f for f in LIMIT_FIELDS if getattr(learned, f) is not None)
+
+    def wait_status(self, w: Waiter, now: float) -> tuple[int, float, int]:
+        """(position, estimated seconds, queue depth) of a waiting caller. Position 1 is
+        next in line among everyone waiting on any of its buckets."""
+        ahead = depth = 0
+        seen: set[QueueKey] = set()
+        for k in w.queue:
+            b = self._buckets.get(k)
+            if b is None:
+                continue
+            for qk in b.queues - seen:
+                seen.add(qk)
+                for other in self._queues.get(qk, ()):
+                    depth += 1
+                    ahead += other.seq < w.seq
+        return ahead + 1, self._estimate(w, w.queue, w.amounts, now), depth
+
+    # ---- inspection ---------------------------------------------------------------------------
+
+    def open_reservations(self) -> Iterator[Reservation]:
+        return iter(self._open.values())
+
+    def buckets(self, now: float) -> Iterator[Bucket]:
+        for b in self._buckets.values():
+            b.refill(now)
+            yield b
+
+    def queue_depth(self, b: Bucket) -> int:
+        return sum(len(self._queues[qk]) for qk in b.queues)
+
+    def paused_until(self, scope: str, model: str, now: float) -> float:
+        return self._paused_until(scope, model, now)
+
+    def get(self, reservation_id: str) -> Reservation | None:
+        return self._open.get(reservation_id) or self._settled.get(reservation_id)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    @property
+    def waiting_count(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        n = int(value.strip())
+    except ValueError:
+        return None
+    return n if n >= 0 else None

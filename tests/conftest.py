@@ -1,0 +1,71 @@
+"""Shared fixtures: a real daemon in-process on an ephemeral port, and real channels to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from limiterd.config.loader import parse_config
+from limiterd.config.model import Config
+from limiterd.server import RunningServer, running_server
+from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+
+# Small limits so tests reach them quickly. "tiny": 10 requests, 1000 in, 1000 out per minute.
+TEST_CONFIG_TOML = """
+[daemon]
+default_lease_ms = 60000
+max_lease_ms = 600000
+max_wait_ms = 60000
+max_waiters_per_queue = 300
+
+[models."tiny"]
+requests_per_minute = 10
+input_tokens_per_minute = 1000
+output_tokens_per_minute = 1000
+
+[models."conc"]
+requests_per_minute = 1000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 1000000
+max_concurrent = 2
+
+[models."claude-*"]
+requests_per_minute = 1000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 200000
+
+[user_limits."tiny"]
+requests_per_minute = 3
+
+[[scopes]]
+scope = "team-a-hash"
+alias = "team-a"
+"""
+
+
+def make_test_config() -> Config:
+    return parse_config(TEST_CONFIG_TOML, "<tests>")
+
+
+@pytest.fixture
+async def daemon() -> AsyncIterator[RunningServer]:
+    async with running_server(config=make_test_config()) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def channel(daemon: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(daemon.target) as ch:
+        yield ch
+
+
+@pytest.fixture
+def limiter(channel: grpc.aio.Channel) -> pb_grpc.LimiterStub:
+    return pb_grpc.LimiterStub(channel)
+
+
+@pytest.fixture
+def admin(channel: grpc.aio.Channel) -> pb_grpc.AdminStub:
+    return pb_grpc.AdminStub(channel)

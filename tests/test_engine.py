@@ -1,0 +1,140 @@
+"""The engine on a fake clock: waits, timeouts, lease expiry and cancellation, no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from limiterd.clock import FakeClock
+from limiterd.engine import Engine, Superseded
+from limiterd.ledger.ledger import Granted, Rejected
+from limiterd.ledger.model import AcquireRequest, Outcome, State
+from limiterd.storage.memory import MemoryJournal
+from tests.conftest import make_test_config
+
+
+@pytest.fixture
+async def engine_clock() -> AsyncIterator[tuple[Engine, FakeClock]]:
+    clock = FakeClock()
+    engine = Engine(make_test_config(), MemoryJournal(), clock)
+    await engine.start()
+    yield engine, clock
+    await engine.stop()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def req(tokens: int, request_id: str = "", lease_s: float | None = None) -> AcquireRequest:
+    return AcquireRequest("s", "tiny", "", tokens, 0, request_id=request_id, lease_s=lease_s)
+
+
+async def test_waiter_granted_exactly_when_refill_allows(
+    engine_clock: tuple[Engine, FakeClock],
+) -> None:
+    engine, clock = engine_clock
+    assert isinstance(await engine.acquire(req(1000), 0), Granted)
+    task = asyncio.create_task(engine.acquire(req(100), 60))
+    await settle()
+    clock.advance(5.9)  # 100 tokens at 1000/min take 6 s
+    await settle()
+    assert not task.done()
+    clock.advance(0.11)
+    await settle()
+    result = task.result()
+    assert isinstance(result, Granted)
+    assert result.reservation.waited_s == pytest.approx(6.0, abs=0.02)
+
+
+async def test_waiter_times_out_at_its_deadline(engine_clock: tuple[Engine, FakeClock]) -> None:
+    engine, clock = engine_clock
+    await engine.acquire(req(1000), 0)
+    task = asyncio.create_task(engine.acquire(req(100), 2))
+    await settle()
+    clock.advance(1.99)
+    await settle()
+    assert not task.done()
+    clock.advance(0.02)
+    await settle()
+    result = task.result()
+    assert isinstance(result, Rejected)
+    assert result.retry_after_s == pytest.approx(6.0 - 2.0, abs=0.05)
+    assert engine.stats().waiting == 0
+
+
+async def test_orphaned_lease_expires_and_frees_capacity(
+    engine_clock: tuple[Engine, FakeClock],
+) -> None:
+    engine, clock = engine_clock
+    granted = await engine.acquire(AcquireRequest("s", "conc", "", 1, 1, lease_s=30), 0)
+    await engine.acquire(AcquireRequest("s", "conc", "", 1, 1, lease_s=300), 0)
+    assert isinstance(granted, Granted)
+    third = asyncio.create_task(engine.acquire(AcquireRequest("s", "conc", "", 1, 1), 120))
+    await settle()
+    clock.advance(29.9)
+    await settle()
+    assert not third.done()
+    clock.advance(0.2)  # the first lease lapses: its concurrency slot goes to the waiter
+    await settle()
+    assert isinstance(third.result(), Granted)
+    expired = engine.ledger.get(granted.reservation.id)
+    assert expired is not None and expired.state is State.EXPIRED
+    assert expired.settlement is not None and expired.settlement.refunded.input_tokens == 0
+
+
+async def test_cancelled_waiter_leaves_the_queue(engine_clock: tuple[Engine, FakeClock]) -> None:
+    engine, clock = engine_clock
+    await engine.acquire(req(1000), 0)
+    first = asyncio.create_task(engine.acquire(req(500), 60))
+    second = asyncio.create_task(engine.acquire(req(100), 60))
+    await settle()
+    assert engine.stats().waiting == 2
+    first.cancel()
+    await settle()
+    assert engine.stats().waiting == 1
+    clock.advance(6.01)  # enough for the second alone, not for the cancelled first
+    await settle()
+    assert isinstance(second.result(), Granted)
+    assert engine.stats().open_reservations == 2
+
+
+async def test_retry_with_same_request_id_takes_over_the_wait(
+    engine_clock: tuple[Engine, FakeClock],
+) -> None:
+    engine, clock = engine_clock
+    await engine.acquire(req(1000), 0)
+    first = asyncio.create_task(engine.acquire(req(100, request_id="r1"), 60))
+    await settle()
+    second = asyncio.create_task(engine.acquire(req(100, request_id="r1"), 60))
+    await settle()
+    with pytest.raises(Superseded):
+        first.result()
+    assert engine.stats().waiting == 1
+    clock.advance(6.01)
+    await settle()
+    result = second.result()
+    assert isinstance(result, Granted)
+    replay = await engine.acquire(req(100, request_id="r1"), 0)
+    assert isinstance(replay, Granted) and replay.replayed
+    assert replay.reservation.id == result.reservation.id
+
+
+async def test_rate_limit_pause_holds_waiters_until_it_ends(
+    engine_clock: tuple[Engine, FakeClock],
+) -> None:
+    engine, clock = engine_clock
+    g = await engine.acquire(req(1), 0)
+    assert isinstance(g, Granted)
+    await engine.report(g.reservation.id, 0, 0, Outcome.RATE_LIMITED, 10.0)
+    task = asyncio.create_task(engine.acquire(req(1), 60))
+    await settle()
+    clock.advance(9.9)
+    await settle()
+    assert not task.done()
+    clock.advance(0.2)
+    await settle()
+    assert isinstance(task.result(), Granted)

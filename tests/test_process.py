@@ -1,0 +1,140 @@
+"""The daemon as a real process: startup errors, SIGTERM drain, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from tests.conftest import TEST_CONFIG_TOML
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def limiterd(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client' / 'src'}")
+    return subprocess.Popen(
+        [sys.executable, "-m", "limiterd", *args], cwd=cwd or ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_serving(target: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {proc.communicate()}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.05)
+    raise AssertionError("daemon did not become healthy")
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    p = tmp_path / "limiterd.toml"
+    p.write_text(TEST_CONFIG_TOML)
+    return p
+
+
+@pytest.fixture
+def daemon_proc(tmp_path: Path, config_file: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    target = f"127.0.0.1:{free_port()}"
+    proc = limiterd("serve", "--listen", target, "--config", str(config_file),
+                    "--db", ":memory:", "--grace", "5")
+    try:
+        wait_serving(target, proc)
+        yield proc, target
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sigterm_lets_in_flight_calls_finish_and_exits_zero(
+    daemon_proc: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, target = daemon_proc
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.LimiterStub(ch)
+        stub.Acquire(pb.AcquireRequest(scope="s", model="tiny", input_tokens=1000))
+        waiting = stub.Acquire.future(pb.AcquireRequest(
+            scope="s", model="tiny", input_tokens=100, max_wait_ms=1500))
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        # The waiting call is not cut off: it runs to its own deadline and gets its answer.
+        with pytest.raises(grpc.RpcError) as err:
+            waiting.result(timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    out, errs = proc.communicate(timeout=10)
+    assert proc.returncode == 0, errs
+    assert "stopped cleanly" in errs
+
+
+def test_invalid_config_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models."m"]\nrequests_per_minute = -1\n')
+    proc = limiterd("serve", "--config", str(bad), "--db", ":memory:",
+                    "--listen", f"127.0.0.1:{free_port()}")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert f"{bad}: models.m.requests_per_minute" in err or "requests_per_minute" in err
+    assert "Traceback" not in err
+
+
+def test_listen_address_in_use_is_one_line(
+    daemon_proc: tuple[subprocess.Popen[str], str],
+) -> None:
+    _, target = daemon_proc
+    proc = limiterd("serve", "--listen", target, "--db", ":memory:")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert f"cannot listen on {target}" in err
+    assert "Traceback" not in err
+
+
+def test_check_config(config_file: Path, tmp_path: Path) -> None:
+    ok = limiterd("check-config", str(config_file))
+    out, err = ok.communicate(timeout=30)
+    assert ok.returncode == 0, err
+    missing = limiterd("check-config", str(tmp_path / "nope.toml"))
+    out, err = missing.communicate(timeout=30)
+    assert missing.returncode == 2 and "nope.toml" in err and "Traceback" not in err
+
+
+def test_unix_socket_listen(tmp_path: Path, config_file: Path) -> None:
+    sock = tmp_path / "limiterd.sock"
+    proc = limiterd("serve", "--listen", str(sock), "--config", str(config_file),
+                    "--db", ":memory:", "--unix-socket-mode", "600")
+    try:
+        wait_serving(f"unix:{sock}", proc)
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            grant = pb_grpc.LimiterStub(ch).Acquire(
+                pb.AcquireRequest(scope="s", model="tiny", input_tokens=1))
+            assert grant.reserved_input_tokens == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    assert proc.returncode == 0
