@@ -9,14 +9,14 @@ from limiterd.server import RunningServer
 from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
-# "claude-opus-4-1" admits 2 requests a minute, so a third caller waits (limiter_wait fallback).
+# "claude-scarce-1" admits 2 requests a minute, so a third caller waits.
 CLIENT_TEST_CONFIG = """
 [daemon]
 default_lease_ms = 60000
 max_lease_ms = 600000
 max_wait_ms = 60000
 
-[models."claude-opus-4-1"]
+[models."claude-scarce-1"]
 requests_per_minute = 2
 input_tokens_per_minute = 100000
 output_tokens_per_minute = 100000

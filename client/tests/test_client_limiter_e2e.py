@@ -135,10 +135,10 @@ async def test_keepalive_extends_the_lease_before_it_ends(daemon: Daemon) -> Non
 
 async def test_busy_daemon_answers_resource_exhausted_with_retry_after(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
-        async with lim.reserve("s1", "claude-opus-4-1", input_tokens=1, max_output_tokens=1):
-            async with lim.reserve("s1", "claude-opus-4-1", input_tokens=1, max_output_tokens=1):
+        async with lim.reserve("s1", "claude-scarce-1", input_tokens=1, max_output_tokens=1):
+            async with lim.reserve("s1", "claude-scarce-1", input_tokens=1, max_output_tokens=1):
                 with pytest.raises(LimiterBusy) as info:
-                    async with lim.reserve("s1", "claude-opus-4-1", input_tokens=1,
+                    async with lim.reserve("s1", "claude-scarce-1", input_tokens=1,
                                            max_output_tokens=1, max_wait=0.05):
                         pass
                 assert info.value.retry_after_ms is not None

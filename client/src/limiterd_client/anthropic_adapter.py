@@ -127,9 +127,12 @@ class _Usage:
         self.stream = stream
         self.text = ""
         self.estimated_input = estimated_input
+        self.complete = False  # the stream ended normally: trust the provider's count
 
     def get(self) -> Usage:
         snap = self.stream._current_snapshot_or_none()
+        if self.complete and snap is not None:
+            return usage_of(snap.usage)
         seen = usage_of(snap.usage) if snap is not None else Usage(self.estimated_input, 0)
         return Usage(seen.input_tokens or self.estimated_input,
                      max(seen.output_tokens, math.ceil(len(self.text) / CHARS_PER_TOKEN)))
@@ -159,7 +162,9 @@ class _AsyncHandle:
         return _meta(self._stream.response)
 
     async def final(self) -> Message:
-        return await self._stream.get_final_message()
+        msg = await self._stream.get_final_message()
+        self._usage.complete = True
+        return msg
 
     async def close(self) -> None:
         await self._manager.__aexit__(None, None, None)
@@ -189,7 +194,9 @@ class _SyncHandle:
         return _meta(self._stream.response)
 
     def final(self) -> Message:
-        return self._stream.get_final_message()
+        msg = self._stream.get_final_message()
+        self._usage.complete = True
+        return msg
 
     def close(self) -> None:
         self._manager.__exit__(None, None, None)
