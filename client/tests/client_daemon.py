@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import grpc
 
 from limiterd.ledger.model import Reservation
@@ -45,7 +47,7 @@ class Daemon:
     async def bucket(self, model: str) -> pb.Bucket:
         buckets = (await self.admin.GetBuckets(pb.GetBucketsRequest(model=model))).buckets
         [b] = [b for b in buckets if not b.user]
-        return b
+        return cast(pb.Bucket, b)
 
     def settled(self) -> list[Reservation]:
         """Settled reservations in settle order (read from the daemon's ledger)."""

@@ -122,6 +122,7 @@ class FakeProvider:
     def base_url(self) -> str:
         assert self._server is not None, "start() the fake provider first"
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)
         return f"http://{host}:{port}"
 
     def start(self) -> FakeProvider:

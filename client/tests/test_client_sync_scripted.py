@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-import grpc_testing
+import grpc_testing  # type: ignore[import-untyped]
 import pytest
 
 from limiterd_client import (

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -57,7 +58,7 @@ class Settle:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def retry_after_ms(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
+def retry_after_ms(metadata: Iterable[tuple[str, Any]] | None) -> int | None:
     for key, value in metadata or ():
         if key == "retry-after-ms":
             try:
@@ -68,7 +69,7 @@ def retry_after_ms(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | 
 
 
 def map_status(code: grpc.StatusCode, details: str,
-               metadata: Sequence[tuple[str, str | bytes]] | None) -> LimiterError:
+               metadata: Any) -> LimiterError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return LimiterBusy(details or "limiter could not grant in time", retry_after_ms(metadata))
     if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -82,7 +83,7 @@ def map_status(code: grpc.StatusCode, details: str,
     return LimiterError(f"limiter error {code.name}: {details}")
 
 
-def outcome_for(err: ProviderError) -> int:
+def outcome_for(err: ProviderError) -> pb.Outcome:
     if err.rate_limited:
         return pb.RATE_LIMITED
     if err.overloaded:
@@ -99,12 +100,13 @@ def provider_pb(meta: ProviderMeta | None) -> pb.ProviderInfo | None:
 
 
 def exit_action(state: Settle, grant: Grant, exc: BaseException | None
-                ) -> tuple[str, int, int, int]:
+                ) -> tuple[str, pb.Outcome, int, int]:
     """How to settle a reservation left open at the end of its block:
     ("release", ...) when the call never started, else ("report", outcome, in, out)."""
     if exc is not None and not state.called:
-        return "release", 0, 0, 0
+        return "release", pb.OUTCOME_UNSPECIFIED, 0, 0
     in_tok, out_tok = state.usage or (grant.input_tokens, grant.output_tokens)
+    outcome: pb.Outcome
     if exc is None:
         outcome = pb.OK
     elif isinstance(exc, ProviderError):

@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import (
     ProviderError,
@@ -162,7 +162,7 @@ class _AsyncHandle:
         return _meta(self._stream.response)
 
     async def final(self) -> Message:
-        msg = await self._stream.get_final_message()
+        msg = cast("Message", await self._stream.get_final_message())
         self._usage.complete = True
         return msg
 
@@ -194,7 +194,7 @@ class _SyncHandle:
         return _meta(self._stream.response)
 
     def final(self) -> Message:
-        msg = self._stream.get_final_message()
+        msg = cast("Message", self._stream.get_final_message())
         self._usage.complete = True
         return msg
 

@@ -203,7 +203,7 @@ async def choose(planner: Planner, reason: str, err: ProviderError | LimiterBusy
     answer = planner.fallback.ask(proposal)
     if inspect.isawaitable(answer):
         answer = await answer
-    return planner.check_choice(proposal, answer)  # type: ignore[arg-type]
+    return planner.check_choice(proposal, answer)
 
 
 def choose_sync(planner: Planner, reason: str, err: ProviderError | LimiterBusy) -> str | None:

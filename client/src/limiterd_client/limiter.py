@@ -250,7 +250,7 @@ class Reservation:
         self._state.usage = (input_tokens, output_tokens)
 
     async def report(self, actual_input_tokens: int, actual_output_tokens: int, *,
-                     outcome: int = pb.OK, retry_after_ms: int = 0,
+                     outcome: pb.Outcome = pb.OK, retry_after_ms: int = 0,
                      provider: ProviderMeta | None = None) -> pb.Settlement | None:
         """Settle with what the provider used. Returns the daemon's settlement (None when the
         grant was local)."""

@@ -59,7 +59,7 @@ class RetryPolicy:
 
     def backoff(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(max_delay, base * 2**(failures-1)))."""
-        cap = min(self.max_delay, self.base_delay * (2 ** max(0, failures - 1)))
+        cap = min(self.max_delay, self.base_delay * (2.0 ** max(0, failures - 1)))
         return self.random() * cap
 
     def delay(self, err: ProviderError, failures: int, elapsed: float) -> float | None:

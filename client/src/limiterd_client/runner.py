@@ -32,7 +32,7 @@ async def estimate_async(estimate: Estimate, params: Params) -> int:
     n = estimate(params)
     if inspect.isawaitable(n):
         n = await n
-    return int(n)  # type: ignore[arg-type]
+    return int(n)
 
 
 def _max_tokens(params: Params) -> int:

@@ -93,14 +93,13 @@ class SyncLimiter:
             try:
                 return rpc(request, timeout=timeout)
             except grpc.RpcError as e:
-                code = e.code()  # type: ignore[attr-defined]
+                code = e.code()
                 if code in TRANSIENT and attempt < self.transport_attempts:
                     if method == "Acquire":
                         self.counters.acquire_retries += 1
                     self.sleep(self.transport_backoff * 2 ** (attempt - 1))
                     continue
-                raise map_status(code, e.details() or "",  # type: ignore[attr-defined]
-                                 e.trailing_metadata()) from e  # type: ignore[attr-defined]
+                raise map_status(code, e.details() or "", e.trailing_metadata()) from e
         raise AssertionError("unreachable")
 
     def _acquire(self, r: SyncReservation) -> Grant:
@@ -232,7 +231,7 @@ class SyncReservation:
         self._state.usage = (input_tokens, output_tokens)
 
     def report(self, actual_input_tokens: int, actual_output_tokens: int, *,
-               outcome: int = pb.OK, retry_after_ms: int = 0,
+               outcome: pb.Outcome = pb.OK, retry_after_ms: int = 0,
                provider: ProviderMeta | None = None) -> pb.Settlement | None:
         if self.grant is None:
             raise RuntimeError("report: the reservation was not acquired")
