@@ -193,8 +193,10 @@ class _Handler(BaseHTTPRequestHandler):
         rec.reply = reply
         if reply.delay:
             time.sleep(reply.delay)
-        headers = [("request-id", f"req_{uuid.uuid4().hex[:16]}"), *ratelimit_headers(),
-                   *reply.headers]
+        own = {k.lower() for k, _ in reply.headers}  # scripted headers replace the defaults
+        headers = [(k, v) for k, v in [("request-id", f"req_{uuid.uuid4().hex[:16]}"),
+                                       *ratelimit_headers()] if k not in own]
+        headers += list(reply.headers)
         if reply.kind == "status":
             self._json(reply.status, {"type": "error", "error": {
                 "type": reply.error_type, "message": reply.error_message}}, headers)

@@ -9,9 +9,12 @@ import math
 from typing import Any
 
 import anthropic
+import grpc
+import grpc.aio
 import pytest
 from client_daemon import Daemon
 from fake_provider import FakeProvider, Reply
+from wire import Recorder
 
 from limiterd.ledger.model import Outcome, State
 from limiterd_client import (
@@ -30,6 +33,7 @@ from limiterd_client import (
     SyncLimiter,
     estimate_chars,
 )
+from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 
 OPUS, SONNET, HAIKU = "claude-opus-4-1", "claude-sonnet-4-6", "claude-haiku-4-5"
 CHAIN = (OPUS, SONNET, HAIKU)
@@ -64,9 +68,15 @@ def outcomes(daemon: Daemon) -> list[tuple[str, Outcome | None]]:
 
 
 @pytest.fixture
-async def lim(daemon: Daemon) -> Any:
-    async with Limiter(daemon.target) as limiter:
-        yield limiter
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def lim(daemon: Daemon, rec: Recorder) -> Any:
+    """A Limiter on a real channel to the real daemon; `rec` sees every request sent."""
+    async with grpc.aio.insecure_channel(daemon.target, interceptors=[rec]) as channel:
+        yield Limiter(channel=channel)
 
 
 CLIENTS: list[anthropic.AsyncAnthropic] = []
@@ -122,7 +132,7 @@ async def test_create_reserves_reports_usage_and_turns_sdk_retries_off(
 
 
 async def test_429_retry_after_is_honoured_and_pauses_the_scope_on_the_daemon(
-        daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
+        daemon: Daemon, provider: FakeProvider, lim: Limiter, rec: Recorder) -> None:
     paused: list[int] = []
 
     class Watching(FakeTime):
@@ -138,6 +148,19 @@ async def test_429_retry_after_is_honoured_and_pauses_the_scope_on_the_daemon(
     assert outcomes(daemon) == [(SONNET, Outcome.RATE_LIMITED), (SONNET, Outcome.OK)]
     # while the client backed off, the daemon held every caller of this scope x model
     assert len(paused) == 1 and paused[0] > 0
+    first = rec.of("Report")[0]
+    assert (first.outcome, first.retry_after_ms) == (pb.RATE_LIMITED, 1000)
+    assert first.provider.http_status == 429 and first.provider.headers["retry-after"] == "1"
+    assert first.provider.error_type == "rate_limit_error"
+
+
+async def test_ratelimit_headers_reach_the_daemon_and_correct_its_bucket(
+        daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
+    provider.script(SONNET, Reply.ok(headers=(("anthropic-ratelimit-requests-remaining", "4"),
+                                              ("anthropic-ratelimit-requests-limit", "1000"))))
+    await adapter(provider, lim, FakeTime()).create(model=SONNET, **MSG)
+    dims = {d.name: d for d in (await daemon.bucket(SONNET)).dimensions}
+    assert dims["requests"].capacity == 1000 and dims["requests"].level < 10
 
 
 async def test_5xx_then_connection_reset_are_retried(
@@ -163,7 +186,7 @@ async def test_non_retryable_400_is_raised_at_once(
 
 
 async def test_overloaded_falls_back_with_per_model_adjustment(
-        daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
+        daemon: Daemon, provider: FakeProvider, lim: Limiter, rec: Recorder) -> None:
     ft = FakeTime()
     provider.script(OPUS, Reply.overloaded(), Reply.overloaded())
     fb = FallbackPolicy(CHAIN, adjust={SONNET: lambda p: {**p, "max_tokens": 32}})
@@ -176,6 +199,15 @@ async def test_overloaded_falls_back_with_per_model_adjustment(
                                 (SONNET, Outcome.OK)]
     assert daemon.settled()[-1].reserved.output_tokens == 32  # its own model's bucket
     assert lim.counters.fallbacks == 1
+    reports = rec.of("Report")
+    assert [r.outcome for r in reports] == [pb.OVERLOADED, pb.OVERLOADED, pb.OK]
+    assert [r.provider.fell_back for r in reports] == [False, True, False]
+    p = reports[1].provider
+    assert (p.http_status, p.error_type) == (529, "overloaded_error")
+    assert p.request_id.startswith("req_") and p.headers["request-id"] == p.request_id
+    assert "anthropic-ratelimit-requests-remaining" in p.headers
+    assert reports[2].provider.http_status == 200
+    assert "anthropic-ratelimit-tokens-reset" in reports[2].provider.headers
 
 
 async def test_rate_limited_beyond_threshold_hops_at_once(

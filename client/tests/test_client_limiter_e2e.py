@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import grpc
+import grpc.aio
 import pytest
 from client_daemon import Daemon
+from wire import LoseAnswers, Recorder
 
 from limiterd.ledger.model import Outcome, State
 from limiterd_client import (
@@ -180,3 +183,22 @@ async def test_down_daemon_fail_open_and_safe_capacity() -> None:
         with pytest.raises(LimiterBusy):
             async with lim.reserve("s1", "tiny", input_tokens=10, max_output_tokens=10):
                 pass
+
+
+async def test_lost_acquire_answer_is_retried_with_the_same_request_id_and_replayed(
+        daemon: Daemon) -> None:
+    rec = Recorder()
+    channel = grpc.aio.insecure_channel(daemon.target, interceptors=[LoseAnswers("Acquire"), rec])
+    async with channel:
+        lim = Limiter(channel=channel, transport_backoff=0.001)
+        async with lim.reserve("s1", "tiny", input_tokens=10, max_output_tokens=10) as r:
+            assert r.grant is not None and r.grant.replayed
+            # the daemon holds exactly one reservation for the two Acquires
+            [lease] = await daemon.open_leases()
+            assert lease.reservation_id == r.reservation_id and lease.request_id == r.request_id
+            r.mark_called()
+            await r.report(10, 10)
+        sent = rec.of("Acquire")
+        assert len(sent) == 2 and sent[0].request_id == sent[1].request_id == r.request_id
+    assert lim.counters.acquire_retries == 1
+    assert len(daemon.settled()) == 1
