@@ -133,7 +133,8 @@ class FakeProvider:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True,
                                         name="fake-provider")
         self._thread.start()
         return self
@@ -174,6 +175,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        try:
+            self._post()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away (e.g. its timeout): fine
+
+    def _post(self) -> None:
         length = int(self.headers.get("content-length", "0"))
         try:
             body = json.loads(self.rfile.read(length) or b"{}")

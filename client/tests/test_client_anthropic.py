@@ -31,7 +31,9 @@ from limiterd_client import (
     ProviderError,
     RetryPolicy,
     SyncLimiter,
+    count_tokens_estimator,
     estimate_chars,
+    scope_for_api_key,
 )
 from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 
@@ -390,3 +392,53 @@ async def test_sync_adapter_create_fallback_and_stream(
 async def test_stream_param_on_create_is_refused(provider: FakeProvider, lim: Limiter) -> None:
     with pytest.raises(ValueError, match="stream"):
         await adapter(provider, lim, FakeTime()).create(model=SONNET, stream=True, **MSG)
+
+
+async def test_sdk_timeout_maps_to_a_timeout_and_hops(
+        daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
+    ft = FakeTime()
+    provider.script(OPUS, Reply.ok(delay=2.0))
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=provider.base_url,
+                                      timeout=0.2)
+    CLIENTS.append(client)
+    ad = AsyncAnthropicAdapter(client, lim, retry=policy(ft), fallback=FallbackPolicy(CHAIN))
+    result = await ad.create(model=OPUS, **MSG)
+    assert result.path == (Hop(OPUS, SONNET, "timeout"),)
+    assert outcomes(daemon) == [(OPUS, Outcome.ERROR), (SONNET, Outcome.OK)]
+
+
+async def test_connection_refused_is_retried_then_raised(
+        daemon: Daemon, lim: Limiter) -> None:
+    ft = FakeTime()
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url="http://127.0.0.1:1")
+    CLIENTS.append(client)
+    ad = AsyncAnthropicAdapter(client, lim, retry=policy(ft))
+    with pytest.raises(ProviderError) as info:
+        await ad.create(model=SONNET, **MSG)
+    assert info.value.status is None and info.value.code == "connection_error"
+    assert info.value.retryable and len(ft.sleeps) == 2  # interactive: 2 retries
+    assert [o for _, o in outcomes(daemon)] == [Outcome.ERROR] * 3
+
+
+async def test_count_tokens_estimator_reserves_the_api_count(
+        daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=provider.base_url)
+    CLIENTS.append(client)
+    ad = AsyncAnthropicAdapter(client, lim, retry=policy(FakeTime()),
+                               estimator=count_tokens_estimator(client))
+    await ad.create(model=SONNET, system="be brief", **MSG)
+    counted = [r for r in provider.requests if r.path == "/v1/messages/count_tokens"]
+    assert len(counted) == 1 and counted[0].body["system"] == "be brief"
+    [res] = daemon.settled()
+    body = counted[0].body
+    expected = math.ceil(len(json.dumps([body.get("system"), body.get("messages"),
+                                         body.get("tools")])) / 4)  # the fake's count
+    assert res.reserved.input_tokens == expected
+
+
+def test_scope_defaults_to_the_keyed_hash_of_the_api_key(provider: FakeProvider) -> None:
+    client = anthropic.Anthropic(api_key="sk-secret", base_url=provider.base_url)
+    ad = AnthropicAdapter(client, SyncLimiter("127.0.0.1:1"), salt="team-salt")
+    assert ad.scope == scope_for_api_key("sk-secret", salt="team-salt")
+    assert "sk-secret" not in ad.scope
+    ad.limiter.close()

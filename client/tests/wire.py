@@ -10,7 +10,7 @@ import grpc
 import grpc.aio
 
 
-class Recorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class Recorder(grpc.aio.UnaryUnaryClientInterceptor):
     """Keeps every request sent, by method name (e.g. "Report")."""
 
     def __init__(self) -> None:
@@ -26,7 +26,7 @@ class Recorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return [r for m, r in self.sent if m == method]
 
 
-class LoseAnswers(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class LoseAnswers(grpc.aio.UnaryUnaryClientInterceptor):
     """Lets the daemon process the first `n` calls of `method`, then drops their answers and
     fails them with UNAVAILABLE, as a broken connection would."""
 
