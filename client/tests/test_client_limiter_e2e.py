@@ -8,10 +8,13 @@ import socket
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon
+from client_daemon import CLIENT_TEST_CONFIG, Daemon
 from wire import LoseAnswers, Recorder
 
+from limiterd.clock import FakeClock
+from limiterd.config.loader import parse_config
 from limiterd.ledger.model import Outcome, State
+from limiterd.server import running_server
 from limiterd_client import (
     FailOpen,
     Limiter,
@@ -202,3 +205,31 @@ async def test_lost_acquire_answer_is_retried_with_the_same_request_id_and_repla
         assert len(sent) == 2 and sent[0].request_id == sent[1].request_id == r.request_id
     assert lim.counters.acquire_retries == 1
     assert len(daemon.settled()) == 1
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+async def test_keepalive_keeps_a_long_call_past_its_first_lease(keepalive: bool) -> None:
+    """The daemon runs on a FakeClock; the client's keepalive sleeps are ticked by hand."""
+    clock = FakeClock()
+    config = parse_config(CLIENT_TEST_CONFIG, "<client tests>")
+    async with running_server(config=config, clock=clock) as srv:
+        sleep = ManualSleep()
+        async with Limiter(srv.target, sleep=sleep, lease_ms=1000, keepalive=keepalive) as lim:
+            async with lim.reserve("s1", "tiny", input_tokens=1, max_output_tokens=1) as r:
+                r.mark_called()
+                rid = r.reservation_id
+                clock.advance(0.6)
+                if keepalive:
+                    await sleep.tick()  # half the lease: KeepAlive -> expires at 1.6 s
+                    assert sleep.asked[0] == 0.5 and r.keepalives == 1
+                clock.advance(0.6)  # 1.2 s: past the first lease
+                await asyncio.sleep(0.05)
+                held = srv.engine.ledger.get(rid)
+                assert held is not None
+                if keepalive:
+                    assert held.settlement is None  # still open: the call goes on
+                    await r.report(1, 1)
+                else:
+                    assert held.settlement is not None
+                    assert held.settlement.state is State.EXPIRED
+        assert srv.engine.ledger.open_count == 0
