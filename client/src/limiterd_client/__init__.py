@@ -1,1 +1,50 @@
-"""limiterd's Python client."""
+"""limiterd's Python client: reserve/report around LLM provider calls, retries, fallback.
+
+The anthropic adapter imports `anthropic` only when it is used (pip install
+"limiterd-client[anthropic]").
+"""
+
+from ._core import Counters
+from .anthropic_adapter import (
+    AnthropicAdapter,
+    AsyncAnthropicAdapter,
+    count_tokens_estimator,
+    count_tokens_estimator_sync,
+    estimate_chars,
+    to_provider_error,
+)
+from .errors import (
+    LimiterBusy,
+    LimiterError,
+    LimiterInvalidArgument,
+    LimiterRejected,
+    LimiterUnavailable,
+    PartialResponseError,
+    ProviderError,
+    ProviderMeta,
+    ReservationNotFound,
+    Usage,
+    classify_http,
+    connection_error,
+    parse_retry_after_ms,
+)
+from .fallback import CallResult, FallbackPolicy, FallbackTriggers, Hop, HopProposal
+from .limiter import Limiter, Reservation
+from .local import FailClosed, FailOpen, SafeCapacity
+from .retry import RetryPolicy
+from .runner import Attempt, run_call, run_call_sync
+from .scope import scope_for_api_key
+from .streaming import StreamCall, SyncStreamCall
+from .sync import SyncLimiter, SyncReservation
+
+__all__ = [
+    "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallResult", "Counters",
+    "FailClosed", "FailOpen", "FallbackPolicy", "FallbackTriggers", "Hop", "HopProposal",
+    "Limiter", "LimiterBusy", "LimiterError", "LimiterInvalidArgument", "LimiterRejected",
+    "LimiterUnavailable", "PartialResponseError", "ProviderError", "ProviderMeta", "Reservation",
+    "ReservationNotFound", "RetryPolicy", "SafeCapacity", "StreamCall", "SyncLimiter",
+    "SyncReservation", "SyncStreamCall", "Usage", "classify_http", "connection_error",
+    "count_tokens_estimator", "count_tokens_estimator_sync", "estimate_chars",
+    "parse_retry_after_ms", "run_call", "run_call_sync", "scope_for_api_key",
+    "to_provider_error",
+]

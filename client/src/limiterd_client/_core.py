@@ -1,0 +1,133 @@
+"""Pieces shared by the async and the sync limiter: status mapping, messages, exit rules."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from ._proto.limiter.v1 import limiter_pb2 as pb
+from .errors import (
+    LimiterBusy,
+    LimiterError,
+    LimiterInvalidArgument,
+    LimiterRejected,
+    LimiterUnavailable,
+    ProviderError,
+    ProviderMeta,
+    ReservationNotFound,
+)
+
+log = logging.getLogger("limiterd_client")
+
+# A lost answer to these may still have been applied: retry with the same request_id.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass
+class Counters:
+    """What the client did on its own; visible to the app."""
+
+    acquire_retries: int = 0
+    fail_open: int = 0
+    local_grants: int = 0
+    fallbacks: int = 0
+    settle_failures: int = 0
+
+
+@dataclass(frozen=True)
+class Grant:
+    reservation_id: str
+    request_id: str
+    lease_expires_at_ms: int
+    replayed: bool
+    mode: str  # "daemon", "local" (safe capacity) or "open" (fail open)
+    input_tokens: int
+    output_tokens: int
+    lease_ms: int = 0  # how long a lease lasts, learnt at grant time (0 = unknown)
+
+
+@dataclass
+class Settle:
+    called: bool = False
+    settled: bool = False
+    usage: tuple[int, int] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def retry_after_ms(metadata: Iterable[tuple[str, Any]] | None) -> int | None:
+    for key, value in metadata or ():
+        if key == "retry-after-ms":
+            try:
+                return int(value if isinstance(value, str) else value.decode())
+            except ValueError:
+                return None
+    return None
+
+
+def map_status(code: grpc.StatusCode, details: str,
+               metadata: Any) -> LimiterError:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return LimiterBusy(details or "limiter could not grant in time", retry_after_ms(metadata))
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return LimiterRejected(details or "no bucket can ever hold this request")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return LimiterInvalidArgument(details or "invalid argument")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ReservationNotFound(details or "unknown reservation")
+    if code in TRANSIENT:
+        return LimiterUnavailable(f"limiter unavailable ({code.name}): {details}")
+    return LimiterError(f"limiter error {code.name}: {details}")
+
+
+def outcome_for(err: ProviderError) -> pb.Outcome:
+    if err.rate_limited:
+        return pb.RATE_LIMITED
+    if err.overloaded:
+        return pb.OVERLOADED
+    return pb.ERROR
+
+
+def provider_pb(meta: ProviderMeta | None) -> pb.ProviderInfo | None:
+    if meta is None:
+        return None
+    return pb.ProviderInfo(http_status=meta.http_status, error_type=meta.error_type,
+                           error_code=meta.error_code, request_id=meta.request_id,
+                           headers=dict(meta.headers), fell_back=meta.fell_back)
+
+
+def exit_action(state: Settle, grant: Grant, exc: BaseException | None
+                ) -> tuple[str, pb.Outcome, int, int]:
+    """How to settle a reservation left open at the end of its block:
+    ("release", ...) when the call never started, else ("report", outcome, in, out)."""
+    if exc is not None and not state.called:
+        return "release", pb.OUTCOME_UNSPECIFIED, 0, 0
+    in_tok, out_tok = state.usage or (grant.input_tokens, grant.output_tokens)
+    outcome: pb.Outcome
+    if exc is None:
+        outcome = pb.OK
+    elif isinstance(exc, ProviderError):
+        outcome = outcome_for(exc)
+    elif isinstance(exc, GeneratorExit | KeyboardInterrupt) or (
+            type(exc).__name__ == "CancelledError"):
+        outcome = pb.CANCELLED
+    else:
+        outcome = pb.ERROR
+    return "report", outcome, in_tok, out_tok
+
+
+def validate(scope: str, model: str, input_tokens: int, max_output_tokens: int,
+             max_wait: float) -> None:
+    if not scope:
+        raise ValueError("scope: must be non-empty")
+    if not model:
+        raise ValueError("model: must be non-empty")
+    if input_tokens < 0:
+        raise ValueError("input_tokens: must be >= 0")
+    if max_output_tokens < 0:
+        raise ValueError("max_output_tokens: must be >= 0")
+    if max_wait < 0:
+        raise ValueError("max_wait: must be >= 0")

@@ -1,0 +1,218 @@
+"""Fallback across a chain of models, and the per-call planner shared by every call loop."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from .errors import LimiterBusy, ProviderError, Usage
+from .retry import RetryPolicy
+
+T = TypeVar("T")
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FallbackTriggers:
+    """When to leave a model for the next one in the chain (None/False = never)."""
+
+    overloaded_after: int | None = 2  # this many overloaded (529) attempts on one model
+    rate_limited_beyond: float | None = 20.0  # a 429 whose Retry-After exceeds this (s)
+    limiter_wait: float | None = 5.0  # the limiter could not grant within this budget (s)
+    timeouts: bool = True  # the provider call timed out (408/504/client timeout)
+    exhausted: bool = True  # retries on a model ran out on a retryable error
+
+
+@dataclass(frozen=True)
+class HopProposal:
+    """Passed to the ask callback: it returns one of `candidates`, or None to veto."""
+
+    from_model: str
+    reason: str
+    candidates: tuple[str, ...]
+    error: ProviderError | LimiterBusy
+
+
+AskCallback = Callable[[HopProposal], "str | None | Awaitable[str | None]"]
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """An ordered chain of models, e.g. ("claude-opus-4-1", "claude-sonnet-4-5",
+    "claude-haiku-4-5"). mode="auto" hops to the next model; mode="ask" asks `ask`.
+    `adjust[model]` may rewrite the request for that model (e.g. a smaller max_tokens)."""
+
+    chain: tuple[str, ...]
+    triggers: FallbackTriggers = FallbackTriggers()
+    mode: Literal["auto", "ask"] = "auto"
+    ask: AskCallback | None = None
+    adjust: Mapping[str, Callable[[Params], Params]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.chain or any(not m for m in self.chain):
+            raise ValueError("chain: needs at least one non-empty model name")
+        if len(set(self.chain)) != len(self.chain):
+            raise ValueError("chain: model names must be unique")
+        if self.mode not in ("auto", "ask"):
+            raise ValueError("mode: must be 'auto' or 'ask'")
+        if self.mode == "ask" and self.ask is None:
+            raise ValueError("ask: required when mode='ask'")
+        unknown = set(self.adjust) - set(self.chain)
+        if unknown:
+            raise ValueError(f"adjust: models not in the chain: {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Hop:
+    from_model: str
+    to_model: str
+    reason: str  # overloaded, rate_limited, limiter_wait, timeout, exhausted
+
+
+@dataclass(frozen=True)
+class CallResult(Generic[T]):
+    """What served the call: the value, the model, the hops taken to get there."""
+
+    value: T
+    model: str
+    path: tuple[Hop, ...]
+    attempts: int
+    usage: Usage
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def models_tried(self) -> tuple[str, ...]:
+        return (self.path[0].from_model, *(h.to_model for h in self.path)) if self.path else (
+            self.model,)
+
+
+@dataclass(frozen=True)
+class Decision:
+    hop_reason: str | None  # propose a hop
+    delay: float | None  # else (or if vetoed) retry the same model after this many seconds
+
+
+class Planner:
+    """State of one logical call across attempts and hops; pure decisions, no I/O."""
+
+    def __init__(self, model: str, retry: RetryPolicy, fallback: FallbackPolicy | None) -> None:
+        if fallback is not None and model not in fallback.chain:
+            raise ValueError(f"model: {model!r} is not in the fallback chain {fallback.chain}")
+        self.retry = retry
+        self.fallback = fallback
+        self.model = model
+        self.start = retry.clock()
+        self.attempts = 0
+        self.failures = 0
+        self.overloaded = 0
+        self.path: list[Hop] = []
+
+    def elapsed(self) -> float:
+        return self.retry.clock() - self.start
+
+    def remaining(self) -> float:
+        return max(0.0, self.retry.max_elapsed - self.elapsed())
+
+    def candidates(self) -> tuple[str, ...]:
+        if self.fallback is None:
+            return ()
+        chain = self.fallback.chain
+        return chain[chain.index(self.model) + 1:]
+
+    def params_for(self, base: Params) -> Params:
+        params = {**base, "model": self.model}
+        if self.fallback is not None and self.model in self.fallback.adjust:
+            params = self.fallback.adjust[self.model](dict(params))
+            params["model"] = self.model
+        return params
+
+    def acquire_wait(self, max_wait: float) -> float:
+        """How long Acquire may wait: the fallback budget while a fallback remains."""
+        wait = max_wait
+        if self.candidates() and self.fallback and self.fallback.triggers.limiter_wait is not None:
+            wait = min(wait, self.fallback.triggers.limiter_wait)
+        return min(wait, self.remaining())
+
+    def on_error(self, err: ProviderError) -> Decision:
+        self.failures += 1
+        if err.overloaded:
+            self.overloaded += 1
+        delay = self.retry.delay(err, self.failures, self.elapsed())
+        reason = self._hop_reason(err, delay)
+        return Decision(reason, delay)
+
+    def _hop_reason(self, err: ProviderError, delay: float | None) -> str | None:
+        if not self.candidates() or self.fallback is None or self.remaining() <= 0:
+            return None
+        t = self.fallback.triggers
+        if err.overloaded and t.overloaded_after is not None and self.overloaded >= (
+                t.overloaded_after):
+            return "overloaded"
+        if (err.rate_limited and err.retryable and t.rate_limited_beyond is not None
+                and err.retry_after_ms is not None
+                and err.retry_after_ms / 1000 > t.rate_limited_beyond):
+            return "rate_limited"
+        if err.timeout and t.timeouts:
+            return "timeout"
+        if delay is None and err.retryable and t.exhausted:
+            return "exhausted"
+        return None
+
+    def on_busy(self, err: LimiterBusy) -> Decision:
+        self.failures += 1
+        reason = None
+        if (self.candidates() and self.fallback is not None
+                and self.fallback.triggers.limiter_wait is not None and self.remaining() > 0):
+            reason = "limiter_wait"
+        delay = None
+        if self.failures < self.retry.max_attempts:
+            delay = self.retry.wait_within(err.retry_after_ms, self.failures, self.elapsed())
+        return Decision(reason, delay)
+
+    def proposal(self, reason: str, err: ProviderError | LimiterBusy) -> HopProposal:
+        return HopProposal(self.model, reason, self.candidates(), err)
+
+    def auto_choice(self, proposal: HopProposal) -> str | None:
+        assert self.fallback is not None
+        return proposal.candidates[0] if self.fallback.mode == "auto" else None
+
+    def check_choice(self, proposal: HopProposal, choice: str | None) -> str | None:
+        if choice is not None and choice not in proposal.candidates:
+            raise ValueError(f"ask: returned {choice!r}, not one of {proposal.candidates}")
+        return choice
+
+    def hop(self, to_model: str, reason: str) -> None:
+        self.path.append(Hop(self.model, to_model, reason))
+        self.model = to_model
+        self.failures = 0
+        self.overloaded = 0
+
+
+async def choose(planner: Planner, reason: str, err: ProviderError | LimiterBusy) -> str | None:
+    """Auto mode picks the next model; ask mode asks the app (sync or async callback)."""
+    proposal = planner.proposal(reason, err)
+    assert planner.fallback is not None
+    if planner.fallback.mode == "auto":
+        return planner.auto_choice(proposal)
+    assert planner.fallback.ask is not None
+    answer = planner.fallback.ask(proposal)
+    if inspect.isawaitable(answer):
+        answer = await answer
+    return planner.check_choice(proposal, answer)
+
+
+def choose_sync(planner: Planner, reason: str, err: ProviderError | LimiterBusy) -> str | None:
+    proposal = planner.proposal(reason, err)
+    assert planner.fallback is not None
+    if planner.fallback.mode == "auto":
+        return planner.auto_choice(proposal)
+    assert planner.fallback.ask is not None
+    answer = planner.fallback.ask(proposal)
+    if inspect.isawaitable(answer):
+        raise TypeError("ask: the sync client needs a sync callback")
+    return planner.check_choice(proposal, answer)

@@ -1,0 +1,310 @@
+"""The async limiter: reserve before a provider call, report (or release) after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import grpc
+import grpc.aio
+
+from ._core import (
+    TRANSIENT,
+    Counters,
+    Grant,
+    Settle,
+    exit_action,
+    log,
+    map_status,
+    outcome_for,
+    provider_pb,
+    validate,
+)
+from ._proto.limiter.v1 import limiter_pb2 as pb
+from ._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from .errors import (
+    LimiterBusy,
+    LimiterRejected,
+    LimiterUnavailable,
+    ProviderError,
+    ProviderMeta,
+)
+from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+
+
+class Limiter:
+    """Client of one limiterd. Give a `target` ("127.0.0.1:50051") or your own aio `channel`.
+
+    `on_unavailable` decides what happens while the daemon cannot be reached: FailClosed()
+    (raise LimiterUnavailable), FailOpen() (counted, logged) or SafeCapacity(rpm, tpm).
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        on_unavailable: UnavailablePolicy = FAIL_CLOSED,
+        lease_ms: int = 0,
+        rpc_timeout: float = 5.0,
+        transport_attempts: int = 3,
+        transport_backoff: float = 0.05,
+        keepalive: bool = True,
+        keepalive_fraction: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if (target is None) == (channel is None):
+            raise ValueError("target/channel: give exactly one")
+        if not 0 < keepalive_fraction < 1:
+            raise ValueError("keepalive_fraction: must be in (0, 1)")
+        if transport_attempts < 1:
+            raise ValueError("transport_attempts: must be >= 1")
+        self._own_channel = channel is None
+        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target or "")
+        self._stub = pb_grpc.LimiterStub(self._channel)
+        self.on_unavailable = on_unavailable
+        self.lease_ms = lease_ms
+        self.rpc_timeout = rpc_timeout
+        self.transport_attempts = transport_attempts
+        self.transport_backoff = transport_backoff
+        self.keepalive = keepalive
+        self.keepalive_fraction = keepalive_fraction
+        self.clock = clock
+        self.sleep = sleep
+        self.counters = Counters()
+        self._local = (LocalBucket(on_unavailable, clock)
+                       if isinstance(on_unavailable, SafeCapacity) else None)
+
+    async def __aenter__(self) -> Limiter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self._channel.close()
+
+    def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
+                max_wait: float = 0.0, user: str = "", lease_ms: int | None = None
+                ) -> Reservation:
+        """A reservation to use as `async with`: Acquire on entry, settle on exit."""
+        validate(scope, model, input_tokens, max_output_tokens, max_wait)
+        return Reservation(self, scope, model, user, input_tokens, max_output_tokens, max_wait,
+                           self.lease_ms if lease_ms is None else lease_ms)
+
+    async def _call(self, method: str, request: object, timeout: float) -> object:
+        """One RPC with transport retries (same request, so idempotent on the daemon)."""
+        rpc = getattr(self._stub, method)
+        for attempt in range(1, self.transport_attempts + 1):
+            try:
+                return await rpc(request, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in TRANSIENT and attempt < self.transport_attempts:
+                    if method == "Acquire":
+                        self.counters.acquire_retries += 1
+                    await self.sleep(self.transport_backoff * 2 ** (attempt - 1))
+                    continue
+                raise map_status(e.code(), e.details() or "", e.trailing_metadata()) from e
+        raise AssertionError("unreachable")
+
+    async def _acquire(self, r: Reservation) -> Grant:
+        req = pb.AcquireRequest(scope=r.scope, model=r.model, user=r.user,
+                                input_tokens=r.input_tokens,
+                                max_output_tokens=r.max_output_tokens,
+                                max_wait_ms=round(r.max_wait * 1000), lease_ms=r.lease_ms,
+                                request_id=r.request_id)
+        try:
+            resp = await self._call("Acquire", req, r.max_wait + self.rpc_timeout)
+        except LimiterUnavailable as e:
+            return await self._unavailable(r, e)
+        assert isinstance(resp, pb.AcquireResponse)
+        return Grant(resp.reservation_id, r.request_id, resp.lease_expires_at_ms, resp.replayed,
+                     "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
+                     max(0, resp.lease_expires_at_ms - resp.granted_at_ms))
+
+    async def _unavailable(self, r: Reservation, err: LimiterUnavailable) -> Grant:
+        policy = self.on_unavailable
+        if isinstance(policy, FailOpen):
+            self.counters.fail_open += 1
+            log.warning("limiterd unreachable, failing open for %s (%s)", r.model, err)
+            return r.local_grant("open")
+        if isinstance(policy, SafeCapacity):
+            assert self._local is not None
+            deadline = self.clock() + r.max_wait
+            tokens = r.input_tokens + r.max_output_tokens
+            while True:
+                wait = self._local.try_take(tokens)
+                if wait == 0:
+                    self.counters.local_grants += 1
+                    return r.local_grant("local")
+                if math.isinf(wait):
+                    raise LimiterRejected(
+                        f"request of {tokens} tokens exceeds the local safe capacity") from err
+                if self.clock() + wait > deadline:
+                    raise LimiterBusy("local safe capacity exhausted while limiterd is down",
+                                      math.ceil(wait * 1000)) from err
+                await self.sleep(wait)
+        raise err
+
+    async def _keepalive(self, r: Reservation, grant: Grant) -> None:
+        lease_s = (r.lease_ms or grant.lease_ms) / 1000
+        if lease_s <= 0:
+            return
+        interval = lease_s * self.keepalive_fraction
+        while True:
+            await self.sleep(interval)
+            try:
+                resp = await self._call("KeepAlive", pb.KeepAliveRequest(
+                    reservation_id=grant.reservation_id, lease_ms=r.lease_ms), self.rpc_timeout)
+                assert isinstance(resp, pb.KeepAliveResponse)
+                r.lease_expires_at_ms = resp.lease_expires_at_ms
+                r.keepalives += 1
+            except Exception as e:  # keep trying: the lease may still be saved
+                log.warning("keepalive of %s failed: %s", grant.reservation_id, e)
+                interval = max(lease_s * self.keepalive_fraction / 4, 0.01)
+
+
+class Reservation:
+    """One reservation. Use `async with limiter.reserve(...) as r:`.
+
+    Call `r.mark_called()` when the provider call starts, then `await r.report(in, out)`.
+    Leaving the block early settles for you: an exception before the call -> Release; after
+    it -> Report ERROR with the best-known usage; no report -> Report of the reserved amounts.
+    """
+
+    def __init__(self, limiter: Limiter, scope: str, model: str, user: str, input_tokens: int,
+                 max_output_tokens: int, max_wait: float, lease_ms: int) -> None:
+        self._limiter = limiter
+        self.scope, self.model, self.user = scope, model, user
+        self.input_tokens, self.max_output_tokens = input_tokens, max_output_tokens
+        self.max_wait, self.lease_ms = max_wait, lease_ms
+        self.request_id = uuid.uuid4().hex
+        self.grant: Grant | None = None
+        self.lease_expires_at_ms = 0
+        self.keepalives = 0
+        self._state = Settle()
+        self._ka_task: asyncio.Task[None] | None = None
+
+    def local_grant(self, mode: str) -> Grant:
+        return Grant("", self.request_id, 0, False, mode, self.input_tokens,
+                     self.max_output_tokens)
+
+    @property
+    def reservation_id(self) -> str:
+        return self.grant.reservation_id if self.grant else ""
+
+    @property
+    def mode(self) -> str:
+        return self.grant.mode if self.grant else ""
+
+    @property
+    def settled(self) -> bool:
+        return self._state.settled
+
+    async def __aenter__(self) -> Reservation:
+        self.grant = await self._limiter._acquire(self)
+        self.lease_expires_at_ms = self.grant.lease_expires_at_ms
+        if self.grant.mode == "daemon" and self._limiter.keepalive:
+            self._ka_task = asyncio.create_task(self._limiter._keepalive(self, self.grant))
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._stop_keepalive()
+        if self._state.settled or self.grant is None:
+            return
+        action, outcome, in_tok, out_tok = exit_action(self._state, self.grant, exc)
+        try:
+            if action == "release":
+                await self.release()
+            else:
+                retry_ms = exc.retry_after_ms if isinstance(exc, ProviderError) else None
+                meta = ProviderMeta.of(exc) if isinstance(exc, ProviderError) else None
+                await self.report(in_tok, out_tok, outcome=outcome,
+                                  retry_after_ms=retry_ms or 0, provider=meta)
+        except Exception as e:
+            # The lease still expires and settles as consumed; never hide the app's error.
+            self._limiter.counters.settle_failures += 1
+            log.warning("could not settle %s: %s", self.reservation_id, e)
+
+    async def _stop_keepalive(self) -> None:
+        if self._ka_task is not None:
+            self._ka_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ka_task
+            self._ka_task = None
+
+    def mark_called(self) -> None:
+        """The provider call has started: from now on an exception reports, not releases."""
+        self._state.called = True
+
+    def record_usage(self, input_tokens: int, output_tokens: int) -> None:
+        """Best-known usage so far, reported if the block ends without an explicit report."""
+        self._state.usage = (input_tokens, output_tokens)
+
+    async def report(self, actual_input_tokens: int, actual_output_tokens: int, *,
+                     outcome: pb.Outcome = pb.OK, retry_after_ms: int = 0,
+                     provider: ProviderMeta | None = None) -> pb.Settlement | None:
+        """Settle with what the provider used. Returns the daemon's settlement (None when the
+        grant was local)."""
+        if self.grant is None:
+            raise RuntimeError("report: the reservation was not acquired")
+        if self._state.settled:
+            raise RuntimeError(f"report: reservation {self.reservation_id} already settled")
+        if actual_input_tokens < 0 or actual_output_tokens < 0:
+            raise ValueError("actual_input_tokens/actual_output_tokens: must be >= 0")
+        self._state.settled = True
+        await self._stop_keepalive()
+        if self.grant.mode != "daemon":
+            self._give_back(actual_input_tokens + actual_output_tokens)
+            return None
+        req = pb.ReportRequest(reservation_id=self.grant.reservation_id,
+                               actual_input_tokens=actual_input_tokens,
+                               actual_output_tokens=actual_output_tokens, outcome=outcome,
+                               retry_after_ms=retry_after_ms, provider=provider_pb(provider))
+        resp = await self._limiter._call("Report", req, self._limiter.rpc_timeout)
+        assert isinstance(resp, pb.ReportResponse)
+        return resp.settlement
+
+    async def report_error(self, err: ProviderError, *, fell_back: bool = False
+                           ) -> pb.Settlement | None:
+        """Report a failed attempt: RATE_LIMITED / OVERLOADED / ERROR with the provider's
+        details, so the daemon can pause the others."""
+        usage = err.usage
+        in_tok, out_tok = ((usage.input_tokens, usage.output_tokens) if usage
+                           else self._state.usage or self._reserved())
+        return await self.report(in_tok, out_tok, outcome=outcome_for(err),
+                                 retry_after_ms=err.retry_after_ms or 0,
+                                 provider=ProviderMeta.of(err, fell_back=fell_back))
+
+    def _reserved(self) -> tuple[int, int]:
+        return self.input_tokens, self.max_output_tokens
+
+    async def release(self) -> pb.Settlement | None:
+        """The provider call never happened: refund everything."""
+        if self.grant is None:
+            raise RuntimeError("release: the reservation was not acquired")
+        if self._state.settled:
+            raise RuntimeError(f"release: reservation {self.reservation_id} already settled")
+        self._state.settled = True
+        await self._stop_keepalive()
+        if self.grant.mode != "daemon":
+            self._give_back(0)
+            return None
+        resp = await self._limiter._call(
+            "Release", pb.ReleaseRequest(reservation_id=self.grant.reservation_id),
+            self._limiter.rpc_timeout)
+        assert isinstance(resp, pb.ReleaseResponse)
+        return resp.settlement
+
+    def _give_back(self, used: int) -> None:
+        bucket = self._limiter._local
+        if self.grant is not None and self.grant.mode == "local" and bucket is not None:
+            bucket.give_back(self.input_tokens + self.max_output_tokens - used)

@@ -1,0 +1,283 @@
+"""The sync limiter for scripts: same reserve/report semantics over a sync grpc channel."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+
+import grpc
+
+from ._core import (
+    TRANSIENT,
+    Counters,
+    Grant,
+    Settle,
+    exit_action,
+    log,
+    map_status,
+    outcome_for,
+    provider_pb,
+    validate,
+)
+from ._proto.limiter.v1 import limiter_pb2 as pb
+from ._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from .errors import LimiterBusy, LimiterRejected, LimiterUnavailable, ProviderError, ProviderMeta
+from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+
+
+class SyncLimiter:
+    """Blocking twin of `Limiter`. Give a `target` or a grpc `channel` (any grpc.Channel,
+    e.g. grpc_testing's)."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        on_unavailable: UnavailablePolicy = FAIL_CLOSED,
+        lease_ms: int = 0,
+        rpc_timeout: float = 5.0,
+        transport_attempts: int = 3,
+        transport_backoff: float = 0.05,
+        keepalive: bool = True,
+        keepalive_fraction: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if (target is None) == (channel is None):
+            raise ValueError("target/channel: give exactly one")
+        if not 0 < keepalive_fraction < 1:
+            raise ValueError("keepalive_fraction: must be in (0, 1)")
+        if transport_attempts < 1:
+            raise ValueError("transport_attempts: must be >= 1")
+        self._own_channel = channel is None
+        self._channel = channel if channel is not None else grpc.insecure_channel(target or "")
+        self._stub = pb_grpc.LimiterStub(self._channel)
+        self.on_unavailable = on_unavailable
+        self.lease_ms = lease_ms
+        self.rpc_timeout = rpc_timeout
+        self.transport_attempts = transport_attempts
+        self.transport_backoff = transport_backoff
+        self.keepalive = keepalive
+        self.keepalive_fraction = keepalive_fraction
+        self.clock = clock
+        self.sleep = sleep
+        self.counters = Counters()
+        self._local = (LocalBucket(on_unavailable, clock)
+                       if isinstance(on_unavailable, SafeCapacity) else None)
+
+    def __enter__(self) -> SyncLimiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
+                max_wait: float = 0.0, user: str = "", lease_ms: int | None = None
+                ) -> SyncReservation:
+        validate(scope, model, input_tokens, max_output_tokens, max_wait)
+        return SyncReservation(self, scope, model, user, input_tokens, max_output_tokens,
+                               max_wait, self.lease_ms if lease_ms is None else lease_ms)
+
+    def _call(self, method: str, request: object, timeout: float) -> object:
+        rpc = getattr(self._stub, method)
+        for attempt in range(1, self.transport_attempts + 1):
+            try:
+                return rpc(request, timeout=timeout)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in TRANSIENT and attempt < self.transport_attempts:
+                    if method == "Acquire":
+                        self.counters.acquire_retries += 1
+                    self.sleep(self.transport_backoff * 2 ** (attempt - 1))
+                    continue
+                raise map_status(code, e.details() or "", e.trailing_metadata()) from e
+        raise AssertionError("unreachable")
+
+    def _acquire(self, r: SyncReservation) -> Grant:
+        req = pb.AcquireRequest(scope=r.scope, model=r.model, user=r.user,
+                                input_tokens=r.input_tokens,
+                                max_output_tokens=r.max_output_tokens,
+                                max_wait_ms=round(r.max_wait * 1000), lease_ms=r.lease_ms,
+                                request_id=r.request_id)
+        try:
+            resp = self._call("Acquire", req, r.max_wait + self.rpc_timeout)
+        except LimiterUnavailable as e:
+            return self._unavailable(r, e)
+        assert isinstance(resp, pb.AcquireResponse)
+        return Grant(resp.reservation_id, r.request_id, resp.lease_expires_at_ms, resp.replayed,
+                     "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
+                     max(0, resp.lease_expires_at_ms - resp.granted_at_ms))
+
+    def _unavailable(self, r: SyncReservation, err: LimiterUnavailable) -> Grant:
+        policy = self.on_unavailable
+        if isinstance(policy, FailOpen):
+            self.counters.fail_open += 1
+            log.warning("limiterd unreachable, failing open for %s (%s)", r.model, err)
+            return r.local_grant("open")
+        if isinstance(policy, SafeCapacity):
+            assert self._local is not None
+            deadline = self.clock() + r.max_wait
+            tokens = r.input_tokens + r.max_output_tokens
+            while True:
+                wait = self._local.try_take(tokens)
+                if wait == 0:
+                    self.counters.local_grants += 1
+                    return r.local_grant("local")
+                if math.isinf(wait):
+                    raise LimiterRejected(
+                        f"request of {tokens} tokens exceeds the local safe capacity") from err
+                if self.clock() + wait > deadline:
+                    raise LimiterBusy("local safe capacity exhausted while limiterd is down",
+                                      math.ceil(wait * 1000)) from err
+                self.sleep(wait)
+        raise err
+
+
+class SyncReservation:
+    """Blocking twin of `Reservation`; use `with limiter.reserve(...) as r:`."""
+
+    def __init__(self, limiter: SyncLimiter, scope: str, model: str, user: str,
+                 input_tokens: int, max_output_tokens: int, max_wait: float,
+                 lease_ms: int) -> None:
+        self._limiter = limiter
+        self.scope, self.model, self.user = scope, model, user
+        self.input_tokens, self.max_output_tokens = input_tokens, max_output_tokens
+        self.max_wait, self.lease_ms = max_wait, lease_ms
+        self.request_id = uuid.uuid4().hex
+        self.grant: Grant | None = None
+        self.lease_expires_at_ms = 0
+        self.keepalives = 0
+        self._state = Settle()
+        self._stop = threading.Event()
+        self._ka: threading.Thread | None = None
+
+    def local_grant(self, mode: str) -> Grant:
+        return Grant("", self.request_id, 0, False, mode, self.input_tokens,
+                     self.max_output_tokens)
+
+    @property
+    def reservation_id(self) -> str:
+        return self.grant.reservation_id if self.grant else ""
+
+    @property
+    def mode(self) -> str:
+        return self.grant.mode if self.grant else ""
+
+    @property
+    def settled(self) -> bool:
+        return self._state.settled
+
+    def __enter__(self) -> SyncReservation:
+        self.grant = self._limiter._acquire(self)
+        self.lease_expires_at_ms = self.grant.lease_expires_at_ms
+        lease_s = (self.lease_ms or self.grant.lease_ms) / 1000
+        if self.grant.mode == "daemon" and self._limiter.keepalive and lease_s > 0:
+            self._ka = threading.Thread(target=self._keepalive, args=(lease_s,), daemon=True,
+                                        name=f"limiterd-keepalive-{self.reservation_id}")
+            self._ka.start()
+        return self
+
+    def _keepalive(self, lease_s: float) -> None:
+        interval = lease_s * self._limiter.keepalive_fraction
+        while not self._stop.wait(interval):
+            try:
+                resp = self._limiter._call("KeepAlive", pb.KeepAliveRequest(
+                    reservation_id=self.reservation_id, lease_ms=self.lease_ms),
+                    self._limiter.rpc_timeout)
+                assert isinstance(resp, pb.KeepAliveResponse)
+                self.lease_expires_at_ms = resp.lease_expires_at_ms
+                self.keepalives += 1
+            except Exception as e:
+                log.warning("keepalive of %s failed: %s", self.reservation_id, e)
+                interval = max(lease_s * self._limiter.keepalive_fraction / 4, 0.01)
+
+    def _stop_keepalive(self) -> None:
+        self._stop.set()
+        if self._ka is not None and self._ka is not threading.current_thread():
+            self._ka.join()
+            self._ka = None
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop_keepalive()
+        if self._state.settled or self.grant is None:
+            return
+        action, outcome, in_tok, out_tok = exit_action(self._state, self.grant, exc)
+        try:
+            if action == "release":
+                self.release()
+            else:
+                retry_ms = exc.retry_after_ms if isinstance(exc, ProviderError) else None
+                meta = ProviderMeta.of(exc) if isinstance(exc, ProviderError) else None
+                self.report(in_tok, out_tok, outcome=outcome, retry_after_ms=retry_ms or 0,
+                            provider=meta)
+        except Exception as e:
+            self._limiter.counters.settle_failures += 1
+            log.warning("could not settle %s: %s", self.reservation_id, e)
+
+    def mark_called(self) -> None:
+        self._state.called = True
+
+    def record_usage(self, input_tokens: int, output_tokens: int) -> None:
+        self._state.usage = (input_tokens, output_tokens)
+
+    def report(self, actual_input_tokens: int, actual_output_tokens: int, *,
+               outcome: pb.Outcome = pb.OK, retry_after_ms: int = 0,
+               provider: ProviderMeta | None = None) -> pb.Settlement | None:
+        if self.grant is None:
+            raise RuntimeError("report: the reservation was not acquired")
+        if self._state.settled:
+            raise RuntimeError(f"report: reservation {self.reservation_id} already settled")
+        if actual_input_tokens < 0 or actual_output_tokens < 0:
+            raise ValueError("actual_input_tokens/actual_output_tokens: must be >= 0")
+        self._state.settled = True
+        self._stop_keepalive()
+        if self.grant.mode != "daemon":
+            self._give_back(actual_input_tokens + actual_output_tokens)
+            return None
+        req = pb.ReportRequest(reservation_id=self.grant.reservation_id,
+                               actual_input_tokens=actual_input_tokens,
+                               actual_output_tokens=actual_output_tokens, outcome=outcome,
+                               retry_after_ms=retry_after_ms, provider=provider_pb(provider))
+        resp = self._limiter._call("Report", req, self._limiter.rpc_timeout)
+        assert isinstance(resp, pb.ReportResponse)
+        return resp.settlement
+
+    def report_error(self, err: ProviderError, *, fell_back: bool = False
+                     ) -> pb.Settlement | None:
+        usage = err.usage
+        in_tok, out_tok = ((usage.input_tokens, usage.output_tokens) if usage
+                           else self._state.usage or (self.input_tokens, self.max_output_tokens))
+        return self.report(in_tok, out_tok, outcome=outcome_for(err),
+                           retry_after_ms=err.retry_after_ms or 0,
+                           provider=ProviderMeta.of(err, fell_back=fell_back))
+
+    def release(self) -> pb.Settlement | None:
+        if self.grant is None:
+            raise RuntimeError("release: the reservation was not acquired")
+        if self._state.settled:
+            raise RuntimeError(f"release: reservation {self.reservation_id} already settled")
+        self._state.settled = True
+        self._stop_keepalive()
+        if self.grant.mode != "daemon":
+            self._give_back(0)
+            return None
+        resp = self._limiter._call(
+            "Release", pb.ReleaseRequest(reservation_id=self.grant.reservation_id),
+            self._limiter.rpc_timeout)
+        assert isinstance(resp, pb.ReleaseResponse)
+        return resp.settlement
+
+    def _give_back(self, used: int) -> None:
+        bucket = self._limiter._local
+        if self.grant is not None and self.grant.mode == "local" and bucket is not None:
+            bucket.give_back(self.input_tokens + self.max_output_tokens - used)
