@@ -121,6 +121,12 @@ class Engine:
         """Called with every batch of changes (metrics observe the ledger this way)."""
         self._listeners.append(listener)
 
+    @property
+    def _record(self) -> bool:
+        """Whether the writer has anything to do with changes. In memory mode with nobody
+        listening it has not, and waking it on every call would cost a task switch."""
+        return self.journal.durable or bool(self._listeners)
+
     # ---- calls ---------------------------------------------------------------------------------
 
     async def acquire(
@@ -300,7 +306,10 @@ class Engine:
         if ended:
             self._nudge()
         self._arm()
-        self._wake.set()
+        if self._record:
+            self._wake.set()
+        else:
+            self.ledger.discard_changes()
 
     def _nudge(self) -> None:
         """Queues moved: waiting streams recompute where they stand."""

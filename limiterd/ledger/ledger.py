@@ -119,6 +119,11 @@ class Ledger:
         self._changes = []
         return changes
 
+    def discard_changes(self) -> None:
+        """Nobody records them (in-memory mode): drop them without building snapshots."""
+        self._changes.clear()
+        self._dirty.clear()
+
     def take_ended(self) -> list[Waiter]:
         ended, self._ended = self._ended, []
         return ended
