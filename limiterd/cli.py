@@ -5,15 +5,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
+import grpc
 
 from limiterd import __version__
 from limiterd.config.loader import ConfigError, check_config
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN, ENV_PREFIX
-from limiterd.server import ListenError, ServeOptions, serve
+from limiterd.inspect import (
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    Client,
+    Target,
+    Unreachable,
+    as_json,
+    bucket_rows,
+    lease_rows,
+    table,
+    when,
+)
+from limiterd.server import ListenError, Security, ServeOptions, serve
 from limiterd.storage.base import StartupError
 from limiterd.storage.sqlite import default_db_path
+from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 
 
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
@@ -37,11 +55,27 @@ def main() -> None:
               help="Seconds in-flight calls may take to finish after SIGTERM.")
 @click.option("--unix-socket-mode", type=str, default="660",
               help="File mode (octal) of the unix socket, when listening on one.")
+@click.option("--metrics-listen", default="",
+              help="host:port to serve Prometheus /metrics on (off when empty).")
+@click.option("--admin-listen", default="",
+              help="Serve the Admin service only on this address (host:port or socket path).")
+@click.option("--admin-token", default=None,
+              help="Require this token (metadata x-limiterd-admin-token) on Admin calls.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="Server certificate (PEM): serve TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+              help="Server private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="CA (PEM) that client certificates must chain to: mutual TLS.")
+@click.option("--watch-config", "watch_config_s", type=click.FloatRange(min=0), default=2.0,
+              help="Seconds between checks of --config for changes (0: off). Follows symlink "
+                   "swaps, as a Kubernetes ConfigMap mount does.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")
 def serve_cmd(listen: str, config_path: str | None, db: str | None, synchronous: str,
-              grace_s: float,
-              unix_socket_mode: str, log_level: str) -> None:
+              grace_s: float, unix_socket_mode: str, metrics_listen: str, admin_listen: str,
+              admin_token: str | None, tls_cert: str | None, tls_key: str | None,
+              tls_client_ca: str | None, watch_config_s: float, log_level: str) -> None:
     """Run the daemon."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -51,8 +85,14 @@ def serve_cmd(listen: str, config_path: str | None, db: str | None, synchronous:
     except ValueError:
         raise click.BadParameter("must be an octal file mode such as 660",
                                  param_hint="--unix-socket-mode") from None
-    options = ServeOptions(listen=listen, config_path=config_path, db=db or str(default_db_path()),
-                           synchronous=synchronous, grace_s=grace_s, unix_socket_mode=mode)
+    options = ServeOptions(
+        listen=listen, config_path=config_path, db=db or str(default_db_path()),
+        synchronous=synchronous, grace_s=grace_s, unix_socket_mode=mode,
+        metrics_listen=metrics_listen, admin_listen=admin_listen,
+        watch_config_s=watch_config_s,
+        security=Security(tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+                          admin_token=admin_token),
+    )
     try:
         asyncio.run(serve(options))
     except ConfigError as exc:
@@ -74,3 +114,149 @@ def check_config_cmd(file: str) -> None:
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+
+
+# ---- operator commands: talk to a running daemon -----------------------------------------
+
+
+def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--target", default=DEFAULT_LISTEN,
+                     help="The daemon's address (host:port or unix socket path)."),
+        click.option("--admin-token", default=None, help="Token for Admin calls."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
+                     help="CA (PEM) to trust: connect with TLS."),
+        click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                     help="Client certificate (PEM), for mutual TLS."),
+        click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+                     help="Client private key (PEM)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _target(target: str, admin_token: str | None, tls_ca: str | None, tls_cert: str | None,
+            tls_key: str | None) -> Target:
+    return Target(target, admin_token=admin_token, tls_ca=tls_ca, tls_cert=tls_cert,
+                  tls_key=tls_key)
+
+
+@contextmanager
+def connected(target: Target) -> Iterator[Client]:
+    """A client; a daemon that does not answer or refuses is one clear line and an exit code."""
+    client = Client(target)
+    try:
+        yield client
+    except Unreachable as exc:
+        click.echo(f"limiterd: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        click.echo(f"limiterd: {code.name}: {exc.details()}", err=True)  # type: ignore[attr-defined]
+        sys.exit(EXIT_FAILED)
+    finally:
+        client.close()
+
+
+@main.command("leases")
+@target_options
+@click.option("--scope", default="", help="Scope alias or hash.")
+@click.option("--model", default="")
+@click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
+def leases_cmd(scope: str, model: str, as_json_: bool, **t: Any) -> None:
+    """Open reservations, soonest expiry first."""
+    with connected(_target(**t)) as client:
+        leases = list(client.leases(scope, model))
+        now_ms = int(time.time() * 1000)
+        rows = lease_rows(leases, now_ms)
+        click.echo(as_json(rows) if as_json_ else table(rows, "no open reservations"))
+
+
+@main.command("buckets")
+@target_options
+@click.option("--scope", default="", help="Scope alias or hash.")
+@click.option("--model", default="")
+@click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
+def buckets_cmd(scope: str, model: str, as_json_: bool, **t: Any) -> None:
+    """Bucket levels/capacities (* = learned from the provider), queues, pauses."""
+    with connected(_target(**t)) as client:
+        resp = client.buckets(scope, model)
+        if as_json_:
+            click.echo(as_json(resp))
+        else:
+            click.echo(table(bucket_rows(resp), "no buckets (idle buckets at full capacity "
+                                                "are not kept)"))
+
+
+@main.command("release")
+@target_options
+@click.argument("reservation_id")
+@click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
+def release_cmd(reservation_id: str, as_json_: bool, **t: Any) -> None:
+    """Release a reservation (refund everything), e.g. one a crashed caller left."""
+    with connected(_target(**t)) as client:
+        resp = client.call(client.limiter.Release, pb.ReleaseRequest(
+            reservation_id=reservation_id))
+        if as_json_:
+            click.echo(as_json(resp))
+        else:
+            s = resp.settlement
+            again = " (it was already released)" if resp.replayed else ""
+            click.echo(f"released {s.reservation_id}: refunded {s.refunded_requests} request, "
+                       f"{s.refunded_input_tokens} input and {s.refunded_output_tokens} output "
+                       f"tokens{again}")
+
+
+@main.command("reload")
+@target_options
+def reload_cmd(**t: Any) -> None:
+    """Make the daemon re-read its config file (as SIGHUP does)."""
+    with connected(_target(**t)) as client:
+        resp = client.call(client.admin.Reload, pb.ReloadRequest())
+        click.echo(resp.message, err=not resp.ok)
+        if not resp.ok:
+            sys.exit(EXIT_FAILED)
+
+
+@main.command("watch")
+@target_options
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=0), default=0,
+              help="Stop after this many refreshes (0: until interrupted).")
+def watch_cmd(interval: float, iterations: int, **t: Any) -> None:
+    """A live view of buckets, queues and recent grants, like top."""
+    seen: dict[str, pb.Lease] = {}
+    recent: list[str] = []
+    tty = sys.stdout.isatty()
+    with connected(_target(**t)) as client:
+        n = 0
+        try:
+            while True:
+                resp = client.buckets()
+                leases = list(client.leases())
+                for lease in leases:
+                    if lease.reservation_id not in seen:
+                        recent.append(f"{when(lease.granted_at_ms)}  "
+                                      f"{lease.scope_alias or lease.scope[:12]}  {lease.model}  "
+                                      f"in {lease.reserved_input_tokens}  "
+                                      f"out {lease.reserved_output_tokens}")
+                seen = {lease.reservation_id: lease for lease in leases}
+                recent = recent[-10:]
+                screen = [
+                    f"limiterd at {client.target.address}  {when(resp.now_ms)}  "
+                    f"open {len(leases)}  waiting {sum(b.queue_depth for b in resp.buckets)}",
+                    "",
+                    table(bucket_rows(resp), "no buckets"),
+                    "",
+                    "recent grants:",
+                    *(recent or ["(none)"]),
+                ]
+                if tty:
+                    click.echo("\x1b[H\x1b[2J", nl=False)
+                click.echo("\n".join(screen))
+                n += 1
+                if iterations and n >= iterations:
+                    return
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from limiterd.api.service import AdminService, LimiterService
 from limiterd.clock import Clock, SystemClock
-from limiterd.config.loader import ConfigError, load_config
+from limiterd.config.loader import DEFAULTS_SOURCE, ConfigError, load_config
 from limiterd.config.model import Config
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN
 from limiterd.engine import Engine
+from limiterd.metrics import Metrics
 from limiterd.storage.base import Journal
 from limiterd.storage.memory import MemoryJournal
 from limiterd.storage.sqlite import open_journal
@@ -31,14 +36,38 @@ from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 log = logging.getLogger("limiterd")
 
-SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["Limiter"].full_name,
-    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
-)
+LIMITER = pb.DESCRIPTOR.services_by_name["Limiter"].full_name
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+SERVICE_NAMES = (LIMITER, ADMIN)
+ADMIN_TOKEN_KEY = "x-limiterd-admin-token"
 
 
 class ListenError(Exception):
-    """The listen address cannot be bound."""
+    """The listen address cannot be bound, or TLS files cannot be read."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may call. TLS applies to every listener; the token guards the Admin service."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # given: clients must present a certificate it signed
+    admin_token: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if not self.tls_cert and not self.tls_key:
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ListenError("TLS needs both --tls-cert and --tls-key")
+        try:
+            key, cert = Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes()
+            ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
+        except OSError as exc:
+            raise ListenError(f"cannot read a TLS file: {exc}") from exc
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -49,7 +78,10 @@ class ServeOptions:
     synchronous: str = "NORMAL"
     grace_s: float = DEFAULT_GRACE_S
     unix_socket_mode: int = 0o660
-    extra: dict[str, str] = field(default_factory=dict)
+    metrics_listen: str = ""
+    admin_listen: str = ""  # given: the Admin service is served only there
+    watch_config_s: float = 2.0  # 0 = off; polls the config's folder (ConfigMap swaps)
+    security: Security = field(default_factory=Security)
 
 
 def grpc_address(listen: str) -> str:
@@ -59,18 +91,123 @@ def grpc_address(listen: str) -> str:
     return listen
 
 
+class Reloader:
+    """Applies a changed config; an invalid one is rejected and the old one stays."""
+
+    def __init__(self, engine: Engine, path: str | None, metrics: Metrics | None) -> None:
+        self.engine, self.path, self.metrics = engine, path, metrics
+        self._seen = self._signature()
+
+    @property
+    def source(self) -> str:
+        return self.path or DEFAULTS_SOURCE
+
+    def reload(self) -> tuple[bool, str]:
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the current config:\n%s", exc)
+            self._count("rejected")
+            return False, str(exc)
+        self.engine.set_config(config)
+        self._seen = self._signature()
+        log.info("config reloaded from %s", self.source)
+        self._count("applied")
+        return True, f"reloaded {self.source}"
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reloads.labels(result).inc()
+
+    def _signature(self) -> tuple[str, float, int] | None:
+        """What identifies the file's content. A Kubernetes ConfigMap mount swaps a symlink
+        (..data) in the folder, so resolve the path afresh each time, not the inode."""
+        if self.path is None:
+            return None
+        try:
+            real = os.path.realpath(self.path)
+            st = os.stat(real)
+        except OSError:
+            return None
+        return (real, st.st_mtime, st.st_size)
+
+    async def watch(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            sig = self._signature()
+            if sig is not None and sig != self._seen:
+                self._seen = sig
+                log.info("config file changed: reloading")
+                self.reload()
+
+
+class _AdminToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Admin calls need the token in metadata; Limiter calls pass untouched."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"admin calls need the {ADMIN_TOKEN_KEY} metadata")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith(f"/{ADMIN}/"):
+            sent = dict(details.invocation_metadata or ()).get(ADMIN_TOKEN_KEY, "")
+            if not hmac.compare_digest(str(sent).encode(), self._token):
+                return self._deny
+        return await continuation(details)
+
+
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
+    servers: list[grpc.aio.Server]
     engine: Engine
     health: health.aio.HealthServicer
     target: str
+    admin_target: str
+    metrics: Metrics | None
+    reloader: Reloader
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics_http: Any = None
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.servers[0]
 
     async def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
         """Stop accepting, let in-flight calls finish within the grace, flush the journal."""
+        for task in self.tasks:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        await asyncio.gather(*(s.stop(grace_s) for s in self.servers))
         await self.engine.stop()
+        if self.metrics_http is not None:
+            server, _thread = self.metrics_http
+            server.shutdown()
+
+
+def _bind(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> str:
+    address = grpc_address(listen)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        port = 0
+        log.debug("bind failed: %s", exc)
+    if port == 0 and not address.startswith("unix:"):
+        raise ListenError(f"cannot listen on {listen}: address in use or not available")
+    if address.startswith("unix:"):
+        return address
+    return f"{address.rsplit(':', 1)[0]}:{port}"
 
 
 async def start_server(
@@ -79,38 +216,60 @@ async def start_server(
     listen: str,
     clock: Clock | None = None,
     unix_socket_mode: int = 0o660,
+    *,
+    config_path: str | None = None,
+    metrics_listen: str = "",
+    admin_listen: str = "",
+    security: Security | None = None,
+    watch_config_s: float = 0.0,
+    metrics: bool = True,
 ) -> RunningServer:
+    security = security or Security()
+    creds = security.credentials()
     engine = Engine(config, journal, clock or SystemClock())
     await engine.start()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_LimiterServicer_to_server(LimiterService(engine), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(engine), server)
+    observer = Metrics(engine) if metrics or metrics_listen else None
+    reloader = Reloader(engine, config_path, observer)
+    interceptors = [_AdminToken(security.admin_token)] if security.admin_token else []
+    main = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+    admin = main
+    if admin_listen:
+        admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+    servers = [main] if admin is main else [main, admin]
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    address = grpc_address(listen)
+    pb_grpc.add_LimiterServicer_to_server(LimiterService(engine, observer), main)
+    pb_grpc.add_AdminServicer_to_server(AdminService(engine, reloader), admin)
+    for s in servers:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s)
+    for s in servers:
+        served = (LIMITER,) if s is not admin else (ADMIN,) if s is not main else SERVICE_NAMES
+        reflection.enable_server_reflection(
+            (*served, health.SERVICE_NAME, reflection.SERVICE_NAME), s
+        )
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        port = 0
-        log.debug("bind failed: %s", exc)
-    if port == 0 and not address.startswith("unix:"):
+        target = _bind(main, listen, creds)
+        admin_target = _bind(admin, admin_listen, creds) if admin is not main else target
+    except ListenError:
         await engine.stop()
-        raise ListenError(f"cannot listen on {listen}: address in use or not available")
-    await server.start()
-    if address.startswith("unix:"):
-        import os
-
-        os.chmod(address.removeprefix("unix:"), unix_socket_mode)
-        target = address
-    else:
-        host = address.rsplit(":", 1)[0]
-        target = f"{host}:{port}"
+        raise
+    for s in servers:
+        await s.start()
+    for t in (target, admin_target):
+        if t.startswith("unix:"):
+            os.chmod(t.removeprefix("unix:"), unix_socket_mode)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, engine, health_servicer, target)
+    srv = RunningServer(servers, engine, health_servicer, target, admin_target, observer,
+                        reloader)
+    if metrics_listen and observer is not None:
+        try:
+            srv.metrics_http = observer.serve(metrics_listen)
+        except OSError as exc:
+            await srv.stop(0)
+            raise ListenError(f"cannot serve metrics on {metrics_listen}: {exc}") from exc
+    if watch_config_s > 0 and config_path is not None:
+        srv.tasks.append(asyncio.create_task(reloader.watch(watch_config_s)))
+    return srv
 
 
 @contextlib.asynccontextmanager
@@ -119,13 +278,15 @@ async def running_server(
     journal: Journal | None = None,
     clock: Clock | None = None,
     listen: str = "127.0.0.1:0",
+    **options: Any,
 ) -> AsyncIterator[RunningServer]:
     """A real daemon in this process on an ephemeral port, for tests and embedding."""
     srv = await start_server(
-        config if config is not None else load_config(None),
+        config if config is not None else load_config(options.get("config_path")),
         journal if journal is not None else MemoryJournal(),
         listen,
         clock,
+        **options,
     )
     try:
         yield srv
@@ -138,17 +299,24 @@ async def serve(options: ServeOptions) -> None:
     StartupError or ListenError (each a one-line message) when it cannot start."""
     config = load_config(options.config_path)
     journal = open_journal(options.db, options.synchronous)  # type: ignore[arg-type]
-    srv = await start_server(config, journal, options.listen,
-                             unix_socket_mode=options.unix_socket_mode)
+    srv = await start_server(
+        config, journal, options.listen, unix_socket_mode=options.unix_socket_mode,
+        config_path=options.config_path, metrics_listen=options.metrics_listen,
+        admin_listen=options.admin_listen, security=options.security,
+        watch_config_s=options.watch_config_s,
+    )
     log.info(
-        "limiterd serving on %s; journal %s; config %s",
-        srv.target, journal.describe(), options.config_path or "(built-in defaults)",
+        "limiterd serving on %s%s; journal %s; config %s%s",
+        srv.target,
+        f" (admin on {srv.admin_target})" if srv.admin_target != srv.target else "",
+        journal.describe(), srv.reloader.source,
+        f"; metrics on http://{options.metrics_listen}/metrics" if options.metrics_listen else "",
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(srv.engine, options.config_path))
+    loop.add_signal_handler(signal.SIGHUP, srv.reloader.reload)
     try:
         await stop.wait()
         log.info("stopping: draining in-flight calls for up to %.1f s", options.grace_s)
@@ -157,15 +325,3 @@ async def serve(options: ServeOptions) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-
-
-def reload(engine: Engine, config_path: str | None) -> bool:
-    """Apply a changed config; an invalid one is rejected and the old one stays in force."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        log.error("reload rejected, keeping the current config:\n%s", exc)
-        return False
-    engine.set_config(config)
-    log.info("config reloaded from %s", config_path or "(built-in defaults)")
-    return True

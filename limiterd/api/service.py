@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from time import perf_counter
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -25,19 +26,45 @@ T = TypeVar("T")
 DEADLINE_MARGIN_S = 0.02
 
 
-async def answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+class Observer(Protocol):
+    """What the API layer tells metrics about each call (limiterd.metrics.Metrics)."""
+
+    def observe_rpc(self, method: str, seconds: float) -> None: ...
+    def observe_acquire(self, code: grpc.StatusCode, waited_s: float | None) -> None: ...
+    def observe_provider_failure(self, model: str, http_status: int) -> None: ...
+
+
+async def answer(
+    context: grpc.aio.ServicerContext,
+    call: Callable[[], Awaitable[T]],
+    method: str = "",
+    observer: Observer | None = None,
+) -> T:
     """Run `call`; turn any failure into a status (the daemon never crashes on input)."""
+    started = perf_counter() if observer is not None else 0.0
     try:
-        return await call()
+        result = await call()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status
         failure = to_failure(exc)
+    else:
+        if observer is not None:
+            observer.observe_rpc(method, perf_counter() - started)
+            if method == "Acquire":
+                waited = getattr(result, "waited_ms", 0) / 1000.0
+                observer.observe_acquire(grpc.StatusCode.OK, waited)
+        return result
+    if observer is not None:
+        observer.observe_rpc(method, perf_counter() - started)
+        if method == "Acquire":
+            observer.observe_acquire(failure.code, None)
     await context.abort(failure.code, failure.message, failure.trailing)
     raise AssertionError("unreachable")  # abort() raises
 
 
 class LimiterService(pb_grpc.LimiterServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, observer: Observer | None = None) -> None:
         self.engine = engine
+        self.observer = observer
 
     async def _acquire(
         self,
@@ -66,7 +93,8 @@ class LimiterService(pb_grpc.LimiterServicer):
     async def Acquire(
         self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquireResponse:
-        return await answer(context, lambda: self._acquire(request, context))
+        return await answer(context, lambda: self._acquire(request, context), "Acquire",
+                            self.observer)
 
     async def AcquireStream(
         self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
@@ -84,7 +112,7 @@ class LimiterService(pb_grpc.LimiterServicer):
             granted = await self._acquire(request, context, on_status)
             await context.write(pb.AcquireEvent(granted=granted))
 
-        await answer(context, call)
+        await answer(context, call, "AcquireStream", self.observer)
 
     async def Report(
         self, request: pb.ReportRequest, context: grpc.aio.ServicerContext
@@ -95,9 +123,11 @@ class LimiterService(pb_grpc.LimiterServicer):
             r, replayed = await self.engine.report(
                 rid, actual_in, actual_out, outcome, retry_after_s, headers
             )
+            if self.observer is not None and not replayed and request.outcome != pb.OK:
+                self.observer.observe_provider_failure(r.model, request.provider.http_status)
             return pb.ReportResponse(settlement=convert.settlement(r), replayed=replayed)
 
-        return await answer(context, call)
+        return await answer(context, call, "Report", self.observer)
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
@@ -106,7 +136,7 @@ class LimiterService(pb_grpc.LimiterServicer):
             r, replayed = await self.engine.release(convert.reservation_id(request.reservation_id))
             return pb.ReleaseResponse(settlement=convert.settlement(r), replayed=replayed)
 
-        return await answer(context, call)
+        return await answer(context, call, "Release", self.observer)
 
     async def KeepAlive(
         self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext
@@ -123,16 +153,34 @@ class LimiterService(pb_grpc.LimiterServicer):
                 reservation_id=r.id, lease_expires_at_ms=convert.ms(r.expires_at)
             )
 
-        return await answer(context, call)
+        return await answer(context, call, "KeepAlive", self.observer)
 
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 
 
+class Reloads(Protocol):
+    source: str
+
+    def reload(self) -> tuple[bool, str]: ...
+
+
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reloads: Reloads | None = None) -> None:
         self.engine = engine
+        self.reloads = reloads
+
+    async def Reload(
+        self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadResponse:
+        async def call() -> pb.ReloadResponse:
+            if self.reloads is None:
+                raise RpcFailure(grpc.StatusCode.UNIMPLEMENTED, "this daemon has no config file")
+            ok, message = self.reloads.reload()
+            return pb.ReloadResponse(ok=ok, message=message, source=self.reloads.source)
+
+        return await answer(context, call)
 
     def _scope_matches(self, wanted: str) -> Callable[[str], bool]:
         config = self.engine.ledger.config

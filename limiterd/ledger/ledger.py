@@ -731,6 +731,9 @@ class Ledger:
     def queue_depth(self, b: Bucket) -> int:
         return sum(len(self._queues[qk]) for qk in b.queues)
 
+    def active_pauses(self, now: float) -> int:
+        return sum(1 for until in self._pauses.values() if until > now)
+
     def paused_until(self, scope: str, model: str, now: float) -> float:
         return self._paused_until(scope, model, now)
 

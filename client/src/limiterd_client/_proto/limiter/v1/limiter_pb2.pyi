@@ -295,3 +295,17 @@ class GetBucketsResponse(_message.Message):
     buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
     now_ms: int
     def __init__(self, buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., now_ms: _Optional[int] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("ok", "message", "source")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    message: str
+    source: str
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...

@@ -303,6 +303,11 @@ class AdminStub:
                 request_serializer=limiter_dot_v1_dot_limiter__pb2.GetBucketsRequest.SerializeToString,
                 response_deserializer=limiter_dot_v1_dot_limiter__pb2.GetBucketsResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/limiter.v1.Admin/Reload',
+                request_serializer=limiter_dot_v1_dot_limiter__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=limiter_dot_v1_dot_limiter__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -321,6 +326,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read the config file: new limits take effect, reservations and levels are kept. An
+        invalid file is rejected and the running config stays in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +346,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetBuckets,
                     request_deserializer=limiter_dot_v1_dot_limiter__pb2.GetBucketsRequest.FromString,
                     response_serializer=limiter_dot_v1_dot_limiter__pb2.GetBucketsResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=limiter_dot_v1_dot_limiter__pb2.ReloadRequest.FromString,
+                    response_serializer=limiter_dot_v1_dot_limiter__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +408,33 @@ class Admin:
             '/limiter.v1.Admin/GetBuckets',
             limiter_dot_v1_dot_limiter__pb2.GetBucketsRequest.SerializeToString,
             limiter_dot_v1_dot_limiter__pb2.GetBucketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/limiter.v1.Admin/Reload',
+            limiter_dot_v1_dot_limiter__pb2.ReloadRequest.SerializeToString,
+            limiter_dot_v1_dot_limiter__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

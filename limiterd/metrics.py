@@ -1,0 +1,230 @@
+"""Prometheus metrics. Observability wraps the core from outside: the ledger stays pure.
+
+- Counters move from two places: the engine's change batches (settlements, orphans, pauses,
+  tokens) and the API layer's per-call observer (results, handling time).
+- Gauges (levels, capacities, queues, open reservations, pauses) are read at scrape time, on
+  the event loop, so no call pays for them.
+
+Label cardinality is bounded: a scope appears under its configured alias; every unconfigured
+scope is folded into OTHER_SCOPE; raw scope hashes and user ids are never labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from limiterd.engine import Engine
+from limiterd.ledger.buckets import RATE_DIMS
+from limiterd.ledger.model import (
+    Change,
+    PauseSet,
+    ReservationOpened,
+    ReservationSettled,
+    State,
+)
+
+OTHER_SCOPE = "other"
+RPC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+               0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                300.0, 600.0)
+
+# What an Acquire ended as, by status code.
+ACQUIRE_RESULTS = {
+    grpc.StatusCode.OK: "granted",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "timed_out",
+    grpc.StatusCode.FAILED_PRECONDITION: "rejected",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.ABORTED: "superseded",
+    grpc.StatusCode.CANCELLED: "cancelled",
+}
+
+
+class Metrics:
+    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None) -> None:
+        self.engine = engine
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.acquires = Counter("limiterd_acquires", "Acquire calls by result.",
+                                ["result"], registry=r)
+        self.reports = Counter("limiterd_reports", "Reports by outcome.", ["outcome"],
+                               registry=r)
+        self.releases = Counter("limiterd_releases", "Reservations released.", registry=r)
+        self.tokens = Counter("limiterd_tokens", "Tokens reserved, refunded and overrun.",
+                              ["kind", "dimension"], registry=r)
+        self.orphaned = Counter("limiterd_orphaned_leases",
+                                "Reservations whose lease lapsed without Report or Release.",
+                                registry=r)
+        self.pauses = Counter("limiterd_rate_limit_pauses",
+                              "Pauses set by a RATE_LIMITED (429) report.", registry=r)
+        self.provider_failures = Counter(
+            "limiterd_provider_failures", "Reports of failed provider calls.",
+            ["model", "status_class"], registry=r)
+        self.reloads = Counter("limiterd_config_reloads", "Config reloads by result.",
+                               ["result"], registry=r)
+        self.waited = Histogram("limiterd_acquire_wait_seconds",
+                                "Time an Acquire waited before its grant.",
+                                buckets=WAIT_BUCKETS, registry=r)
+        self.rpc_seconds = Histogram("limiterd_rpc_duration_seconds",
+                                     "Time to handle a call, by method.", ["method"],
+                                     buckets=RPC_BUCKETS, registry=r)
+        self._rpc_children: dict[str, Any] = {}
+        self._acquire_children = {code: self.acquires.labels(result)
+                                  for code, result in ACQUIRE_RESULTS.items()}
+        self._reserved = [self.tokens.labels("reserved", d) for d in RATE_DIMS]
+        self._refunded = [self.tokens.labels("refunded", d) for d in RATE_DIMS]
+        self._overrun = [self.tokens.labels("overrun", d) for d in RATE_DIMS]
+        self._collector = _LedgerCollector(engine)
+        r.register(self._collector)
+        engine.add_listener(self.on_changes)
+
+    # ---- from the engine's change batches -----------------------------------------------
+
+    def on_changes(self, changes: Sequence[Change]) -> None:
+        for c in changes:
+            if isinstance(c, ReservationOpened):
+                res = c.reservation.reserved
+                for counter, n in zip(self._reserved, (res.requests, res.input_tokens,
+                                                       res.output_tokens), strict=True):
+                    if n:
+                        counter.inc(n)
+            elif isinstance(c, ReservationSettled):
+                s = c.settlement
+                if s.state is State.EXPIRED:
+                    self.orphaned.inc()
+                elif s.state is State.RELEASED:
+                    self.releases.inc()
+                elif s.outcome is not None:
+                    self.reports.labels(s.outcome.name).inc()
+                for counters, amounts in ((self._refunded, s.refunded), (self._overrun, s.overrun)):
+                    for counter, n in zip(counters, (amounts.requests, amounts.input_tokens,
+                                                     amounts.output_tokens), strict=True):
+                        if n:
+                            counter.inc(n)
+            elif isinstance(c, PauseSet):
+                self.pauses.inc()
+
+    # ---- from the API layer ------------------------------------------------------------------
+
+    def observe_rpc(self, method: str, seconds: float) -> None:
+        child = self._rpc_children.get(method)
+        if child is None:
+            child = self._rpc_children[method] = self.rpc_seconds.labels(method)
+        child.observe(seconds)
+
+    def observe_acquire(self, code: grpc.StatusCode, waited_s: float | None) -> None:
+        child = self._acquire_children.get(code)
+        if child is None:
+            child = self.acquires.labels("error")
+        child.inc()
+        if waited_s is not None:
+            self.waited.observe(waited_s)
+
+    def observe_provider_failure(self, model: str, http_status: int) -> None:
+        status_class = f"{http_status // 100}xx" if http_status else "none"
+        if http_status in (429, 529):
+            status_class = str(http_status)
+        self.provider_failures.labels(model, status_class).inc()
+
+    def serve(self, listen: str) -> Any:
+        """Serve /metrics on `listen` (host:port) from a background thread. Call from the
+        event loop that runs the engine."""
+        self._collector.bind(asyncio.get_running_loop())
+        host, _, port = listen.rpartition(":")
+        return start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                                 registry=self.registry)
+
+
+class _LedgerCollector(Collector):
+    """Gauges read from the ledger at scrape time. The scrape runs on the HTTP server's
+    thread, the ledger lives on the event loop: read it there, never across threads."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        loop = self.loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+        try:
+            running_here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            running_here = False
+        if running_here:
+            families = self._families()
+        else:
+            families = asyncio.run_coroutine_threadsafe(self._on_loop(), loop).result(5)
+        yield from families
+
+    async def _on_loop(self) -> list[GaugeMetricFamily]:
+        return self._families()
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        engine = self.engine
+        ledger, now = engine.ledger, engine.clock.now()
+        config = ledger.config
+        level = GaugeMetricFamily("limiterd_bucket_level", "Tokens or requests available now.",
+                                  labels=["scope", "model", "dimension"])
+        capacity = GaugeMetricFamily("limiterd_bucket_capacity", "Bucket capacity per minute.",
+                                     labels=["scope", "model", "dimension"])
+        queue = GaugeMetricFamily("limiterd_queue_depth", "Callers waiting.",
+                                  labels=["scope", "model"])
+        levels: dict[tuple[str, str, str], float] = defaultdict(float)
+        caps: dict[tuple[str, str, str], float] = defaultdict(float)
+        queues: dict[tuple[str, str], float] = defaultdict(float)
+        for b in ledger.buckets(now):
+            if b.key.user:
+                continue  # user ids are never labels; the scope x model bucket says enough
+            alias = config.alias_for(b.key.scope) or OTHER_SCOPE
+            for name, cap, lvl in zip(RATE_DIMS, b.caps, b.levels, strict=True):
+                if cap is not None:
+                    levels[(alias, b.key.model, name)] += lvl
+                    caps[(alias, b.key.model, name)] += cap
+            mc = b.limits.max_concurrent
+            if mc is not None:
+                levels[(alias, b.key.model, "concurrent")] += mc - b.in_flight
+                caps[(alias, b.key.model, "concurrent")] += mc
+            queues[(alias, b.key.model)] += ledger.queue_depth(b)
+        for key, v in levels.items():
+            level.add_metric(list(key), v)
+        for key, v in caps.items():
+            capacity.add_metric(list(key), v)
+        for qkey, v in queues.items():
+            queue.add_metric(list(qkey), v)
+        stats = engine.stats()
+        open_res = GaugeMetricFamily("limiterd_open_reservations", "Reservations held now.",
+                                     value=stats.open_reservations)
+        waiting = GaugeMetricFamily("limiterd_waiting", "Callers waiting in any queue.",
+                                    value=stats.waiting)
+        pauses = GaugeMetricFamily("limiterd_active_pauses",
+                                   "Scope x model pairs paused by a 429 now.",
+                                   value=ledger.active_pauses(now))
+        overloaded = GaugeMetricFamily("limiterd_model_overloaded",
+                                       "1 while a model is marked overloaded.", labels=["model"])
+        for model in ledger.overloaded_models(now):
+            overloaded.add_metric([model], 1)
+        healthy = GaugeMetricFamily("limiterd_persistence_healthy",
+                                    "1 while the journal writes.", value=int(stats.healthy))
+        return [level, capacity, queue, open_res, waiting, pauses, overloaded, healthy]
+
+
+def timer() -> float:
+    """For RPC handling time: a monotonic clock, separate from the ledger's injected one."""
+    return time.perf_counter()
