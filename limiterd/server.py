@@ -191,6 +191,7 @@ class RunningServer:
         if self.metrics_http is not None:
             server, _thread = self.metrics_http
             server.shutdown()
+            server.server_close()
 
 
 def _bind(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> str:
