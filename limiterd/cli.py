@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import click
@@ -260,3 +261,41 @@ def watch_cmd(interval: float, iterations: int, **t: Any) -> None:
                 time.sleep(interval)
         except KeyboardInterrupt:
             return
+
+
+def parse_since(value: str) -> float:
+    """`90s`, `10m`, `2h`, `1d` ago, or an ISO 8601 time; as unix seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(value[:-1]) * units[value[-1]]
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            "use a duration such as 10m, 2h or 1d, or an ISO time such as 2026-11-26T10:00",
+            param_hint="--since") from None
+
+
+@main.command("errors")
+@target_options
+@click.option("--model", default="")
+@click.option("--status", "http_status", type=click.IntRange(0, 999), default=0,
+              help="Only this HTTP status (e.g. 429, 529).")
+@click.option("--since", default="", help="e.g. 10m, 2h, 1d, or an ISO time.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
+def errors_cmd(model: str, http_status: int, since: str, limit: int, as_json_: bool,
+               **t: Any) -> None:
+    """Failed provider outcomes that clients reported, newest first."""
+    since_ms = int(parse_since(since) * 1000) if since else 0
+    with connected(_target(**t)) as client:
+        resp = client.call(client.admin.ListErrors, pb.ListErrorsRequest(
+            model=model, http_status=http_status, since_ms=since_ms, limit=limit))
+        rows = [{
+            "time": datetime.fromtimestamp(e.at_ms / 1000).isoformat(timespec="seconds"),
+            "scope": e.scope_alias, "model": e.model, "outcome": pb.Outcome.Name(e.outcome),
+            "status": e.http_status or "-", "type": e.error_type or "-",
+            "code": e.error_code or "-", "request_id": e.provider_request_id or "-",
+            "fell_back": "yes" if e.fell_back else "no",
+        } for e in resp.errors]
+        click.echo(as_json(rows) if as_json_ else table(rows, "no provider errors recorded"))

@@ -27,6 +27,7 @@ from limiterd.config.loader import DEFAULTS_SOURCE, ConfigError, load_config
 from limiterd.config.model import Config
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN
 from limiterd.engine import Engine
+from limiterd.errorlog import ErrorLog, ErrorStore
 from limiterd.metrics import Metrics
 from limiterd.storage.base import Journal
 from limiterd.storage.memory import MemoryJournal
@@ -174,6 +175,7 @@ class RunningServer:
     admin_target: str
     metrics: Metrics | None
     reloader: Reloader
+    errors: ErrorLog
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics_http: Any = None
 
@@ -187,6 +189,7 @@ class RunningServer:
             task.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.stop(grace_s) for s in self.servers))
+        await self.errors.stop()
         await self.engine.stop()
         if self.metrics_http is not None:
             server, _thread = self.metrics_http
@@ -231,6 +234,8 @@ async def start_server(
     await engine.start()
     observer = Metrics(engine) if metrics or metrics_listen else None
     reloader = Reloader(engine, config_path, observer)
+    errors = ErrorLog(engine.clock, journal if isinstance(journal, ErrorStore) else None)
+    await errors.start()
     interceptors = [_AdminToken(security.admin_token)] if security.admin_token else []
     main = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     admin = main
@@ -238,8 +243,8 @@ async def start_server(
         admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     servers = [main] if admin is main else [main, admin]
     health_servicer = health.aio.HealthServicer()
-    pb_grpc.add_LimiterServicer_to_server(LimiterService(engine, observer), main)
-    pb_grpc.add_AdminServicer_to_server(AdminService(engine, reloader), admin)
+    pb_grpc.add_LimiterServicer_to_server(LimiterService(engine, observer, errors), main)
+    pb_grpc.add_AdminServicer_to_server(AdminService(engine, reloader, errors), admin)
     for s in servers:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s)
     for s in servers:
@@ -251,6 +256,7 @@ async def start_server(
         target = _bind(main, listen, creds)
         admin_target = _bind(admin, admin_listen, creds) if admin is not main else target
     except ListenError:
+        await errors.stop()
         await engine.stop()
         raise
     for s in servers:
@@ -261,7 +267,7 @@ async def start_server(
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     srv = RunningServer(servers, engine, health_servicer, target, admin_target, observer,
-                        reloader)
+                        reloader, errors)
     if metrics_listen and observer is not None:
         try:
             srv.metrics_http = observer.serve(metrics_listen)

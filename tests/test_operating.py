@@ -256,3 +256,55 @@ async def test_admin_on_a_separate_listener() -> None:
         async with grpc.aio.insecure_channel(d.admin_target) as ch:
             leases = await pb_grpc.AdminStub(ch).ListLeases(pb.ListLeasesRequest())
             assert len(leases.leases) == 1
+
+
+def test_error_log_survives_a_restart_and_filters(tmp_path: Path) -> None:
+    config = tmp_path / "limiterd.toml"
+    config.write_text(TEST_CONFIG_TOML)
+    db = tmp_path / "db.sqlite3"
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        target = f"127.0.0.1:{free_port()}"
+        proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
+        wait_serving(target, proc)
+        return proc, target
+
+    proc, target = start()
+    try:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.LimiterStub(ch)
+            for model, outcome, status, kind in (
+                ("claude-a", pb.RATE_LIMITED, 429, "rate_limit_error"),
+                ("claude-b", pb.OVERLOADED, 529, "overloaded_error"),
+                ("claude-a", pb.OK, 200, ""),
+            ):
+                g = stub.Acquire(pb.AcquireRequest(scope="team-a-hash", model=model,
+                                                   input_tokens=1))
+                stub.Report(pb.ReportRequest(
+                    reservation_id=g.reservation_id, outcome=outcome,
+                    provider=pb.ProviderInfo(http_status=status, error_type=kind,
+                                             request_id=f"req_{status}", fell_back=status == 529)))
+        time.sleep(1.5)  # the log is flushed to disk every second
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    proc, target = start()
+    try:
+        out = cli("errors", "--target", target, "--json")
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        assert [(r["model"], r["status"], r["outcome"]) for r in rows] == [
+            ("claude-b", 529, "OVERLOADED"), ("claude-a", 429, "RATE_LIMITED")]
+        assert rows[0]["scope"] == "team-a" and rows[0]["fell_back"] == "yes"
+        assert rows[1]["request_id"] == "req_429"
+        only = json.loads(cli("errors", "--target", target, "--status", "429", "--json").stdout)
+        assert [r["model"] for r in only] == ["claude-a"]
+        assert json.loads(cli("errors", "--target", target, "--model", "claude-x",
+                              "--json").stdout) == []
+        table_out = cli("errors", "--target", target, "--since", "1h")
+        assert table_out.returncode == 0 and "overloaded_error" in table_out.stdout
+        bad = cli("errors", "--target", target, "--since", "yesterday-ish")
+        assert bad.returncode == 2 and "--since" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)

@@ -615,6 +615,7 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     import limiterd.storage.sqlite as mod
 
     path = tmp_path / "db.sqlite3"
+    base = len(mod.MIGRATIONS)
     j = SqliteJournal(path)
     await j.open()
     await j.write([ReservationOpened(res("a"))])
@@ -627,17 +628,37 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS, v2_broken])
     with pytest.raises(StartupError, match="cannot open"):
         await SqliteJournal(path).open()
-    con = sqlite3.connect(path)  # still version 1, without the half-added column
+    con = sqlite3.connect(path)  # still the old version, without the half-added column
     cols = [r[1] for r in con.execute("PRAGMA table_info(reservations)")]
-    assert con.execute("SELECT value FROM meta").fetchall() == [("1",)]
+    assert con.execute("SELECT value FROM meta").fetchall() == [(str(base),)]
     con.close()
     assert "note" not in cols
 
     async def v2(conn: aiosqlite.Connection) -> None:
         await conn.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS[:1], v2])
+    monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS[:base], v2])
     assert set(by_id(await reopen(path))) == {"a"}
     con = sqlite3.connect(path)
-    assert con.execute("SELECT value FROM meta").fetchall() == [("2",)]
+    assert con.execute("SELECT value FROM meta").fetchall() == [(str(base + 1),)]
+    con.close()
+
+
+async def test_a_version_1_database_migrates_forward_keeping_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import limiterd.storage.sqlite as mod
+
+    path = tmp_path / "db.sqlite3"
+    full = list(mod.MIGRATIONS)
+    monkeypatch.setattr(mod, "MIGRATIONS", full[:1])  # written by the first release
+    j = SqliteJournal(path)
+    await j.open()
+    await j.write([ReservationOpened(res("a"))])
+    await j.close()
+    monkeypatch.setattr(mod, "MIGRATIONS", full)
+    assert set(by_id(await reopen(path))) == {"a"}
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta").fetchall() == [(str(len(full)),)]
+    assert con.execute("SELECT count(*) FROM errors").fetchone() == (0,)
     con.close()

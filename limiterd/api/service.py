@@ -12,6 +12,7 @@ import grpc
 from limiterd.api import convert
 from limiterd.api.errors import RpcFailure, exhausted, to_failure
 from limiterd.engine import Engine, StatusCallback, WaitStatus
+from limiterd.errorlog import ErrorEntry, ErrorLog
 from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.errors import InvalidRequest
 from limiterd.ledger.ledger import LIMIT_FIELDS, Rejected
@@ -62,9 +63,11 @@ async def answer(
 
 
 class LimiterService(pb_grpc.LimiterServicer):
-    def __init__(self, engine: Engine, observer: Observer | None = None) -> None:
+    def __init__(self, engine: Engine, observer: Observer | None = None,
+                 errors: ErrorLog | None = None) -> None:
         self.engine = engine
         self.observer = observer
+        self.errors = errors
 
     async def _acquire(
         self,
@@ -123,8 +126,14 @@ class LimiterService(pb_grpc.LimiterServicer):
             r, replayed = await self.engine.report(
                 rid, actual_in, actual_out, outcome, retry_after_s, headers
             )
-            if self.observer is not None and not replayed and request.outcome != pb.OK:
-                self.observer.observe_provider_failure(r.model, request.provider.http_status)
+            if not replayed and request.outcome != pb.OK:
+                p = request.provider
+                if self.observer is not None:
+                    self.observer.observe_provider_failure(r.model, p.http_status)
+                if self.errors is not None:
+                    self.errors.add(ErrorEntry(
+                        self.engine.clock.now(), r.scope, r.model, outcome.name, p.http_status,
+                        p.error_type, p.error_code, p.request_id, p.fell_back))
             return pb.ReportResponse(settlement=convert.settlement(r), replayed=replayed)
 
         return await answer(context, call, "Report", self.observer)
@@ -167,9 +176,34 @@ class Reloads(Protocol):
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, engine: Engine, reloads: Reloads | None = None) -> None:
+    def __init__(self, engine: Engine, reloads: Reloads | None = None,
+                 errors: ErrorLog | None = None) -> None:
         self.engine = engine
         self.reloads = reloads
+        self.errors = errors
+
+    async def ListErrors(
+        self, request: pb.ListErrorsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListErrorsResponse:
+        async def call() -> pb.ListErrorsResponse:
+            if not 0 <= request.limit <= 10_000:
+                raise InvalidRequest("limit", "must be 0..10000")
+            if not 0 <= request.http_status <= 999:
+                raise InvalidRequest("http_status", "must be 0..999")
+            if request.since_ms < 0:
+                raise InvalidRequest("since_ms", "must be >= 0")
+            if self.errors is None:
+                return pb.ListErrorsResponse()
+            rows = self.errors.query(request.model, request.http_status,
+                                     request.since_ms / 1000.0, request.limit or 100)
+            return pb.ListErrorsResponse(errors=[pb.ProviderErrorEntry(
+                at_ms=convert.ms(e.at), scope_alias=self._alias(e.scope) or "other",
+                model=e.model, outcome=pb.Outcome.Value(e.outcome), http_status=e.http_status,
+                error_type=e.error_type, error_code=e.error_code,
+                provider_request_id=e.provider_request_id, fell_back=e.fell_back,
+            ) for e in rows])
+
+        return await answer(context, call)
 
     async def Reload(
         self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext

@@ -23,6 +23,7 @@ import aiosqlite
 
 from limiterd.clock import Clock, SystemClock
 from limiterd.defaults import DEFAULT_DB
+from limiterd.errorlog import ErrorEntry, entries_from_rows
 from limiterd.ledger.model import (
     Amounts,
     BucketDropped,
@@ -104,7 +105,19 @@ async def _v1(conn: aiosqlite.Connection) -> None:
         await conn.execute(sql)
 
 
-MIGRATIONS: list[Migration] = [_v1]
+async def _v2(conn: aiosqlite.Connection) -> None:
+    # The error log (limiterd.errorlog): failed provider outcomes, bounded by age and rows.
+    await conn.execute(
+        """CREATE TABLE errors (
+            at REAL NOT NULL, scope TEXT NOT NULL, model TEXT NOT NULL, outcome TEXT NOT NULL,
+            http_status INTEGER NOT NULL, error_type TEXT NOT NULL, error_code TEXT NOT NULL,
+            provider_request_id TEXT NOT NULL, fell_back INTEGER NOT NULL
+        )"""
+    )
+    await conn.execute("CREATE INDEX errors_at ON errors (at)")
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -602,6 +615,45 @@ class SqliteJournal(Journal):
                 await conn.execute("ROLLBACK")
         except (sqlite3.Error, ValueError):
             pass  # SQLite rolls back by itself on the errors that break this
+
+    # ---- the error log (limiterd.errorlog.ErrorStore)
+
+    async def load_errors(self, since: float) -> list[ErrorEntry]:
+        conn = self._conn
+        if conn is None:
+            return []
+        rows = await conn.execute_fetchall(
+            "SELECT * FROM errors WHERE at >= ? ORDER BY at", (since,))
+        return entries_from_rows(rows)
+
+    async def write_errors(
+        self, entries: Sequence[ErrorEntry], keep_after: float, max_rows: int
+    ) -> None:
+        conn = self._conn
+        if conn is None:
+            raise StorageError(f"{self.path} is not open")
+        rows = [(e.at, e.scope, e.model, e.outcome, e.http_status, e.error_type, e.error_code,
+                 e.provider_request_id, int(e.fell_back)) for e in entries]
+
+        def apply(conn: aiosqlite.Connection) -> None:
+            db = conn._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO errors VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                db.execute("DELETE FROM errors WHERE at < ?", (keep_after,))
+                db.execute(
+                    "DELETE FROM errors WHERE rowid NOT IN"
+                    " (SELECT rowid FROM errors ORDER BY at DESC LIMIT ?)", (max_rows,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        try:
+            await conn._execute(apply, conn)
+        except (sqlite3.Error, OSError, ValueError, OverflowError) as e:
+            raise StorageError(f"{self.path}: error log write failed: {e}") from e
 
     # ---- close
 

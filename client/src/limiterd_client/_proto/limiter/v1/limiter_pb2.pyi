@@ -309,3 +309,43 @@ class ReloadResponse(_message.Message):
     message: str
     source: str
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListErrorsRequest(_message.Message):
+    __slots__ = ("model", "http_status", "since_ms", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    http_status: int
+    since_ms: int
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., http_status: _Optional[int] = ..., since_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ProviderErrorEntry(_message.Message):
+    __slots__ = ("at_ms", "scope_alias", "model", "outcome", "http_status", "error_type", "error_code", "provider_request_id", "fell_back")
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_ALIAS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FELL_BACK_FIELD_NUMBER: _ClassVar[int]
+    at_ms: int
+    scope_alias: str
+    model: str
+    outcome: Outcome
+    http_status: int
+    error_type: str
+    error_code: str
+    provider_request_id: str
+    fell_back: bool
+    def __init__(self, at_ms: _Optional[int] = ..., scope_alias: _Optional[str] = ..., model: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., http_status: _Optional[int] = ..., error_type: _Optional[str] = ..., error_code: _Optional[str] = ..., provider_request_id: _Optional[str] = ..., fell_back: _Optional[bool] = ...) -> None: ...
+
+class ListErrorsResponse(_message.Message):
+    __slots__ = ("errors",)
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    errors: _containers.RepeatedCompositeFieldContainer[ProviderErrorEntry]
+    def __init__(self, errors: _Optional[_Iterable[_Union[ProviderErrorEntry, _Mapping]]] = ...) -> None: ...

@@ -308,6 +308,11 @@ class AdminStub:
                 request_serializer=limiter_dot_v1_dot_limiter__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=limiter_dot_v1_dot_limiter__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.ListErrors = channel.unary_unary(
+                '/limiter.v1.Admin/ListErrors',
+                request_serializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsRequest.SerializeToString,
+                response_deserializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -334,6 +339,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListErrors(self, request, context):
+        """The bounded log of failed provider outcomes (from Report's provider info), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +363,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=limiter_dot_v1_dot_limiter__pb2.ReloadRequest.FromString,
                     response_serializer=limiter_dot_v1_dot_limiter__pb2.ReloadResponse.SerializeToString,
+            ),
+            'ListErrors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListErrors,
+                    request_deserializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsRequest.FromString,
+                    response_serializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +452,33 @@ class Admin:
             '/limiter.v1.Admin/Reload',
             limiter_dot_v1_dot_limiter__pb2.ReloadRequest.SerializeToString,
             limiter_dot_v1_dot_limiter__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListErrors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/limiter.v1.Admin/ListErrors',
+            limiter_dot_v1_dot_limiter__pb2.ListErrorsRequest.SerializeToString,
+            limiter_dot_v1_dot_limiter__pb2.ListErrorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
