@@ -310,7 +310,7 @@ async def serve(options: ServeOptions) -> None:
         config, journal, options.listen, unix_socket_mode=options.unix_socket_mode,
         config_path=options.config_path, metrics_listen=options.metrics_listen,
         admin_listen=options.admin_listen, security=options.security,
-        watch_config_s=options.watch_config_s,
+        watch_config_s=options.watch_config_s, metrics=bool(options.metrics_listen),
     )
     log.info(
         "limiterd serving on %s%s; journal %s; config %s%s",

@@ -1,0 +1,169 @@
+"""Goodput: a simulated provider, 3 app processes x several agents, three setups, one run.
+
+Each setup gets a fresh provider (full buckets) and the same seeds, so the setups see the
+same requests in the same order, and differ only in how they are limited.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cost import ENV, ROOT, free_port, wait_serving
+from bench.goodput_config import KEY_LIMITS, MODEL, limiter_toml
+
+SETUPS = ("sdk", "local", "limiterd")
+LABELS = {"sdk": "SDK retries only", "local": "per-process limiter",
+          "limiterd": "limiterd (shared)"}
+APPS, AGENTS = 3, 6
+WINDOW_S = 5.0
+
+
+def _start(cmd: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, env=ENV, cwd=ROOT)
+
+
+def run_setup(mode: str, seconds: float, tmp: Path, overloads: list[list[float]]) -> dict[str, Any]:
+    port = free_port()
+    log = tmp / f"provider-{mode}.jsonl"
+    cfg = tmp / "provider.json"
+    cfg.write_text(json.dumps({"models": {MODEL: {**KEY_LIMITS, "overloads": overloads}}}))
+    provider = _start([sys.executable, "-m", "bench.provider", str(port), str(log), str(cfg)])
+    daemon = None
+    target = ""
+    try:
+        time.sleep(0.5)
+        if mode == "limiterd":
+            target = f"127.0.0.1:{free_port()}"
+            conf = tmp / "limiterd.toml"
+            conf.write_text(limiter_toml(KEY_LIMITS))
+            daemon = _start([sys.executable, "-m", "limiterd", "serve", "--listen", target,
+                             "--config", str(conf), "--db", str(tmp / "goodput.sqlite3"),
+                             "--log-level", "warning", "--watch-config", "0"])
+            wait_serving(target)
+        apps = [_start([sys.executable, "-m", "bench.app", mode, str(AGENTS), str(seconds),
+                        f"http://127.0.0.1:{port}", str(tmp / f"app-{mode}-{i}.jsonl"), target,
+                        str(i + 1)]) for i in range(APPS)]
+        for a in apps:
+            a.wait(seconds + 180)
+    finally:
+        for p in (daemon, provider):
+            if p is not None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [json.loads(line) for i in range(APPS)
+             for line in (tmp / f"app-{mode}-{i}.jsonl").read_text().splitlines()]
+    return summarize(mode, seconds, events, calls)
+
+
+def summarize(mode: str, seconds: float, events: list[dict[str, Any]],
+              calls: list[dict[str, Any]]) -> dict[str, Any]:
+    minutes = seconds / 60.0
+    ok = [e for e in events if e["status"] == 200]
+    done = [c for c in calls if c["ok"]]
+    latencies = sorted(c["end"] - c["start"] for c in done)
+    # Starting full, a bucket can serve its capacity plus the refill over the run.
+    in_budget = KEY_LIMITS["itpm"] * (1 + minutes)
+    out_budget = KEY_LIMITS["otpm"] * (1 + minutes)
+    in_served = sum(e["input"] for e in ok if e["t"] <= seconds)
+    out_served = sum(e["output"] for e in ok if e["t"] <= seconds)
+    windows = math.ceil(seconds / WINDOW_S)
+    series_in = [0.0] * windows
+    series_429 = [0] * windows
+    for e in events:
+        w = int(e["t"] // WINDOW_S)
+        if w < windows:
+            if e["status"] == 200:
+                series_in[w] += e["input"]
+            elif e["status"] == 429:
+                series_429[w] += 1
+    per_window = KEY_LIMITS["itpm"] * WINDOW_S / 60.0
+    return {
+        "setup": LABELS[mode],
+        "provider_429": sum(1 for e in events if e["status"] == 429),
+        "provider_529": sum(1 for e in events if e["status"] == 529),
+        "completed": len(done),
+        "failed": len(calls) - len(done),
+        "completed_per_min": len(done) / minutes,
+        "input_tokens_per_min": in_served / minutes,
+        "input_budget_pct": 100 * in_served / in_budget,
+        "output_budget_pct": 100 * out_served / out_budget,
+        "p95_latency_s": latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan"),
+        "median_latency_s": statistics.median(latencies) if latencies else float("nan"),
+        "series_util": [v / per_window for v in series_in],
+        "series_429": series_429,
+    }
+
+
+def run_all(quick: bool, out: Path) -> list[dict[str, Any]]:
+    seconds = 20.0 if quick else 60.0
+    overloads = [[seconds * 0.4, seconds * 0.5, 0.6]]  # a 529 burst in the middle
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in SETUPS:
+            print(f"  {LABELS[mode]}: {APPS} apps x {AGENTS} agents for {seconds:.0f} s",
+                  flush=True)
+            r = run_setup(mode, seconds, Path(tmp), overloads)
+            print(f"    429s {r['provider_429']}, 529s {r['provider_529']}, "
+                  f"{r['completed_per_min']:.1f} completed/min, "
+                  f"{r['input_budget_pct']:.0f}% of input budget", flush=True)
+            rows.append(r)
+    plot(rows, seconds, out / "goodput.png")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], seconds: float, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib is not installed: no plot; pip install -e '.[bench]')")
+        return
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for r in rows:
+        xs = [WINDOW_S * (i + 0.5) for i in range(len(r["series_util"]))]
+        ax1.plot(xs, [100 * u for u in r["series_util"]], marker="o", label=r["setup"])
+        ax2.bar([x + (rows.index(r) - 1) * WINDOW_S / 4 for x in xs], r["series_429"],
+                width=WINDOW_S / 4, label=r["setup"])
+    ax1.axhline(100, color="grey", linestyle="--", linewidth=1)
+    ax1.set_ylabel("input tokens served\n% of the per-minute rate")
+    ax1.legend()
+    ax2.set_ylabel(f"provider 429s per {WINDOW_S:.0f} s")
+    ax2.set_xlabel("seconds")
+    ax2.axvspan(seconds * 0.4, seconds * 0.5, color="orange", alpha=0.15, label="529 burst")
+    ax2.legend()
+    fig.suptitle(f"Goodput: {APPS} apps x {AGENTS} agents sharing one key "
+                 f"({KEY_LIMITS['rpm']} RPM, {KEY_LIMITS['itpm']:,} ITPM, "
+                 f"{KEY_LIMITS['otpm']:,} OTPM)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"  plot: {path}")
+
+
+def report(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Goodput against a simulated provider", "",
+             f"{APPS} app processes x {AGENTS} agents, one key ({KEY_LIMITS['rpm']} RPM, "
+             f"{KEY_LIMITS['itpm']:,} input and {KEY_LIMITS['otpm']:,} output tokens per "
+             "minute), a 529 burst in the middle of the run. Budget = what the key allows over "
+             "the run, starting full.", "",
+             "| setup | provider 429s | 529s | completed/min | failed | input tokens/min "
+             "| % input budget | % output budget | p95 latency s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['provider_429']} | {r['provider_529']} | "
+            f"{r['completed_per_min']:.1f} | {r['failed']} | {r['input_tokens_per_min']:,.0f} | "
+            f"{r['input_budget_pct']:.0f}% | {r['output_budget_pct']:.0f}% | "
+            f"{r['p95_latency_s']:.1f} |")
+    return [*lines, "", "![goodput](goodput.png)", ""]
