@@ -165,12 +165,11 @@ class Limiter:
                         return _grant(r.request_id, ev.granted)
                     update = WaitUpdate.of(ev.queued)
                     r.updates.append(update)
-                    stop = r.gate.check(update, self.clock() - start)
-                    if stop is None and r.on_wait is not None:
+                    if r.on_wait is not None:  # heard even when it ends the wait
                         done = r.on_wait(update)
                         if inspect.isawaitable(done):
                             await done
-                    if stop is not None:
+                    if (stop := r.gate.check(update, self.clock() - start)) is not None:
                         raise stop
                 raise LimiterUnavailable("limiter unavailable: the wait stream ended early")
             except grpc.aio.AioRpcError as e:
