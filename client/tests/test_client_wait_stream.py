@@ -21,6 +21,7 @@ from limiterd_client import (
     ProviderMeta,
     Reservation,
     RetryPolicy,
+    SyncLimiter,
     Usage,
     WaitTooLong,
     WaitUpdate,
@@ -276,3 +277,37 @@ async def test_overload_hint_hops_before_calling_the_provider(daemon: Daemon) ->
     assert all(r.settlement is not None and r.settlement.outcome is not Outcome.OK
                for r in released)
 
+
+
+async def test_sync_limiter_on_wait_then_grant_and_give_up(daemon: Daemon) -> None:
+    """SyncLimiter in a worker thread; the daemon and the holder on this loop."""
+    loop = asyncio.get_running_loop()
+    async with Limiter(daemon.target) as lim:
+        holder = await hold_all(lim)
+        first = asyncio.Event()
+        heard: list[WaitUpdate] = []
+
+        def on_wait(u: WaitUpdate) -> None:
+            heard.append(u)
+            loop.call_soon_threadsafe(first.set)
+
+        def blocking() -> tuple[bool, str]:
+            with SyncLimiter(daemon.target) as sl:
+                with pytest.raises(WaitTooLong):
+                    with sl.reserve("s1", "tiny", input_tokens=1000, max_output_tokens=0,
+                                    max_wait=60, wait_budget=20):
+                        raise AssertionError("not granted")
+                with sl.reserve("s1", "tiny", input_tokens=500, max_output_tokens=0,
+                                max_wait=30, on_wait=on_wait) as r:
+                    r.mark_called()
+                    r.report(500, 0)
+                assert r.grant is not None
+                return r.grant.replayed, r.request_id
+
+        worker = asyncio.create_task(asyncio.to_thread(blocking))
+        await asyncio.wait_for(first.wait(), 10)
+        assert (await daemon.bucket("tiny")).queue_depth == 1  # the give-up left the queue
+        await holder.release()
+        replayed, request_id = await worker
+    assert not replayed and heard[0].position == 1
+    assert [r.request_id for r in daemon.settled()].count(request_id) == 1

@@ -26,6 +26,7 @@ class WaitUpdate:
 
 
 WaitCallback = Callable[[WaitUpdate], "None | Awaitable[None]"]
+SyncWaitCallback = Callable[[WaitUpdate], None]
 
 
 class WaitTooLong(LimiterBusy):
