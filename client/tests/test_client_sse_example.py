@@ -92,3 +92,9 @@ async def test_sse_busy_and_a_browser_that_hangs_up(daemon: Daemon) -> None:
                     await asyncio.sleep(0.02)
         await holder.release()
     assert len(daemon.settled()) == 1  # only the holder ever held anything
+
+
+def test_the_doc_shows_the_tested_code() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "sse_example.md").read_text()
+    code = (Path(__file__).resolve().parents[1] / "examples" / "sse_wait.py").read_text()
+    assert f"```python\n{code}```" in doc
