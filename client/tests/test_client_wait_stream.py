@@ -311,3 +311,19 @@ async def test_sync_limiter_on_wait_then_grant_and_give_up(daemon: Daemon) -> No
         replayed, request_id = await worker
     assert not replayed and heard[0].position == 1
     assert [r.request_id for r in daemon.settled()].count(request_id) == 1
+
+
+async def test_overload_hint_on_a_queued_event_leaves_the_queue(daemon: Daemon) -> None:
+    async with Limiter(daemon.target) as lim:
+        await mark_overloaded(lim, "tiny")  # 3 input tokens used
+        holder = lim.reserve("s1", "tiny", input_tokens=997, max_output_tokens=0)
+        await holder.__aenter__()
+        heard = Heard()
+        with pytest.raises(ModelOverloadedHint):
+            async with lim.reserve("s1", "tiny", input_tokens=100, max_output_tokens=0,
+                                   max_wait=30, on_wait=heard, overloaded_hint=True):
+                raise AssertionError("not granted")
+        assert len(heard.updates) == 1 and heard.updates[0].model_overloaded
+        assert (await daemon.bucket("tiny")).queue_depth == 0
+        await holder.release()
+    assert len(daemon.settled()) == 4  # 3 overloaded calls and the holder; the waiter none
