@@ -83,8 +83,8 @@ async def test_on_wait_hears_queued_updates_in_order_then_the_grant(daemon: Daem
 
         await holder.report(500, 0)  # 500 back: b fits, c moves up to first in line
         rb = await b
-        await c_heard.wait_for(len(c_heard.updates) + 1)
-        assert c_heard.updates[-1].position == 1
+        while c_heard.updates[-1].position != 1:  # an estimate tick may come first
+            await c_heard.wait_for(len(c_heard.updates) + 1)
         await rb.release()  # c fits now
         rc = await c
         await rc.release()
