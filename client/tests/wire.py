@@ -3,6 +3,7 @@ lose an answer the daemon did send."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -43,3 +44,35 @@ class LoseAnswers(grpc.aio.UnaryUnaryClientInterceptor):
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
                                        grpc.aio.Metadata(), details="answer lost")  # ...we lost it
         return call
+
+
+class BreakStreams(grpc.aio.UnaryStreamClientInterceptor):
+    """Cuts the first `n` server streams after `after` events: the client cancels the call
+    (so the daemon sees the caller go away) and fails with UNAVAILABLE, as a dropped
+    connection would."""
+
+    def __init__(self, after: int = 1, n: int = 1,
+                 before_cut: asyncio.Event | None = None) -> None:
+        self.after, self.left, self.before_cut = after, n, before_cut
+        self.broken = 0
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
+                                     request: Any) -> Any:
+        call = await continuation(details, request)
+        if self.left <= 0:
+            return call
+        self.left -= 1
+
+        async def cut() -> Any:
+            seen = 0
+            async for ev in call:
+                yield ev
+                seen += 1
+                if seen >= self.after:
+                    if self.before_cut is not None:
+                        await self.before_cut.wait()
+                    call.cancel()
+                    self.broken += 1
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), details="stream cut")
+        return cut()

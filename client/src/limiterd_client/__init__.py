@@ -36,15 +36,17 @@ from .runner import Attempt, run_call, run_call_sync
 from .scope import scope_for_api_key
 from .streaming import StreamCall, SyncStreamCall
 from .sync import SyncLimiter, SyncReservation
+from .wait import ModelOverloadedHint, WaitCallback, WaitTooLong, WaitUpdate
 
 __all__ = [
     "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallResult", "Counters",
     "FailClosed", "FailOpen", "FallbackPolicy", "FallbackTriggers", "Hop", "HopProposal",
     "Limiter", "LimiterBusy", "LimiterError", "LimiterInvalidArgument", "LimiterRejected",
-    "LimiterUnavailable", "PartialResponseError", "ProviderError", "ProviderMeta", "Reservation",
+    "LimiterUnavailable", "ModelOverloadedHint", "PartialResponseError", "ProviderError",
+    "ProviderMeta", "Reservation",
     "ReservationNotFound", "RetryPolicy", "SafeCapacity", "StreamCall", "SyncLimiter",
     "SyncReservation", "SyncStreamCall", "Usage", "classify_http", "connection_error",
     "count_tokens_estimator", "count_tokens_estimator_sync", "estimate_chars",
     "parse_retry_after_ms", "run_call", "run_call_sync", "scope_for_api_key",
-    "to_provider_error",
+    "to_provider_error", "WaitCallback", "WaitTooLong", "WaitUpdate",
 ]

@@ -36,6 +36,7 @@ class Counters:
     local_grants: int = 0
     fallbacks: int = 0
     settle_failures: int = 0
+    stream_reattaches: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from .errors import LimiterBusy, ProviderError, Usage
 from .retry import RetryPolicy
+from .wait import ModelOverloadedHint, WaitGate, WaitTooLong
 
 T = TypeVar("T")
 Params = dict[str, Any]
@@ -21,6 +22,9 @@ class FallbackTriggers:
     overloaded_after: int | None = 2  # this many overloaded (529) attempts on one model
     rate_limited_beyond: float | None = 20.0  # a 429 whose Retry-After exceeds this (s)
     limiter_wait: float | None = 5.0  # the limiter could not grant within this budget (s)
+    # ...or, at once, the daemon's live estimate already exceeds that budget (AcquireStream)
+    limiter_wait_estimate: bool = True
+    overloaded_hint: bool = False  # the daemon marks the model overloaded: hop before calling
     timeouts: bool = True  # the provider call timed out (408/504/client timeout)
     exhausted: bool = True  # retries on a model ran out on a retryable error
 
@@ -68,7 +72,7 @@ class FallbackPolicy:
 class Hop:
     from_model: str
     to_model: str
-    reason: str  # overloaded, rate_limited, limiter_wait, timeout, exhausted
+    reason: str  # overloaded, overloaded_hint, rate_limited, limiter_wait, timeout, exhausted
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,15 @@ class Planner:
             wait = min(wait, self.fallback.triggers.limiter_wait)
         return min(wait, self.remaining())
 
+    def wait_gate(self) -> WaitGate:
+        """When Acquire should give up early: only while a fallback remains."""
+        if not self.candidates() or self.fallback is None:
+            return WaitGate()
+        t = self.fallback.triggers
+        budget = t.limiter_wait if t.limiter_wait_estimate else None
+        return WaitGate(None if budget is None else min(budget, self.remaining()),
+                        t.overloaded_hint)
+
     def on_error(self, err: ProviderError) -> Decision:
         self.failures += 1
         if err.overloaded:
@@ -166,8 +179,11 @@ class Planner:
     def on_busy(self, err: LimiterBusy) -> Decision:
         self.failures += 1
         reason = None
-        if (self.candidates() and self.fallback is not None
-                and self.fallback.triggers.limiter_wait is not None and self.remaining() > 0):
+        can_hop = self.candidates() and self.fallback is not None and self.remaining() > 0
+        if can_hop and isinstance(err, ModelOverloadedHint):
+            reason = "overloaded_hint"
+        elif can_hop and (isinstance(err, WaitTooLong) or (
+                self.fallback is not None and self.fallback.triggers.limiter_wait is not None)):
             reason = "limiter_wait"
         delay = None
         if self.failures < self.retry.max_attempts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
 import time
 import uuid
@@ -35,6 +36,7 @@ from .errors import (
     ProviderMeta,
 )
 from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .wait import WaitCallback, WaitGate, WaitUpdate
 
 
 class Limiter:
@@ -92,12 +94,27 @@ class Limiter:
             await self._channel.close()
 
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
-                max_wait: float = 0.0, user: str = "", lease_ms: int | None = None
-                ) -> Reservation:
-        """A reservation to use as `async with`: Acquire on entry, settle on exit."""
+                max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
+                on_wait: WaitCallback | None = None, wait_budget: float | None = None,
+                overloaded_hint: bool = False) -> Reservation:
+        """A reservation to use as `async with`: Acquire on entry, settle on exit.
+
+        Live wait status: give `on_wait` (a sync or async callback) and the Acquire runs as
+        AcquireStream; while queued it is called with a `WaitUpdate` at once, on every change
+        and at the daemon's keepalive interval, then the block is entered on the grant. A
+        stream lost to UNAVAILABLE/transport errors re-attaches with the same request_id
+        (up to `transport_attempts` times, within the original `max_wait`): the place in
+        the queue is kept and no second reservation is made.
+
+        Give up early (also streams): `wait_budget` (s) raises `WaitTooLong` as soon as the
+        daemon's estimate exceeds what is left of the budget; `overloaded_hint=True` raises
+        `ModelOverloadedHint` when the daemon marks the model overloaded. Either way the
+        place is dropped at once and a grant made meanwhile is released, so nothing leaks.
+        """
         validate(scope, model, input_tokens, max_output_tokens, max_wait)
+        gate = WaitGate(wait_budget, overloaded_hint)
         return Reservation(self, scope, model, user, input_tokens, max_output_tokens, max_wait,
-                           self.lease_ms if lease_ms is None else lease_ms)
+                           self.lease_ms if lease_ms is None else lease_ms, on_wait, gate)
 
     async def _call(self, method: str, request: object, timeout: float) -> object:
         """One RPC with transport retries (same request, so idempotent on the daemon)."""
@@ -114,20 +131,86 @@ class Limiter:
                 raise map_status(e.code(), e.details() or "", e.trailing_metadata()) from e
         raise AssertionError("unreachable")
 
+    def _request(self, r: Reservation, max_wait: float) -> pb.AcquireRequest:
+        return pb.AcquireRequest(scope=r.scope, model=r.model, user=r.user,
+                                 input_tokens=r.input_tokens,
+                                 max_output_tokens=r.max_output_tokens,
+                                 max_wait_ms=round(max_wait * 1000), lease_ms=r.lease_ms,
+                                 request_id=r.request_id)
+
     async def _acquire(self, r: Reservation) -> Grant:
-        req = pb.AcquireRequest(scope=r.scope, model=r.model, user=r.user,
-                                input_tokens=r.input_tokens,
-                                max_output_tokens=r.max_output_tokens,
-                                max_wait_ms=round(r.max_wait * 1000), lease_ms=r.lease_ms,
-                                request_id=r.request_id)
         try:
-            resp = await self._call("Acquire", req, r.max_wait + self.rpc_timeout)
+            if r.streams:
+                return await self._acquire_stream(r)
+            resp = await self._call("Acquire", self._request(r, r.max_wait),
+                                    r.max_wait + self.rpc_timeout)
         except LimiterUnavailable as e:
             return await self._unavailable(r, e)
         assert isinstance(resp, pb.AcquireResponse)
-        return Grant(resp.reservation_id, r.request_id, resp.lease_expires_at_ms, resp.replayed,
-                     "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
-                     max(0, resp.lease_expires_at_ms - resp.granted_at_ms))
+        return _grant(r.request_id, resp)
+
+    async def _acquire_stream(self, r: Reservation) -> Grant:
+        """AcquireStream with re-attach: a broken stream is called again with the same
+        request_id and what is left of max_wait, so the daemon keeps the caller's place."""
+        start = self.clock()
+        for attempt in range(1, self.transport_attempts + 1):
+            left = max(0.0, r.max_wait - (self.clock() - start))
+            call = self._stub.AcquireStream(self._request(r, left),
+                                            timeout=left + self.rpc_timeout)
+            try:
+                async for ev in call:
+                    if ev.HasField("granted"):
+                        if (stop := r.gate.check_grant(ev.granted)) is not None:
+                            raise stop  # released below, with the place
+                        return _grant(r.request_id, ev.granted)
+                    update = WaitUpdate.of(ev.queued)
+                    r.updates.append(update)
+                    if r.on_wait is not None:  # heard even when it ends the wait
+                        done = r.on_wait(update)
+                        if inspect.isawaitable(done):
+                            await done
+                    if (stop := r.gate.check(update, self.clock() - start)) is not None:
+                        raise stop
+                raise LimiterUnavailable("limiter unavailable: the wait stream ended early")
+            except grpc.aio.AioRpcError as e:
+                if e.code() in TRANSIENT and attempt < self.transport_attempts and (
+                        self.clock() - start < r.max_wait or attempt == 1):
+                    self.counters.stream_reattaches += 1
+                    await self.sleep(self.transport_backoff * 2 ** (attempt - 1))
+                    continue
+                if r.updates:  # queued once: do not leave a place (or a grant) behind
+                    await asyncio.shield(self._abandon(r))
+                raise map_status(e.code(), e.details() or "", e.trailing_metadata()) from e
+            except BaseException:
+                # A deliberate give-up (budget, hint, the callback raised, the task was
+                # cancelled): leave the queue now instead of after the re-attach grace.
+                call.cancel()
+                await asyncio.shield(self._abandon(r))
+                raise
+        raise AssertionError("unreachable")
+
+    async def _abandon(self, r: Reservation) -> None:
+        """Make the daemon drop a place kept for this request_id: re-attach with max_wait 0
+        (the wait ends at once) and release a grant it made meanwhile. Without this a grant
+        made within the re-attach grace would stay open until its lease expired."""
+        try:
+            resp = await self._call("Acquire", self._request(r, 0.0), self.rpc_timeout)
+        except LimiterBusy:
+            return  # the place is gone: nothing held
+        except Exception as e:
+            self.counters.settle_failures += 1
+            log.warning("could not abandon wait %s: %s", r.request_id, e)
+            return
+        assert isinstance(resp, pb.AcquireResponse)
+        await self._release_quietly(resp.reservation_id)
+
+    async def _release_quietly(self, reservation_id: str) -> None:
+        try:
+            await self._call("Release", pb.ReleaseRequest(reservation_id=reservation_id),
+                             self.rpc_timeout)
+        except Exception as e:  # the lease still expires and settles as consumed
+            self.counters.settle_failures += 1
+            log.warning("could not release %s: %s", reservation_id, e)
 
     async def _unavailable(self, r: Reservation, err: LimiterUnavailable) -> Grant:
         policy = self.on_unavailable
@@ -180,8 +263,12 @@ class Reservation:
     """
 
     def __init__(self, limiter: Limiter, scope: str, model: str, user: str, input_tokens: int,
-                 max_output_tokens: int, max_wait: float, lease_ms: int) -> None:
+                 max_output_tokens: int, max_wait: float, lease_ms: int,
+                 on_wait: WaitCallback | None = None, gate: WaitGate | None = None) -> None:
         self._limiter = limiter
+        self.on_wait = on_wait
+        self.gate = gate or WaitGate()
+        self.updates: list[WaitUpdate] = []  # every WaitUpdate heard, in order
         self.scope, self.model, self.user = scope, model, user
         self.input_tokens, self.max_output_tokens = input_tokens, max_output_tokens
         self.max_wait, self.lease_ms = max_wait, lease_ms
@@ -191,6 +278,12 @@ class Reservation:
         self.keepalives = 0
         self._state = Settle()
         self._ka_task: asyncio.Task[None] | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Acquire runs as AcquireStream (live wait status or an early give-up asked for)."""
+        return (self.on_wait is not None or self.gate.budget is not None
+                or self.gate.overloaded_hint)
 
     def local_grant(self, mode: str) -> Grant:
         return Grant("", self.request_id, 0, False, mode, self.input_tokens,
@@ -308,3 +401,9 @@ class Reservation:
         bucket = self._limiter._local
         if self.grant is not None and self.grant.mode == "local" and bucket is not None:
             bucket.give_back(self.input_tokens + self.max_output_tokens - used)
+
+
+def _grant(request_id: str, resp: pb.AcquireResponse) -> Grant:
+    return Grant(resp.reservation_id, request_id, resp.lease_expires_at_ms, resp.replayed,
+                 "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
+                 max(0, resp.lease_expires_at_ms - resp.granted_at_ms))

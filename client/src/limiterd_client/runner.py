@@ -12,6 +12,7 @@ from .fallback import CallResult, FallbackPolicy, Params, Planner, choose, choos
 from .limiter import Limiter, Reservation
 from .retry import RetryPolicy
 from .sync import SyncLimiter, SyncReservation
+from .wait import SyncWaitCallback, WaitCallback
 
 T = TypeVar("T")
 
@@ -53,19 +54,25 @@ async def run_call(
     fallback: FallbackPolicy | None = None,
     user: str = "",
     max_wait: float | None = None,
+    on_wait: WaitCallback | None = None,
 ) -> CallResult[T]:
-    """Each attempt reserves against its own model and reports its outcome to the daemon."""
+    """Each attempt reserves against its own model and reports its outcome to the daemon.
+    While a fallback remains, a live estimate beyond `limiter_wait` (or the overload hint,
+    if asked for) hops at once; `on_wait` hears every WaitUpdate of every attempt."""
     planner = Planner(str(params.get("model", "")), retry, fallback)
     while True:
         p = planner.params_for(params)
         tokens_in = await estimate_async(estimate, p)
+        gate = planner.wait_gate()
         planner.attempts += 1
         err: ProviderError | LimiterBusy
         try:
             async with limiter.reserve(
                     scope, planner.model, input_tokens=tokens_in, max_output_tokens=_max_tokens(p),
                     max_wait=planner.acquire_wait(retry.max_elapsed if max_wait is None
-                                                  else max_wait), user=user) as r:
+                                                  else max_wait), user=user,
+                    on_wait=on_wait, wait_budget=gate.budget,
+                    overloaded_hint=gate.overloaded_hint) as r:
                 r.mark_called()
                 try:
                     done = await attempt(p, r)
@@ -103,19 +110,23 @@ def run_call_sync(
     fallback: FallbackPolicy | None = None,
     user: str = "",
     max_wait: float | None = None,
+    on_wait: SyncWaitCallback | None = None,
 ) -> CallResult[T]:
     """Blocking twin of run_call."""
     planner = Planner(str(params.get("model", "")), retry, fallback)
     while True:
         p = planner.params_for(params)
         tokens_in = int(estimate(p))
+        gate = planner.wait_gate()
         planner.attempts += 1
         err: ProviderError | LimiterBusy
         try:
             with limiter.reserve(
                     scope, planner.model, input_tokens=tokens_in, max_output_tokens=_max_tokens(p),
                     max_wait=planner.acquire_wait(retry.max_elapsed if max_wait is None
-                                                  else max_wait), user=user) as r:
+                                                  else max_wait), user=user,
+                    on_wait=on_wait, wait_budget=gate.budget,
+                    overloaded_hint=gate.overloaded_hint) as r:
                 r.mark_called()
                 try:
                     done = attempt(p, r)

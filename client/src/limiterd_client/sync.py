@@ -27,6 +27,7 @@ from ._proto.limiter.v1 import limiter_pb2 as pb
 from ._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .errors import LimiterBusy, LimiterRejected, LimiterUnavailable, ProviderError, ProviderMeta
 from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .wait import SyncWaitCallback, WaitGate, WaitUpdate
 
 
 class SyncLimiter:
@@ -81,11 +82,15 @@ class SyncLimiter:
             self._channel.close()
 
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
-                max_wait: float = 0.0, user: str = "", lease_ms: int | None = None
-                ) -> SyncReservation:
+                max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
+                on_wait: SyncWaitCallback | None = None, wait_budget: float | None = None,
+                overloaded_hint: bool = False) -> SyncReservation:
+        """Like `Limiter.reserve`, blocking; `on_wait` is a plain callback, called on the
+        thread that enters the block."""
         validate(scope, model, input_tokens, max_output_tokens, max_wait)
         return SyncReservation(self, scope, model, user, input_tokens, max_output_tokens,
-                               max_wait, self.lease_ms if lease_ms is None else lease_ms)
+                               max_wait, self.lease_ms if lease_ms is None else lease_ms,
+                               on_wait, WaitGate(wait_budget, overloaded_hint))
 
     def _call(self, method: str, request: object, timeout: float) -> object:
         rpc = getattr(self._stub, method)
@@ -102,20 +107,77 @@ class SyncLimiter:
                 raise map_status(code, e.details() or "", e.trailing_metadata()) from e
         raise AssertionError("unreachable")
 
+    def _request(self, r: SyncReservation, max_wait: float) -> pb.AcquireRequest:
+        return pb.AcquireRequest(scope=r.scope, model=r.model, user=r.user,
+                                 input_tokens=r.input_tokens,
+                                 max_output_tokens=r.max_output_tokens,
+                                 max_wait_ms=round(max_wait * 1000), lease_ms=r.lease_ms,
+                                 request_id=r.request_id)
+
     def _acquire(self, r: SyncReservation) -> Grant:
-        req = pb.AcquireRequest(scope=r.scope, model=r.model, user=r.user,
-                                input_tokens=r.input_tokens,
-                                max_output_tokens=r.max_output_tokens,
-                                max_wait_ms=round(r.max_wait * 1000), lease_ms=r.lease_ms,
-                                request_id=r.request_id)
         try:
-            resp = self._call("Acquire", req, r.max_wait + self.rpc_timeout)
+            if r.streams:
+                return self._acquire_stream(r)
+            resp = self._call("Acquire", self._request(r, r.max_wait),
+                              r.max_wait + self.rpc_timeout)
         except LimiterUnavailable as e:
             return self._unavailable(r, e)
         assert isinstance(resp, pb.AcquireResponse)
-        return Grant(resp.reservation_id, r.request_id, resp.lease_expires_at_ms, resp.replayed,
-                     "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
-                     max(0, resp.lease_expires_at_ms - resp.granted_at_ms))
+        return _grant(r.request_id, resp)
+
+    def _acquire_stream(self, r: SyncReservation) -> Grant:
+        """Blocking twin of Limiter._acquire_stream (re-attach, early give-up, no leaks)."""
+        start = self.clock()
+        for attempt in range(1, self.transport_attempts + 1):
+            left = max(0.0, r.max_wait - (self.clock() - start))
+            call = self._stub.AcquireStream(self._request(r, left),
+                                            timeout=left + self.rpc_timeout)
+            try:
+                for ev in call:
+                    if ev.HasField("granted"):
+                        if (stop := r.gate.check_grant(ev.granted)) is not None:
+                            raise stop  # released below, with the place
+                        return _grant(r.request_id, ev.granted)
+                    update = WaitUpdate.of(ev.queued)
+                    r.updates.append(update)
+                    if r.on_wait is not None:
+                        r.on_wait(update)
+                    if (stop := r.gate.check(update, self.clock() - start)) is not None:
+                        raise stop
+                raise LimiterUnavailable("limiter unavailable: the wait stream ended early")
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in TRANSIENT and attempt < self.transport_attempts and (
+                        self.clock() - start < r.max_wait or attempt == 1):
+                    self.counters.stream_reattaches += 1
+                    self.sleep(self.transport_backoff * 2 ** (attempt - 1))
+                    continue
+                if r.updates:
+                    self._abandon(r)
+                raise map_status(code, e.details() or "", e.trailing_metadata()) from e
+            except BaseException:
+                call.cancel()
+                self._abandon(r)
+                raise
+        raise AssertionError("unreachable")
+
+    def _abandon(self, r: SyncReservation) -> None:
+        """Drop the kept place now and release a grant made meanwhile (see Limiter)."""
+        try:
+            resp = self._call("Acquire", self._request(r, 0.0), self.rpc_timeout)
+        except LimiterBusy:
+            return
+        except Exception as e:
+            self.counters.settle_failures += 1
+            log.warning("could not abandon wait %s: %s", r.request_id, e)
+            return
+        assert isinstance(resp, pb.AcquireResponse)
+        try:
+            self._call("Release", pb.ReleaseRequest(reservation_id=resp.reservation_id),
+                       self.rpc_timeout)
+        except Exception as e:
+            self.counters.settle_failures += 1
+            log.warning("could not release %s: %s", resp.reservation_id, e)
 
     def _unavailable(self, r: SyncReservation, err: LimiterUnavailable) -> Grant:
         policy = self.on_unavailable
@@ -147,8 +209,12 @@ class SyncReservation:
 
     def __init__(self, limiter: SyncLimiter, scope: str, model: str, user: str,
                  input_tokens: int, max_output_tokens: int, max_wait: float,
-                 lease_ms: int) -> None:
+                 lease_ms: int, on_wait: SyncWaitCallback | None = None,
+                 gate: WaitGate | None = None) -> None:
         self._limiter = limiter
+        self.on_wait = on_wait
+        self.gate = gate or WaitGate()
+        self.updates: list[WaitUpdate] = []
         self.scope, self.model, self.user = scope, model, user
         self.input_tokens, self.max_output_tokens = input_tokens, max_output_tokens
         self.max_wait, self.lease_ms = max_wait, lease_ms
@@ -159,6 +225,11 @@ class SyncReservation:
         self._state = Settle()
         self._stop = threading.Event()
         self._ka: threading.Thread | None = None
+
+    @property
+    def streams(self) -> bool:
+        return (self.on_wait is not None or self.gate.budget is not None
+                or self.gate.overloaded_hint)
 
     def local_grant(self, mode: str) -> Grant:
         return Grant("", self.request_id, 0, False, mode, self.input_tokens,
@@ -281,3 +352,9 @@ class SyncReservation:
         bucket = self._limiter._local
         if self.grant is not None and self.grant.mode == "local" and bucket is not None:
             bucket.give_back(self.input_tokens + self.max_output_tokens - used)
+
+
+def _grant(request_id: str, resp: pb.AcquireResponse) -> Grant:
+    return Grant(resp.reservation_id, request_id, resp.lease_expires_at_ms, resp.replayed,
+                 "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
+                 max(0, resp.lease_expires_at_ms - resp.granted_at_ms))
