@@ -35,7 +35,8 @@ proto-check: setup  ## fail when the committed stubs differ from what proto/ gen
 	  { echo "stale stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
 	  rm -rf $$tmp
 
-bench: setup
+bench: setup  ## never part of `make test`; writes bench/out/results.md and goodput.png
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench $(ARGS)
 
 clean:
