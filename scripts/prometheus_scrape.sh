@@ -50,5 +50,5 @@ done
 query 'limiterd_acquires_total{result="granted"}'
 query 'limiterd_tokens_total{kind="refunded"}'
 query 'limiterd_bucket_capacity{dimension="input_tokens"}'
-query 'histogram_quantile(0.99, rate(limiterd_rpc_duration_seconds_bucket[1m]))'
+query 'sum by (method) (limiterd_rpc_duration_seconds_count)'
 echo "a real Prometheus scraped limiterd on 127.0.0.1:$metrics_port"
