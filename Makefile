@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-long lint proto proto-check bench clean
+.PHONY: setup run test test-long lint typecheck proto proto-check bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ test-long: setup  ## the long tests (crash loop of 50+ rounds)
 
 lint: setup
 	$(PY) -m ruff check .
+
+typecheck: setup  ## mypy --strict on the daemon and the client
+	$(PY) -m mypy limiterd client/src/limiterd_client
 
 proto: setup  ## regenerate the stubs from proto/
 	$(PY) scripts/codegen.py

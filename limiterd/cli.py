@@ -152,8 +152,7 @@ def connected(target: Target) -> Iterator[Client]:
         click.echo(f"limiterd: {exc}", err=True)
         sys.exit(EXIT_UNREACHABLE)
     except grpc.RpcError as exc:
-        code = exc.code()  # type: ignore[attr-defined]
-        click.echo(f"limiterd: {code.name}: {exc.details()}", err=True)  # type: ignore[attr-defined]
+        click.echo(f"limiterd: {exc.code().name}: {exc.details()}", err=True)
         sys.exit(EXIT_FAILED)
     finally:
         client.close()

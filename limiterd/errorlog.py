@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from limiterd.clock import Clock
 
@@ -105,6 +105,6 @@ class ErrorLog:
             await self.flush()
 
 
-def entries_from_rows(rows: Iterable[Sequence[object]]) -> list[ErrorEntry]:
-    return [ErrorEntry(float(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),  # type: ignore[arg-type]
+def entries_from_rows(rows: Iterable[Sequence[Any]]) -> list[ErrorEntry]:
+    return [ErrorEntry(float(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),
                        str(r[5]), str(r[6]), str(r[7]), bool(r[8])) for r in rows]

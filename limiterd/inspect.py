@@ -73,11 +73,11 @@ class Client:
             return method(request, timeout=self.target.timeout_s,
                           metadata=self.target.metadata())
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unreachable(
                     f"cannot reach the daemon at {self.target.address}: "
-                    f"{exc.details()}"  # type: ignore[attr-defined]
+                    f"{exc.details()}"
                 ) from None
             raise
 
@@ -92,7 +92,9 @@ class Client:
                 return
 
     def buckets(self, scope: str = "", model: str = "") -> pb.GetBucketsResponse:
-        return self.call(self.admin.GetBuckets, pb.GetBucketsRequest(scope=scope, model=model))
+        resp: pb.GetBucketsResponse = self.call(
+            self.admin.GetBuckets, pb.GetBucketsRequest(scope=scope, model=model))
+        return resp
 
 
 # ---- rows and tables -------------------------------------------------------------------------

@@ -142,7 +142,10 @@ class Reloader:
                 self.reload()
 
 
-class _AdminToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+class _AdminToken(grpc.aio.ServerInterceptor):
     """Admin calls need the token in metadata; Limiter calls pass untouched."""
 
     def __init__(self, token: str) -> None:
@@ -152,13 +155,13 @@ class _AdminToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"admin calls need the {ADMIN_TOKEN_KEY} metadata")
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny: Handler = grpc.unary_unary_rpc_method_handler(deny)
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         if details.method.startswith(f"/{ADMIN}/"):
             sent = dict(details.invocation_metadata or ()).get(ADMIN_TOKEN_KEY, "")
             if not hmac.compare_digest(str(sent).encode(), self._token):

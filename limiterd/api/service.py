@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -21,6 +21,7 @@ from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 # Leave this much of the caller's gRPC deadline for the answer to travel back, so a grant is
 # never made that the caller can only hear of after it gave up.
@@ -36,7 +37,7 @@ class Observer(Protocol):
 
 
 async def answer(
-    context: grpc.aio.ServicerContext,
+    context: Context,
     call: Callable[[], Awaitable[T]],
     method: str = "",
     observer: Observer | None = None,
@@ -62,7 +63,7 @@ async def answer(
     raise AssertionError("unreachable")  # abort() raises
 
 
-class LimiterService(pb_grpc.LimiterServicer):
+class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
     def __init__(self, engine: Engine, observer: Observer | None = None,
                  errors: ErrorLog | None = None) -> None:
         self.engine = engine
@@ -72,7 +73,7 @@ class LimiterService(pb_grpc.LimiterServicer):
     async def _acquire(
         self,
         request: pb.AcquireRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         on_status: StatusCallback | None = None,
     ) -> pb.AcquireResponse:
         engine = self.engine
@@ -94,13 +95,13 @@ class LimiterService(pb_grpc.LimiterServicer):
         return response
 
     async def Acquire(
-        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AcquireRequest, context: Context
     ) -> pb.AcquireResponse:
         return await answer(context, lambda: self._acquire(request, context), "Acquire",
                             self.observer)
 
     async def AcquireStream(
-        self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AcquireRequest, context: Context
     ) -> None:
         async def on_status(status: WaitStatus) -> None:
             await context.write(pb.AcquireEvent(queued=pb.Queued(
@@ -118,7 +119,7 @@ class LimiterService(pb_grpc.LimiterServicer):
         await answer(context, call, "AcquireStream", self.observer)
 
     async def Report(
-        self, request: pb.ReportRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReportRequest, context: Context
     ) -> pb.ReportResponse:
         async def call() -> pb.ReportResponse:
             rid, actual_in, actual_out, outcome, retry_after_s = convert.report_request(request)
@@ -139,7 +140,7 @@ class LimiterService(pb_grpc.LimiterServicer):
         return await answer(context, call, "Report", self.observer)
 
     async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReleaseRequest, context: Context
     ) -> pb.ReleaseResponse:
         async def call() -> pb.ReleaseResponse:
             r, replayed = await self.engine.release(convert.reservation_id(request.reservation_id))
@@ -148,7 +149,7 @@ class LimiterService(pb_grpc.LimiterServicer):
         return await answer(context, call, "Release", self.observer)
 
     async def KeepAlive(
-        self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext
+        self, request: pb.KeepAliveRequest, context: Context
     ) -> pb.KeepAliveResponse:
         async def call() -> pb.KeepAliveResponse:
             rid = convert.reservation_id(request.reservation_id)
@@ -170,12 +171,13 @@ DEFAULT_PAGE = 100
 
 
 class Reloads(Protocol):
-    source: str
+    @property
+    def source(self) -> str: ...
 
     def reload(self) -> tuple[bool, str]: ...
 
 
-class AdminService(pb_grpc.AdminServicer):
+class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(self, engine: Engine, reloads: Reloads | None = None,
                  errors: ErrorLog | None = None) -> None:
         self.engine = engine
@@ -183,7 +185,7 @@ class AdminService(pb_grpc.AdminServicer):
         self.errors = errors
 
     async def ListErrors(
-        self, request: pb.ListErrorsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListErrorsRequest, context: Context
     ) -> pb.ListErrorsResponse:
         async def call() -> pb.ListErrorsResponse:
             if not 0 <= request.limit <= 10_000:
@@ -198,7 +200,7 @@ class AdminService(pb_grpc.AdminServicer):
                                      request.since_ms / 1000.0, request.limit or 100)
             return pb.ListErrorsResponse(errors=[pb.ProviderErrorEntry(
                 at_ms=convert.ms(e.at), scope_alias=self._alias(e.scope) or "other",
-                model=e.model, outcome=pb.Outcome.Value(e.outcome), http_status=e.http_status,
+                model=e.model, outcome=e.outcome, http_status=e.http_status,
                 error_type=e.error_type, error_code=e.error_code,
                 provider_request_id=e.provider_request_id, fell_back=e.fell_back,
             ) for e in rows])
@@ -206,7 +208,7 @@ class AdminService(pb_grpc.AdminServicer):
         return await answer(context, call)
 
     async def Reload(
-        self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReloadRequest, context: Context
     ) -> pb.ReloadResponse:
         async def call() -> pb.ReloadResponse:
             if self.reloads is None:
@@ -226,7 +228,7 @@ class AdminService(pb_grpc.AdminServicer):
         return self.engine.ledger.config.alias_for(scope) or ""
 
     async def ListLeases(
-        self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesResponse:
         async def call() -> pb.ListLeasesResponse:
             if not 0 <= request.page_size <= MAX_PAGE:
@@ -253,7 +255,7 @@ class AdminService(pb_grpc.AdminServicer):
         return await answer(context, call)
 
     async def GetBuckets(
-        self, request: pb.GetBucketsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetBucketsRequest, context: Context
     ) -> pb.GetBucketsResponse:
         async def call() -> pb.GetBucketsResponse:
             ledger, now = self.engine.ledger, self.engine.clock.now()

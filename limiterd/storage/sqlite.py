@@ -599,7 +599,7 @@ class SqliteJournal(Journal):
             # The whole batch in one hop to aiosqlite's thread: a hop per statement (BEGIN,
             # each executemany, COMMIT) costs more than the SQL at small batch sizes.
             # Connection._execute is how every aiosqlite method reaches that thread.
-            await conn._execute(_apply, conn, plan)
+            await conn._execute(_apply, conn, plan)  # type: ignore[no-untyped-call]
         except (sqlite3.Error, OSError, ValueError, OverflowError) as e:
             # OverflowError: an int beyond SQLite's 64 bits, i.e. bad input, not a crash.
             await self._rollback_quietly(conn)
@@ -651,7 +651,7 @@ class SqliteJournal(Journal):
                 raise
 
         try:
-            await conn._execute(apply, conn)
+            await conn._execute(apply, conn)  # type: ignore[no-untyped-call]
         except (sqlite3.Error, OSError, ValueError, OverflowError) as e:
             raise StorageError(f"{self.path}: error log write failed: {e}") from e
 
