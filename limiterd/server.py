@@ -15,7 +15,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -142,7 +142,8 @@ class Reloader:
                 self.reload()
 
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # the stubs make it generic; at run time it is not subscriptable
+    Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 class _AdminToken(grpc.aio.ServerInterceptor):
