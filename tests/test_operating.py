@@ -310,3 +310,24 @@ def test_error_log_survives_a_restart_and_filters(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
+
+
+async def test_logs_carry_no_scope_user_or_request_text(caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon never receives raw keys or prompts; it also keeps what it does receive
+    (scope hashes, user ids, request ids) out of its logs, even at debug level."""
+    caplog.set_level("DEBUG")
+    secrets = ("scope-hash-0123456789abcdef", "alice@example.com", "request-id-secret")
+    async with running_server(config=make_test_config()) as d:
+        async with grpc.aio.insecure_channel(d.target) as ch:
+            stub = pb_grpc.LimiterStub(ch)
+            g = await stub.Acquire(pb.AcquireRequest(
+                scope=secrets[0], model="tiny", user=secrets[1], input_tokens=5,
+                request_id=secrets[2]))
+            await stub.Report(pb.ReportRequest(reservation_id=g.reservation_id, outcome=pb.ERROR,
+                                               provider=pb.ProviderInfo(http_status=500)))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Acquire(pb.AcquireRequest(scope=secrets[0], model="nope",
+                                                     user=secrets[1]))
+    assert caplog.records, "nothing was logged at all: the check would prove nothing"
+    for secret in secrets:
+        assert secret not in caplog.text
