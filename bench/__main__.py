@@ -75,7 +75,9 @@ def main() -> None:
             ("server", "server", ""), ("rpc_per_s", "RPC/s", ".0f"),
             ("cycles_per_s", "Acquire+Report/s", ".0f"), ("p50_ms", "p50 ms", ".2f"),
             ("p99_ms", "p99 ms", ".2f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
-            ("rpc_ratio", "RPC/s vs floor", ".2f"), ("p99_ratio", "p99 vs floor", ".2f"),
+            ("rpc_ratio", "RPC/s (and cycles/s) vs floor", ".2f"),
+            ("p50_ratio", "p50 vs floor", ".2f"), ("p99_ratio", "p99 vs floor", ".2f"),
+            ("rss_ratio", "RSS vs floor", ".2f"),
         ]), ""]
     if "scale" in parts:
         print("cost as work grows (durable)", flush=True)
