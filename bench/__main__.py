@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [--quick] [--only cost,scale,restart,goodput]`."""
+"""`make bench` / `python -m bench [--quick] [--only floor,scale,restart,goodput]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from bench import cost
+from bench import cost, targets
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -35,21 +35,39 @@ def fmt(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
+PARTS = ("floor", "scale", "restart", "goodput")
+ALIASES = {"cost": "floor"}  # the part's earlier name
+
+
+def parse_parts(only: str) -> set[str]:
+    """`--only` as a set of part names; raises ValueError naming any unknown one."""
+    parts = {ALIASES.get(x.strip(), x.strip()) for x in only.split(",") if x.strip()}
+    unknown = sorted(parts - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"--only: unknown part(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {','.join(PARTS)}")
+    return parts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run, 1 run each")
-    p.add_argument("--only", default="cost,scale,restart,goodput")
+    p.add_argument("--only", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, from {','.join(PARTS)}")
     a = p.parse_args()
-    parts = set(a.only.split(","))
+    try:
+        parts = parse_parts(a.only)
+    except ValueError as exc:
+        p.error(str(exc))
     runs, seconds, conc = (1, 2.0, 32) if a.quick else (3, 8.0, 32)
     big = 10_000 if a.quick else 100_000
     OUT.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     report = [f"# limiterd benchmarks, {stamp}", "", f"Machine: {machine()}.",
               f"Each figure is the median of {runs} run(s); load generators run in their own "
               f"processes, {conc} calls in flight, {seconds:.0f} s per run.", ""]
     raw: dict[str, Any] = {"machine": machine(), "date": stamp, "quick": a.quick}
-    if "cost" in parts:
+    if "floor" in parts:
         print("cost per call against the floor", flush=True)
         rows = cost.cost_vs_floor(runs, seconds, conc)
         raw["cost"] = rows
@@ -57,19 +75,22 @@ def main() -> None:
             ("server", "server", ""), ("rpc_per_s", "RPC/s", ".0f"),
             ("cycles_per_s", "Acquire+Report/s", ".0f"), ("p50_ms", "p50 ms", ".2f"),
             ("p99_ms", "p99 ms", ".2f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
-            ("rpc_ratio", "RPC/s vs floor", ".2f"), ("p99_ratio", "p99 vs floor", ".2f"),
+            ("rpc_ratio", "RPC/s (and cycles/s) vs floor", ".2f"),
+            ("p50_ratio", "p50 vs floor", ".2f"), ("p99_ratio", "p99 vs floor", ".2f"),
+            ("rss_ratio", "RSS vs floor", ".2f"),
         ]), ""]
     if "scale" in parts:
         print("cost as work grows (durable)", flush=True)
         rows = cost.cost_as_work_grows(runs, seconds, conc, big)
         raw["scale"] = rows
-        base = rows[0]["cycles_per_s"]
-        for r in rows:
-            r["vs_first"] = r["cycles_per_s"] / base
-        report += ["## Cost as work grows (durable)", "", fmt(rows, [
+        targets.add_scale_ratios(rows)
+        report += ["## Cost as work grows (durable)", "",
+                   "Per-call cost = 1 / (Acquire+Report/s), relative to the smallest case of "
+                   "its series (1 scope; 0 open reservations): 1.10 = 10% more time per call.",
+                   "", fmt(rows, [
             ("case", "case", ""), ("cycles_per_s", "Acquire+Report/s", ".0f"),
             ("p99_ms", "p99 ms", ".2f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
-            ("vs_first", "vs 1 scope", ".2f"),
+            ("cost_vs_base", "per-call cost vs smallest case", ".2f"),
         ]), ""]
     if "restart" in parts:
         print("restart time", flush=True)
@@ -86,6 +107,9 @@ def main() -> None:
         rows = goodput.run_all(quick=a.quick, out=OUT)
         raw["goodput"] = rows
         report += goodput.report(rows)
+    verdicts = targets.check(raw)
+    raw["targets"] = [vars(v) for v in verdicts]
+    report += targets.table(verdicts)
     text = "\n".join(report)
     (OUT / "results.md").write_text(text + "\n")
     (OUT / "results.json").write_text(json.dumps(raw, indent=2, default=str))

@@ -1,7 +1,10 @@
 """The load generator, run as its own process: Acquire+Report cycles at a fixed concurrency.
 
-    python -m bench.load TARGET CONCURRENCY SECONDS SCOPES [--prefill N --hold]
-prints one JSON line: cycles, rpcs, seconds, p50_ms, p99_ms (per RPC).
+    python -m bench.load TARGET CONCURRENCY SECONDS SCOPES [--prefill N [--touch]]
+prints one JSON line: cycles, rpcs, seconds, p50_ms, p99_ms (per RPC). With --prefill it
+only prepares the daemon: N open reservations held (long leases, never reported) on `held-*`
+scopes, or with --touch one Acquire+Report on each of the N scopes the load itself uses, so
+their buckets exist before measuring.
 """
 
 from __future__ import annotations
@@ -19,12 +22,19 @@ from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 MODEL = "bench-model"
 
 
-async def prefill(stub: pb_grpc.LimiterStub, n: int, scopes: int) -> None:
-    """Hold n open reservations (long leases, never reported), spread over the scopes."""
+async def prefill(stub: pb_grpc.LimiterStub, n: int, scopes: int, touch: bool) -> None:
+    """Hold n open reservations (long leases, never reported) spread over `scopes` held-*
+    scopes; or, with touch, create the buckets of scopes s0..s{n-1} (Acquire+Report each)."""
     sem = asyncio.Semaphore(64)
 
     async def one(i: int) -> None:
         async with sem:
+            if touch:
+                r = await stub.Acquire(pb.AcquireRequest(scope=f"s{i}", model=MODEL,
+                                                         input_tokens=1))
+                await stub.Report(pb.ReportRequest(reservation_id=r.reservation_id,
+                                                   outcome=pb.OK, actual_input_tokens=1))
+                return
             await stub.Acquire(pb.AcquireRequest(scope=f"held-{i % scopes}", model=MODEL,
                                                  input_tokens=1, lease_ms=3_600_000))
 
@@ -52,7 +62,7 @@ async def main(a: argparse.Namespace) -> None:
     async with grpc.aio.insecure_channel(a.target) as ch:
         stub = pb_grpc.LimiterStub(ch)
         if a.prefill:
-            await prefill(stub, a.prefill, max(1, min(a.prefill, a.scopes)))
+            await prefill(stub, a.prefill, max(1, min(a.prefill, a.scopes)), a.touch)
             print(json.dumps({"prefilled": a.prefill}), flush=True)
             return
         await worker(stub, time.perf_counter() + 0.5, a.scopes, 0, [])  # warm up
@@ -78,4 +88,5 @@ if __name__ == "__main__":
     p.add_argument("seconds", type=float)
     p.add_argument("scopes", type=int)
     p.add_argument("--prefill", type=int, default=0)
+    p.add_argument("--touch", action="store_true")
     asyncio.run(main(p.parse_args()))

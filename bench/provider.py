@@ -61,7 +61,7 @@ class Provider:
             self.models[name] = Model(
                 Bucket(m["rpm"], m["rpm"], now), Bucket(m["itpm"], m["itpm"], now),
                 Bucket(m["otpm"], m["otpm"], now),
-                [tuple(o) for o in m.get("overloads", [])],  # type: ignore[misc]
+                [tuple(o) for o in m.get("overloads", [])],
             )
         self.log = open(log_path, "a", buffering=1)  # noqa: SIM115
         self.rng = random.Random(7)
@@ -127,6 +127,7 @@ class Provider:
                     headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 path = line.split()[1].decode()
+                extra: dict[str, str]
                 if path.startswith("/v1/messages/count_tokens"):
                     status, extra = 200, {}
                     payload = {"input_tokens": input_tokens(json.loads(body or b"{}"))}

@@ -1,0 +1,82 @@
+"""The targets the figures are held against, checked from the raw results (no I/O).
+
+Kept apart from the measuring code so the verdicts printed under the tables follow from the
+numbers in results.json alone, and so they can be unit-tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+RPC_VS_FLOOR_MIN = 0.85  # durable RPC/s at least this share of the floor's
+P99_VS_FLOOR_MAX = 1.5  # durable p99 at most this multiple of the floor's
+SCALE_COST_MAX = 1.2  # per-call cost at the largest case / at the smallest, at most
+RSS_100K_SCOPES_MAX_MB = 300.0
+RESTART_MAX_S = 3.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    met: bool
+
+
+def scale_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Split the scale rows into the scopes series and the open-reservations series, each in
+    measuring order (smallest case first)."""
+    groups: dict[str, list[dict[str, Any]]] = {"scopes": [], "open reservations": []}
+    for r in rows:
+        groups["scopes" if str(r["case"]).endswith("scopes") else "open reservations"].append(r)
+    return {k: v for k, v in groups.items() if v}
+
+
+def add_scale_ratios(rows: list[dict[str, Any]]) -> None:
+    """Per-call cost of each row relative to the smallest case of its own series (cost per
+    call = 1 / cycles/s, so 1.10 means 10% more time per call)."""
+    for series in scale_groups(rows).values():
+        base = float(series[0]["cycles_per_s"])
+        for r in series:
+            r["cost_vs_base"] = base / float(r["cycles_per_s"])
+
+
+def check(raw: dict[str, Any]) -> list[Verdict]:
+    """Every target whose figures are present in `raw` (a results.json document)."""
+    out: list[Verdict] = []
+    by_server = {r["server"]: r for r in raw.get("cost", [])}
+    if "durable" in by_server:
+        d = by_server["durable"]
+        out.append(Verdict(f"durable RPC/s >= {RPC_VS_FLOOR_MIN}x floor",
+                           f"{d['rpc_ratio']:.2f}x", d["rpc_ratio"] >= RPC_VS_FLOOR_MIN))
+        out.append(Verdict(f"durable p99 <= {P99_VS_FLOOR_MAX}x floor",
+                           f"{d['p99_ratio']:.2f}x", d["p99_ratio"] <= P99_VS_FLOOR_MAX))
+    scale = raw.get("scale", [])
+    for series in scale_groups(scale).values():
+        if len(series) < 2:
+            continue
+        lo, hi = series[0], series[-1]
+        ratio = float(lo["cycles_per_s"]) / float(hi["cycles_per_s"])
+        out.append(Verdict(f"per-call cost, {hi['case']} / {lo['case']} <= {SCALE_COST_MAX}x",
+                           f"{ratio:.2f}x", ratio <= SCALE_COST_MAX))
+    scopes = scale_groups(scale).get("scopes", [])
+    if len(scopes) > 1:  # the target is set for 100k scopes; --quick measures fewer
+        r = scopes[-1]
+        out.append(Verdict(f"peak RSS with {r['case']} <= {RSS_100K_SCOPES_MAX_MB:.0f} MB",
+                           f"{r['peak_rss_mb']:.0f} MB",
+                           r["peak_rss_mb"] <= RSS_100K_SCOPES_MAX_MB))
+    restart = raw.get("restart")
+    if restart:
+        held = int(restart["open_reservations"])
+        out.append(Verdict(f"restart with {held:,} open reservations < {RESTART_MAX_S:.0f} s",
+                           f"{restart['restart_s']:.2f} s", restart["restart_s"] < RESTART_MAX_S))
+    return out
+
+
+def table(verdicts: list[Verdict]) -> list[str]:
+    if not verdicts:
+        return []
+    lines = ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {v.target} | {v.measured} | {'met' if v.met else '**not met**'} |"
+              for v in verdicts]
+    return [*lines, ""]

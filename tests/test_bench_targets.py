@@ -1,0 +1,56 @@
+"""The bench's verdicts follow from its numbers (pure functions; no bench is run here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import targets
+from bench.__main__ import parse_parts
+
+
+def scale_rows(scopes: list[float], held: list[float], rss: float = 100.0) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for n, c in zip((1, 1000, 100000), scopes, strict=True):
+        rows.append({"case": f"{n} scopes", "cycles_per_s": c, "peak_rss_mb": rss})
+    for n, c in zip((0, 10000, 100000), held, strict=True):
+        rows.append({"case": f"{n} open reservations", "cycles_per_s": c, "peak_rss_mb": 50.0})
+    return rows
+
+
+def test_scale_ratios_are_per_series_cost() -> None:
+    rows = scale_rows([1000, 900, 800], [2000, 1000, 1600])
+    targets.add_scale_ratios(rows)
+    assert [round(r["cost_vs_base"], 3) for r in rows] == [1.0, 1.111, 1.25, 1.0, 2.0, 1.25]
+
+
+def test_verdicts_follow_the_numbers() -> None:
+    raw = {
+        "cost": [
+            {"server": "floor", "rpc_ratio": 1.0, "p99_ratio": 1.0},
+            {"server": "durable", "rpc_ratio": 0.9, "p99_ratio": 1.6},
+        ],
+        "scale": scale_rows([1000, 950, 900], [1000, 900, 800], rss=301.0),
+        "restart": {"open_reservations": 100000.0, "restart_s": 2.5},
+    }
+    got = {v.target: (v.measured, v.met) for v in targets.check(raw)}
+    assert got == {
+        "durable RPC/s >= 0.85x floor": ("0.90x", True),
+        "durable p99 <= 1.5x floor": ("1.60x", False),
+        "per-call cost, 100000 scopes / 1 scopes <= 1.2x": ("1.11x", True),
+        "per-call cost, 100000 open reservations / 0 open reservations <= 1.2x": ("1.25x", False),
+        "peak RSS with 100000 scopes <= 300 MB": ("301 MB", False),
+        "restart with 100,000 open reservations < 3 s": ("2.50 s", True),
+    }
+    assert "| durable p99 <= 1.5x floor | 1.60x | **not met** |" in targets.table(
+        targets.check(raw))
+
+
+def test_only_accepts_part_names_and_the_old_alias() -> None:
+    assert parse_parts("floor, scale") == {"floor", "scale"}
+    assert parse_parts("cost,restart") == {"floor", "restart"}
+    with pytest.raises(ValueError, match="--only: unknown part.*nope"):
+        parse_parts("floor,nope")
+    with pytest.raises(ValueError, match="none given"):
+        parse_parts(",")
