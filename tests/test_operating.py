@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,7 @@ def make_certs(d: Path) -> dict[str, Path]:
     return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 async def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     c = make_certs(tmp_path)
     req = pb.AcquireRequest(scope="s", model="tiny", input_tokens=1)
