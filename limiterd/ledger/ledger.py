@@ -50,6 +50,8 @@ LIMIT_FIELDS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens
 CONCURRENCY_RETRY_S = 1.0
 # How many buckets one idle sweep step looks at, so a sweep never stalls the loop.
 SWEEP_CHUNK = 2000
+# The soonest a blocked waiter is looked at again (see _plan_retry).
+MIN_RETRY_S = 0.001
 # Stale heap entries tolerated before the heaps are rebuilt (see _compact_heaps).
 COMPACT_SLACK = 4096
 
@@ -78,6 +80,7 @@ class Waiter:
     enqueued_at: float
     deadline: float
     result: Granted | Rejected | None = None
+    probing: bool = False  # a try-once being evaluated right now: its deadline is `now`
 
 
 class Ledger:
@@ -166,7 +169,9 @@ class Ledger:
         self._enqueue(w)
         if rid_key is not None:
             self._by_request[rid_key] = w
+        w.probing = deadline <= now
         self._drain(buckets, now)
+        w.probing = False
         if isinstance(w.result, Granted):
             self._ended.remove(w)
             return w.result
@@ -439,7 +444,7 @@ class Ledger:
             if not q or q[0].seq != seq:
                 continue
             w = q[0]
-            if w.deadline <= now and w.deadline > w.enqueued_at:
+            if w.deadline <= now and not w.probing:
                 # Past its deadline (a timer may not have fired yet): never grant late.
                 self._end(w, Rejected(self._estimate(w, qk, w.amounts, now)), now, redrain=False)
             elif not claimed.isdisjoint(qk):
@@ -468,9 +473,11 @@ class Ledger:
 
     def _plan_retry(self, w: Waiter, bs: list[Bucket], paused_until: float, now: float) -> None:
         wait = max(b.seconds_until(w.amounts) for b in bs)
-        at = max(now + wait, paused_until)
-        if at <= now:  # only a concurrency slot is missing: a settlement will wake it
-            return
+        if wait <= 0 and paused_until <= now:
+            return  # only a concurrency slot is missing: a settlement will wake it
+        # At unix-time magnitudes a float second has ~1e-7 s of resolution: a timer can fire a
+        # hair early and find the bucket a sliver short. Never plan a retry for "now".
+        at = max(now + max(wait, MIN_RETRY_S), paused_until)
         current = self._retry_at.get(w.queue)
         if current is None or at < current or current <= now:
             self._retry_at[w.queue] = at
