@@ -207,12 +207,6 @@ def test_newcomer_waits_behind_a_queue_even_if_it_fits() -> None:
     assert head.result.reservation.granted_at < late.result.reservation.granted_at
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a retry timer that lands a float ulp short of the refill time finds the "
-    "bucket ~1e-4 tokens short (> EPS), and _plan_retry then computes now+wait == now, so no "
-    "retry is scheduled: the waiter sleeps until an unrelated event (here the 600 s lease)",
-)
 def test_waiter_is_granted_on_time_at_realistic_unix_times() -> None:
     led = Ledger(config({"m": Limits(None, 60_000, None)}), T0)
     grant(led, req(60_000), T0)  # 1000 tokens per second
@@ -337,12 +331,6 @@ def test_repeat_with_a_new_deadline_moves_the_wait() -> None:
 
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a repeat with deadline == now at the waiter's own enqueue time sets "
-    "deadline == enqueued_at, which _drain's late check (deadline > enqueued_at) takes for "
-    "try-once, so a release before the next advance() grants it after its deadline",
-)
 def test_repeat_with_try_once_at_enqueue_time_is_never_granted_late() -> None:
     led = Ledger(config(), T0)
     first = grant(led, req(600), T0)
