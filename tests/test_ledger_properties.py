@@ -394,8 +394,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.ledger.open_count == len(self.open)
         assert {r.id for r in self.ledger.open_reservations()} == set(self.open)
         for rid, state in self.ended.items():
-            r = self.ledger.get(rid)
-            assert r is None or r.state is state
+            known = self.ledger.get(rid)
+            assert known is None or known.state is state
         assert self.ledger.waiting_count == len(self.pending)
 
     @invariant()
