@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -41,6 +42,7 @@ LIMITER = pb.DESCRIPTOR.services_by_name["Limiter"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVICE_NAMES = (LIMITER, ADMIN)
 ADMIN_TOKEN_KEY = "x-limiterd-admin-token"
+GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
 class ListenError(Exception):
@@ -308,6 +310,10 @@ async def running_server(
 async def serve(options: ServeOptions) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config file. Raises ConfigError,
     StartupError or ListenError (each a one-line message) when it cannot start."""
+    # The ledger keeps many long-lived objects (a bucket per scope, settled reservations);
+    # with the default thresholds the cyclic GC re-walks them so often that 100k scopes cost
+    # 1.8x per call (bench: scale). Its data has no cycles, so collect far less often.
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
     config = load_config(options.config_path)
     journal = open_journal(options.db, options.synchronous)  # type: ignore[arg-type]
     srv = await start_server(
