@@ -138,65 +138,64 @@ class _Usage:
                      max(seen.output_tokens, math.ceil(len(self.text) / CHARS_PER_TOKEN)))
 
 
-class _AsyncHandle:
+class _Handle:
+    """What the async and sync stream handles share: usage so far, response meta, and the
+    mapping of a mid-stream failure to a ProviderError that carries the usage."""
+
     def __init__(self, manager: Any, stream: Any, estimated_input: int) -> None:
         self._manager, self._stream = manager, stream
         self._usage = _Usage(stream, estimated_input)
 
+    def usage(self) -> Usage:
+        return self._usage.get()
+
+    def meta(self) -> ProviderMeta:
+        return _meta(self._stream.response)
+
+    def _failed(self, e: Exception) -> Exception:
+        """The ProviderError to raise instead of `e` (with the usage so far), or `e`."""
+        pe = to_provider_error(e)
+        if pe is None:
+            return e
+        pe.usage = self._usage.get()
+        return pe
+
+    def _finished(self, msg: Any) -> Message:
+        self._usage.complete = True
+        return cast("Message", msg)
+
+
+class _AsyncHandle(_Handle):
     async def texts(self) -> AsyncIterator[str]:
         try:
             async for text in self._stream.text_stream:
                 self._usage.text += text
                 yield text
         except Exception as e:
-            pe = to_provider_error(e)
-            if pe is None:
+            if (failure := self._failed(e)) is e:
                 raise
-            pe.usage = self._usage.get()
-            raise pe from e
-
-    def usage(self) -> Usage:
-        return self._usage.get()
-
-    def meta(self) -> ProviderMeta:
-        return _meta(self._stream.response)
+            raise failure from e
 
     async def final(self) -> Message:
-        msg = cast("Message", await self._stream.get_final_message())
-        self._usage.complete = True
-        return msg
+        return self._finished(await self._stream.get_final_message())
 
     async def close(self) -> None:
         await self._manager.__aexit__(None, None, None)
 
 
-class _SyncHandle:
-    def __init__(self, manager: Any, stream: Any, estimated_input: int) -> None:
-        self._manager, self._stream = manager, stream
-        self._usage = _Usage(stream, estimated_input)
-
+class _SyncHandle(_Handle):
     def texts(self) -> Iterator[str]:
         try:
             for text in self._stream.text_stream:
                 self._usage.text += text
                 yield text
         except Exception as e:
-            pe = to_provider_error(e)
-            if pe is None:
+            if (failure := self._failed(e)) is e:
                 raise
-            pe.usage = self._usage.get()
-            raise pe from e
-
-    def usage(self) -> Usage:
-        return self._usage.get()
-
-    def meta(self) -> ProviderMeta:
-        return _meta(self._stream.response)
+            raise failure from e
 
     def final(self) -> Message:
-        msg = cast("Message", self._stream.get_final_message())
-        self._usage.complete = True
-        return msg
+        return self._finished(self._stream.get_final_message())
 
     def close(self) -> None:
         self._manager.__exit__(None, None, None)
