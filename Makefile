@@ -34,7 +34,7 @@ proto: setup  ## regenerate the stubs from proto/
 
 proto-check: setup  ## fail when the committed stubs differ from what proto/ generates
 	@tmp=$$(mktemp -d) && $(PY) scripts/codegen.py $$tmp && \
-	  diff -r -x __pycache__ $$tmp client/src/limiterd_client/_proto > /dev/null || \
+	  diff -r -x __pycache__ $$tmp client/src/limiterd_client/proto > /dev/null || \
 	  { echo "stale stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
 	  rm -rf $$tmp
 

@@ -7,8 +7,8 @@ import sys
 
 import grpc
 
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 
 class Echo(pb_grpc.LimiterServicer):  # type: ignore[misc]

@@ -32,7 +32,7 @@ from limiterd.inspect import (
 from limiterd.server import ListenError, Security, ServeOptions, serve
 from limiterd.storage.base import StartupError
 from limiterd.storage.sqlite import default_db_path
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})

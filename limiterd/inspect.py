@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 ADMIN_TOKEN_KEY = "x-limiterd-admin-token"
 

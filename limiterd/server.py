@@ -33,8 +33,8 @@ from limiterd.metrics import Metrics
 from limiterd.storage.base import Journal
 from limiterd.storage.memory import MemoryJournal
 from limiterd.storage.sqlite import open_journal
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 log = logging.getLogger("limiterd")
 

@@ -1,6 +1,6 @@
 """Generate the Python stubs from proto/ into the client package (`make proto`).
 
-The stubs live in limiterd_client so that the client installs without the daemon, and the
+The stubs are the public module `limiterd_client.proto`, so that the client installs without the daemon, and the
 daemon imports them from there. grpc_tools writes absolute imports that follow the .proto
 path (`from limiter.v1 import ...`); we rewrite them to the package path they live under.
 """
@@ -15,7 +15,7 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PACKAGE = "limiterd_client._proto"
+PACKAGE = "limiterd_client.proto"
 
 
 def generate(out: pathlib.Path) -> None:
@@ -42,6 +42,6 @@ def generate(out: pathlib.Path) -> None:
 
 if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else (
-        ROOT / "client" / "src" / "limiterd_client" / "_proto"
+        ROOT / "client" / "src" / "limiterd_client" / "proto"
     )
     generate(target)

@@ -10,7 +10,7 @@ import pytest
 from limiterd.config.loader import parse_config
 from limiterd.config.model import Config
 from limiterd.server import RunningServer, running_server
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 # Small limits so tests reach them quickly. "tiny": 10 requests, 1000 in, 1000 out per minute.
 TEST_CONFIG_TOML = """

@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.test_process import free_port, limiterd, wait_serving
 
 CONFIG = """

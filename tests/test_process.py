@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import TEST_CONFIG_TOML
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ from limiterd.engine import Engine, WaitStatus
 from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, BucketKey, Outcome
 from limiterd.storage.memory import MemoryJournal
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import make_test_config
 
 

@@ -8,8 +8,8 @@ import grpc
 
 from limiterd.ledger.model import Reservation
 from limiterd.server import RunningServer
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 # "claude-scarce-1" admits 2 requests a minute, so a third caller waits.
 CLIENT_TEST_CONFIG = """

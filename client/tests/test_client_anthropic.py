@@ -35,7 +35,7 @@ from limiterd_client import (
     estimate_chars,
     scope_for_api_key,
 )
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 OPUS, SONNET, HAIKU = "claude-opus-4-1", "claude-sonnet-4-6", "claude-haiku-4-5"
 CHAIN = (OPUS, SONNET, HAIKU)

@@ -20,7 +20,7 @@ from limiterd_client import (
     SafeCapacity,
     SyncLimiter,
 )
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["Limiter"]

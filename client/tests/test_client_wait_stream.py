@@ -27,7 +27,7 @@ from limiterd_client import (
     WaitUpdate,
     run_call,
 )
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 # "tiny" refills 1000 input tokens a minute: a holder of all 1000 makes the next caller wait.
 

@@ -11,7 +11,7 @@ import re
 from limiterd.config.model import Settings
 from limiterd.ledger.errors import InvalidRequest
 from limiterd.ledger.model import AcquireRequest, Outcome, Reservation, Settlement, State
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 MAX_NAME_BYTES = 256  # scope, model, user
 MAX_REQUEST_ID_BYTES = 128

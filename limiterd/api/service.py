@@ -17,8 +17,8 @@ from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.errors import InvalidRequest
 from limiterd.ledger.ledger import LIMIT_FIELDS, Rejected
 from limiterd.ledger.model import Reservation
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 
-from ._proto.limiter.v1 import limiter_pb2 as pb
 from .errors import (
     LimiterBusy,
     LimiterError,
@@ -20,6 +19,7 @@ from .errors import (
     ProviderMeta,
     ReservationNotFound,
 )
+from .proto.limiter.v1 import limiter_pb2 as pb
 
 log = logging.getLogger("limiterd_client")
 

@@ -26,8 +26,6 @@ from ._core import (
     provider_pb,
     validate,
 )
-from ._proto.limiter.v1 import limiter_pb2 as pb
-from ._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .errors import (
     LimiterBusy,
     LimiterRejected,
@@ -36,6 +34,8 @@ from .errors import (
     ProviderMeta,
 )
 from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .proto.limiter.v1 import limiter_pb2 as pb
+from .proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .wait import WaitCallback, WaitGate, WaitUpdate
 
 

@@ -23,10 +23,10 @@ from ._core import (
     provider_pb,
     validate,
 )
-from ._proto.limiter.v1 import limiter_pb2 as pb
-from ._proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .errors import LimiterBusy, LimiterRejected, LimiterUnavailable, ProviderError, ProviderMeta
 from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .proto.limiter.v1 import limiter_pb2 as pb
+from .proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .wait import SyncWaitCallback, WaitGate, WaitUpdate
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ._proto.limiter.v1 import limiter_pb2 as pb
 from .errors import LimiterBusy
+from .proto.limiter.v1 import limiter_pb2 as pb
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from limiterd_client._proto.limiter.v1 import limiter_pb2 as limiter_dot_v1_dot_limiter__pb2
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as limiter_dot_v1_dot_limiter__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
