@@ -1,8 +1,9 @@
 """Generate the Python stubs from proto/ into the client package (`make proto`).
 
-The stubs are the public module `limiterd_client.proto`, so that the client installs without the daemon, and the
-daemon imports them from there. grpc_tools writes absolute imports that follow the .proto
-path (`from limiter.v1 import ...`); we rewrite them to the package path they live under.
+The stubs are the public module `limiterd_client.proto`: the client installs without the
+daemon, and the daemon and other callers import them from there. grpc_tools writes absolute
+imports that follow the .proto path (`from limiter.v1 import ...`); we rewrite them to the
+package path they live under.
 """
 
 from __future__ import annotations
