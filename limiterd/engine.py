@@ -11,16 +11,19 @@ never interleave with another. After each call the engine:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from limiterd.clock import Clock, Timer
 from limiterd.config.model import Config
-from limiterd.ledger.ledger import Granted, Ledger, Rejected, Waiter
-from limiterd.ledger.model import AcquireRequest, Change, Outcome, Reservation
+from limiterd.ledger.buckets import RATE_DIMS
+from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Ledger, Rejected, Waiter
+from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, Reservation
 from limiterd.storage.base import Journal, StorageError
+from limiterd.views import BucketView, DimensionView, Stats, lease_order, resolve_scope
 
 log = logging.getLogger("limiterd.engine")
 
@@ -51,17 +54,14 @@ class WaitStatus:
 StatusCallback = Callable[[WaitStatus], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class Stats:
-    open_reservations: int
-    waiting: int
-    healthy: bool
-
-
 ChangeListener = Callable[[Sequence[Change]], None]
 
 
 class Engine:
+    """The API layer and metrics call the methods below and read the views they return
+    (limiterd.views); `ledger`, `clock` and `journal` are the engine's own parts, public
+    only so tests can look inside."""
+
     def __init__(self, config: Config, journal: Journal, clock: Clock) -> None:
         self.clock = clock
         self.journal = journal
@@ -286,12 +286,96 @@ class Engine:
         self.ledger.set_config(config, self.clock.now())
         self._after()
 
-    def stats(self) -> Stats:
-        return Stats(self.ledger.open_count, self.ledger.waiting_count, self._healthy)
+    # ---- the read API: frozen views ------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.ledger.config
+
+    def now(self) -> float:
+        return self.clock.now()
 
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    def stats(self) -> Stats:
+        now = self.clock.now()
+        ledger = self.ledger
+        return Stats(
+            ledger.open_count, ledger.waiting_count, self._healthy, ledger.active_pauses(now),
+            tuple(sorted(ledger.overloaded_models(now).items())),
+        )
+
+    def overloaded_until(self, model: str) -> float:
+        """When the overload mark on `model` lifts (0.0: not marked)."""
+        return self.ledger.overloaded_until(model, self.clock.now())
+
+    def scopes(self, wanted: str) -> frozenset[str] | None:
+        """The scope hashes an operator means by `wanted` (a hash, an alias or a unique
+        prefix; None: every scope). Raises AmbiguousScope."""
+        if not wanted:
+            return None
+        known = {k.scope for k in self.ledger.bucket_keys()}
+        known.update(r.scope for r in self.ledger.open_reservations())
+        aliases = {s: c.alias for s, c in self.config.scopes.items()}
+        known.update(aliases)
+        return resolve_scope(wanted, known, aliases)
+
+    def buckets(
+        self,
+        scopes: frozenset[str] | None = None,
+        model: str = "",
+        after: BucketKey | None = None,
+        limit: int | None = None,
+    ) -> list[BucketView]:
+        """Buckets in key order, after `after`, at most `limit`. Only the keys are scanned
+        in full; views are built for the page alone, so a page of 40,000 buckets costs
+        little more than a page of 100."""
+        keys: Iterable[BucketKey] = (
+            k for k in self.ledger.bucket_keys()
+            if (scopes is None or k.scope in scopes) and (not model or k.model == model)
+            and (after is None or k > after)
+        )
+        page = sorted(keys) if limit is None else heapq.nsmallest(limit, keys)
+        now = self.clock.now()
+        return [self._bucket_view(k, now) for k in page]
+
+    def _bucket_view(self, key: BucketKey, now: float) -> BucketView:
+        ledger = self.ledger
+        b = ledger.bucket(key, now)
+        learned = ledger.learned_fields(key)
+        dims = [
+            DimensionView(name, b.levels[i], cap, cap / 60.0, field in learned)
+            for i, (name, field, cap) in enumerate(zip(RATE_DIMS, LIMIT_FIELDS, b.caps,
+                                                       strict=True))
+            if cap is not None
+        ]
+        mc = b.limits.max_concurrent
+        if mc is not None:
+            dims.append(DimensionView("concurrent", mc - b.in_flight, mc))
+        return BucketView(
+            key, tuple(dims), ledger.queue_depth(b), b.in_flight,
+            0.0 if key.user else ledger.paused_until(key.scope, key.model, now),
+            ledger.overloaded_until(key.model, now),
+        )
+
+    def leases(
+        self,
+        scopes: frozenset[str] | None = None,
+        model: str = "",
+        after: tuple[float, str] | None = None,
+        limit: int | None = None,
+    ) -> list[Reservation]:
+        """Open reservations, soonest expiry first (lease_order), after `after`."""
+        found = (
+            r for r in self.ledger.open_reservations()
+            if (scopes is None or r.scope in scopes) and (not model or r.model == model)
+            and (after is None or lease_order(r) > after)
+        )
+        if limit is None:
+            return sorted(found, key=lease_order)
+        return heapq.nsmallest(limit, found, key=lease_order)
 
     # ---- the loop's bookkeeping -------------------------------------------------------------
 

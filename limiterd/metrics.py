@@ -12,7 +12,6 @@ scope is folded into OTHER_SCOPE; raw scope hashes and user ids are never labels
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -178,8 +177,7 @@ class _LedgerCollector(Collector):
 
     def _families(self) -> list[GaugeMetricFamily]:
         engine = self.engine
-        ledger, now = engine.ledger, engine.clock.now()
-        config = ledger.config
+        config = engine.config
         level = GaugeMetricFamily("limiterd_bucket_level", "Tokens or requests available now.",
                                   labels=["scope", "model", "dimension"])
         capacity = GaugeMetricFamily("limiterd_bucket_capacity", "Bucket capacity per minute.",
@@ -189,19 +187,14 @@ class _LedgerCollector(Collector):
         levels: dict[tuple[str, str, str], float] = defaultdict(float)
         caps: dict[tuple[str, str, str], float] = defaultdict(float)
         queues: dict[tuple[str, str], float] = defaultdict(float)
-        for b in ledger.buckets(now):
+        for b in engine.buckets():
             if b.key.user:
                 continue  # user ids are never labels; the scope x model bucket says enough
             alias = config.alias_for(b.key.scope) or OTHER_SCOPE
-            for name, cap, lvl in zip(RATE_DIMS, b.caps, b.levels, strict=True):
-                if cap is not None:
-                    levels[(alias, b.key.model, name)] += lvl
-                    caps[(alias, b.key.model, name)] += cap
-            mc = b.limits.max_concurrent
-            if mc is not None:
-                levels[(alias, b.key.model, "concurrent")] += mc - b.in_flight
-                caps[(alias, b.key.model, "concurrent")] += mc
-            queues[(alias, b.key.model)] += ledger.queue_depth(b)
+            for d in b.dimensions:
+                levels[(alias, b.key.model, d.name)] += d.level
+                caps[(alias, b.key.model, d.name)] += d.capacity
+            queues[(alias, b.key.model)] += b.queue_depth
         for key, v in levels.items():
             level.add_metric(list(key), v)
         for key, v in caps.items():
@@ -215,16 +208,11 @@ class _LedgerCollector(Collector):
                                     value=stats.waiting)
         pauses = GaugeMetricFamily("limiterd_active_pauses",
                                    "Scope x model pairs paused by a 429 now.",
-                                   value=ledger.active_pauses(now))
+                                   value=stats.active_pauses)
         overloaded = GaugeMetricFamily("limiterd_model_overloaded",
                                        "1 while a model is marked overloaded.", labels=["model"])
-        for model in ledger.overloaded_models(now):
+        for model, _until in stats.overloaded:
             overloaded.add_metric([model], 1)
         healthy = GaugeMetricFamily("limiterd_persistence_healthy",
                                     "1 while the journal writes.", value=int(stats.healthy))
         return [level, capacity, queue, open_res, waiting, pauses, overloaded, healthy]
-
-
-def timer() -> float:
-    """For RPC handling time: a monotonic clock, separate from the ledger's injected one."""
-    return time.perf_counter()

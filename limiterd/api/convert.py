@@ -11,6 +11,7 @@ import re
 from limiterd.config.model import Settings
 from limiterd.ledger.errors import InvalidRequest
 from limiterd.ledger.model import AcquireRequest, Outcome, Reservation, Settlement, State
+from limiterd.views import BucketView
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 MAX_NAME_BYTES = 256  # scope, model, user
@@ -166,4 +167,17 @@ def lease(r: Reservation, alias: str) -> pb.Lease:
         reserved_requests=r.reserved.requests,
         reserved_input_tokens=r.reserved.input_tokens,
         reserved_output_tokens=r.reserved.output_tokens,
+    )
+
+
+def bucket(v: BucketView, alias: str) -> pb.Bucket:
+    return pb.Bucket(
+        scope=v.key.scope, scope_alias=alias, model=v.key.model, user=v.key.user,
+        dimensions=[pb.Dimension(name=d.name, level=d.level, capacity=d.capacity,
+                                 refill_per_s=d.refill_per_s, learned=d.learned)
+                    for d in v.dimensions],
+        queue_depth=v.queue_depth,
+        paused_until_ms=ms(v.paused_until),
+        open_reservations=v.open_reservations,
+        overloaded_until_ms=ms(v.overloaded_until),
     )

@@ -13,10 +13,9 @@ from limiterd.api import convert
 from limiterd.api.errors import RpcFailure, exhausted, to_failure
 from limiterd.engine import Engine, StatusCallback, WaitStatus
 from limiterd.errorlog import ErrorEntry, ErrorLog
-from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.errors import InvalidRequest
-from limiterd.ledger.ledger import LIMIT_FIELDS, Rejected
-from limiterd.ledger.model import Reservation
+from limiterd.ledger.ledger import Rejected
+from limiterd.views import AmbiguousScope, lease_order
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
@@ -77,7 +76,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
         on_status: StatusCallback | None = None,
     ) -> pb.AcquireResponse:
         engine = self.engine
-        req, max_wait_s = convert.acquire_request(request, engine.ledger.config.settings)
+        req, max_wait_s = convert.acquire_request(request, engine.config.settings)
         remaining = context.time_remaining()
         if remaining is not None:
             max_wait_s = max(0.0, min(max_wait_s, remaining - DEADLINE_MARGIN_S))
@@ -88,7 +87,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                 result.retry_after_s,
             )
         response = convert.acquire_response(result.reservation, result.replayed)
-        overloaded = engine.ledger.overloaded_until(req.model, engine.clock.now())
+        overloaded = engine.overloaded_until(req.model)
         if overloaded:
             response.model_overloaded = True
             response.overloaded_until_ms = convert.ms(overloaded)
@@ -133,7 +132,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                     self.observer.observe_provider_failure(r.model, p.http_status)
                 if self.errors is not None:
                     self.errors.add(ErrorEntry(
-                        self.engine.clock.now(), r.scope, r.model, outcome.name, p.http_status,
+                        self.engine.now(), r.scope, r.model, outcome.name, p.http_status,
                         p.error_type, p.error_code, p.request_id, p.fell_back))
             return pb.ReportResponse(settlement=convert.settlement(r), replayed=replayed)
 
@@ -153,7 +152,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
     ) -> pb.KeepAliveResponse:
         async def call() -> pb.KeepAliveResponse:
             rid = convert.reservation_id(request.reservation_id)
-            settings = self.engine.ledger.config.settings
+            settings = self.engine.config.settings
             lease_s = (
                 convert._ms_to_s("lease_ms", request.lease_ms, settings.max_lease_s)
                 if request.lease_ms else None
@@ -218,14 +217,14 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
 
         return await answer(context, call)
 
-    def _scope_matches(self, wanted: str) -> Callable[[str], bool]:
-        config = self.engine.ledger.config
-        if not wanted:
-            return lambda scope: True
-        return lambda scope: scope == wanted or config.alias_for(scope) == wanted
+    def _scopes(self, wanted: str) -> frozenset[str] | None:
+        try:
+            return self.engine.scopes(wanted)
+        except AmbiguousScope as exc:
+            raise InvalidRequest("scope", str(exc)) from None
 
     def _alias(self, scope: str) -> str:
-        return self.engine.ledger.config.alias_for(scope) or ""
+        return self.engine.config.alias_for(scope) or ""
 
     async def ListLeases(
         self, request: pb.ListLeasesRequest, context: Context
@@ -235,18 +234,10 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
                 raise InvalidRequest("page_size", f"must be 0..{MAX_PAGE}")
             size = request.page_size or DEFAULT_PAGE
             after = _decode_token(request.page_token)
-            scope_ok = self._scope_matches(request.scope)
-            leases = sorted(
-                (
-                    r for r in self.engine.ledger.open_reservations()
-                    if scope_ok(r.scope) and (not request.model or r.model == request.model)
-                ),
-                key=_lease_order,
-            )
-            if after is not None:
-                leases = [r for r in leases if _lease_order(r) > after]
+            leases = self.engine.leases(self._scopes(request.scope), request.model, after,
+                                        size + 1)
             page = leases[:size]
-            token = _encode_token(_lease_order(page[-1])) if len(leases) > size else ""
+            token = _encode_token(lease_order(page[-1])) if len(leases) > size else ""
             return pb.ListLeasesResponse(
                 leases=[convert.lease(r, self._alias(r.scope)) for r in page],
                 next_page_token=token,
@@ -258,46 +249,13 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
         self, request: pb.GetBucketsRequest, context: Context
     ) -> pb.GetBucketsResponse:
         async def call() -> pb.GetBucketsResponse:
-            ledger, now = self.engine.ledger, self.engine.clock.now()
-            scope_ok = self._scope_matches(request.scope)
-            open_per_bucket: dict[tuple[str, str, str], int] = {}
-            for r in ledger.open_reservations():
-                for key in r.buckets:
-                    open_per_bucket[key] = open_per_bucket.get(key, 0) + 1
-            out = []
-            for b in ledger.buckets(now):
-                key = b.key
-                if not scope_ok(key.scope) or (request.model and key.model != request.model):
-                    continue
-                learned = ledger.learned_fields(key)
-                dims = [
-                    pb.Dimension(name=name, level=b.levels[i], capacity=cap,
-                                 refill_per_s=cap / 60.0, learned=field in learned)
-                    for i, (name, field, cap) in enumerate(
-                        zip(RATE_DIMS, LIMIT_FIELDS, b.caps, strict=True)
-                    )
-                    if cap is not None
-                ]
-                if b.limits.max_concurrent is not None:
-                    mc = b.limits.max_concurrent
-                    dims.append(pb.Dimension(name="concurrent", level=mc - b.in_flight,
-                                             capacity=mc))
-                paused = 0.0 if key.user else ledger.paused_until(key.scope, key.model, now)
-                out.append(pb.Bucket(
-                    scope=key.scope, scope_alias=self._alias(key.scope), model=key.model,
-                    user=key.user, dimensions=dims, queue_depth=ledger.queue_depth(b),
-                    paused_until_ms=convert.ms(paused) if paused else 0,
-                    open_reservations=open_per_bucket.get(key, 0),
-                    overloaded_until_ms=convert.ms(ledger.overloaded_until(key.model, now)),
-                ))
-            out.sort(key=lambda m: (m.scope_alias or m.scope, m.model, m.user))
-            return pb.GetBucketsResponse(buckets=out, now_ms=convert.ms(now))
+            views = self.engine.buckets(self._scopes(request.scope), request.model)
+            return pb.GetBucketsResponse(
+                buckets=[convert.bucket(v, self._alias(v.key.scope)) for v in views],
+                now_ms=convert.ms(self.engine.now()),
+            )
 
         return await answer(context, call)
-
-
-def _lease_order(r: Reservation) -> tuple[float, str]:
-    return (r.expires_at, r.id)
 
 
 def _encode_token(key: tuple[float, str]) -> str:

@@ -735,6 +735,14 @@ class Ledger:
             b.refill(now)
             yield b
 
+    def bucket_keys(self) -> Iterable[BucketKey]:
+        return self._buckets.keys()
+
+    def bucket(self, key: BucketKey, now: float) -> Bucket:
+        b = self._buckets[key]
+        b.refill(now)
+        return b
+
     def queue_depth(self, b: Bucket) -> int:
         return sum(len(self._queues[qk]) for qk in b.queues)
 
