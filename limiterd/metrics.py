@@ -5,8 +5,10 @@
 - Gauges (levels, capacities, queues, open reservations, pauses) are read at scrape time, on
   the event loop, so no call pays for them.
 
-Label cardinality is bounded: a scope appears under its configured alias; every unconfigured
-scope is folded into OTHER_SCOPE; raw scope hashes and user ids are never labels.
+Label cardinality is bounded by the config, never by what callers send: a scope appears under
+its configured alias and a model under the name of the config rule (budget) it draws on;
+everything else is folded into OTHER (caller-chosen model names once took /metrics to 8.6 MB).
+Raw scope hashes and user ids are never labels.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from limiterd.config.model import Config
 from limiterd.engine import Engine
 from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.model import (
@@ -31,7 +34,7 @@ from limiterd.ledger.model import (
     State,
 )
 
-OTHER_SCOPE = "other"
+OTHER = "other"
 RPC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -83,7 +86,8 @@ class Metrics:
         self._reserved = [self.tokens.labels("reserved", d) for d in RATE_DIMS]
         self._refunded = [self.tokens.labels("refunded", d) for d in RATE_DIMS]
         self._overrun = [self.tokens.labels("overrun", d) for d in RATE_DIMS]
-        self._collector = _LedgerCollector(engine)
+        self._labels = _Labels(engine)
+        self._collector = _LedgerCollector(engine, self._labels)
         r.register(self._collector)
         engine.add_listener(self.on_changes)
 
@@ -133,7 +137,7 @@ class Metrics:
         status_class = f"{http_status // 100}xx" if http_status else "none"
         if http_status in (429, 529):
             status_class = str(http_status)
-        self.provider_failures.labels(model, status_class).inc()
+        self.provider_failures.labels(self._labels.model(model), status_class).inc()
 
     def serve(self, listen: str) -> Any:
         """Serve /metrics on `listen` (host:port) from a background thread. Call from the
@@ -144,12 +148,39 @@ class Metrics:
                                  registry=self.registry)
 
 
+class _Labels:
+    """Label values from the current config: configured names pass, the rest is OTHER."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._config: Config | None = None
+        self._models: frozenset[str] = frozenset()
+
+    def scope(self, scope: str) -> str:
+        return self.engine.config.alias_for(scope) or OTHER
+
+    def model(self, name: str) -> str:
+        config = self.engine.config
+        if config is not self._config:  # a reload: configured names may have changed
+            self._config, self._models = config, configured_models(config)
+        return name if name in self._models else OTHER
+
+
+def configured_models(config: Config) -> frozenset[str]:
+    """Every model rule's name, in the defaults and in each scope's overrides."""
+    rules = [*config.models, *config.user_models]
+    for sc in config.scopes.values():
+        rules += [*sc.models, *sc.user_models]
+    return frozenset(r.pattern for r in rules)
+
+
 class _LedgerCollector(Collector):
     """Gauges read from the ledger at scrape time. The scrape runs on the HTTP server's
     thread, the ledger lives on the event loop: read it there, never across threads."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, labels: _Labels) -> None:
         self.engine = engine
+        self.labels = labels
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -176,8 +207,7 @@ class _LedgerCollector(Collector):
         return self._families()
 
     def _families(self) -> list[GaugeMetricFamily]:
-        engine = self.engine
-        config = engine.config
+        engine, labels = self.engine, self.labels
         level = GaugeMetricFamily("limiterd_bucket_level", "Tokens or requests available now.",
                                   labels=["scope", "model", "dimension"])
         capacity = GaugeMetricFamily("limiterd_bucket_capacity", "Bucket capacity per minute.",
@@ -190,11 +220,11 @@ class _LedgerCollector(Collector):
         for b in engine.buckets():
             if b.key.user:
                 continue  # user ids are never labels; the scope x model bucket says enough
-            alias = config.alias_for(b.key.scope) or OTHER_SCOPE
+            alias, model = labels.scope(b.key.scope), labels.model(b.key.model)
             for d in b.dimensions:
-                levels[(alias, b.key.model, d.name)] += d.level
-                caps[(alias, b.key.model, d.name)] += d.capacity
-            queues[(alias, b.key.model)] += b.queue_depth
+                levels[(alias, model, d.name)] += d.level
+                caps[(alias, model, d.name)] += d.capacity
+            queues[(alias, model)] += b.queue_depth
         for key, v in levels.items():
             level.add_metric(list(key), v)
         for key, v in caps.items():
@@ -211,8 +241,8 @@ class _LedgerCollector(Collector):
                                    value=stats.active_pauses)
         overloaded = GaugeMetricFamily("limiterd_model_overloaded",
                                        "1 while a model is marked overloaded.", labels=["model"])
-        for model, _until in stats.overloaded:
-            overloaded.add_metric([model], 1)
+        for name in sorted({labels.model(m) for m, _until in stats.overloaded}):
+            overloaded.add_metric([name], 1)
         healthy = GaugeMetricFamily("limiterd_persistence_healthy",
                                     "1 while the journal writes.", value=int(stats.healthy))
         return [level, capacity, queue, open_res, waiting, pauses, overloaded, healthy]

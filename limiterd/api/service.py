@@ -129,7 +129,9 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
             if not replayed and request.outcome != pb.OK:
                 p = request.provider
                 if self.observer is not None:
-                    self.observer.observe_provider_failure(r.model, p.http_status)
+                    # by the bucket's name (the budget), not the caller's model string
+                    self.observer.observe_provider_failure(r.buckets[0].model if r.buckets
+                                                           else r.model, p.http_status)
                 if self.errors is not None:
                     self.errors.add(ErrorEntry(
                         self.engine.now(), r.scope, r.model, outcome.name, p.http_status,

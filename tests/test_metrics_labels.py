@@ -1,0 +1,57 @@
+"""Metric labels come from the config, never from what callers send: model names that callers
+invent fold into `other`, so /metrics stays the same size however many they invent."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+
+from limiterd.server import running_server
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from tests.conftest import make_test_config
+from tests.test_process import free_port
+
+
+def body(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text: str = r.read().decode()
+    return text
+
+
+async def use_models(stub: pb_grpc.LimiterStub, names: list[str]) -> None:
+    """Each name: a grant on an unconfigured scope, then a failed call (500 or overloaded,
+    alternately; three overloaded reports on one model mark it overloaded)."""
+
+    async def one(i: int, name: str) -> None:
+        g = await stub.Acquire(pb.AcquireRequest(scope=f"scope-{i % 7}", model=name,
+                                                 input_tokens=1, max_output_tokens=1))
+        outcome, status = (pb.OVERLOADED, 529) if i % 2 else (pb.ERROR, 500)
+        await stub.Report(pb.ReportRequest(reservation_id=g.reservation_id, outcome=outcome,
+                                           provider=pb.ProviderInfo(http_status=status)))
+
+    for start in range(0, len(names), 100):
+        await asyncio.gather(*(one(start + i, n)
+                               for i, n in enumerate(names[start:start + 100])))
+
+
+async def test_invented_model_names_do_not_grow_metrics() -> None:
+    port = free_port()
+    async with running_server(config=make_test_config(), metrics_listen=f"127.0.0.1:{port}") as d:
+        async with grpc.aio.insecure_channel(d.target) as ch:
+            stub = pb_grpc.LimiterStub(ch)
+            # "claude-*" is a configured rule: any name under it is granted.
+            await use_models(stub, ["tiny", "claude-x1", *["claude-x0"] * 6])
+            small = await asyncio.to_thread(body, port)
+            invented = [f"claude-invented-{i}" for i in range(2000)]
+            await use_models(stub, [*invented, *["claude-invented-hot"] * 6])
+            large = await asyncio.to_thread(body, port)
+    assert "claude-invented" not in large and "claude-x0" not in large
+    assert 'model="tiny"' in large and 'model="other"' in large
+    assert 'limiterd_provider_failures_total{model="other",status_class="5xx"}' in large
+    assert 'limiterd_model_overloaded{model="other"} 1.0' in large
+    # Same families and label sets: only the numbers moved (a few characters each).
+    assert len(large.splitlines()) == len(small.splitlines())
+    assert len(large) < len(small) + 500
