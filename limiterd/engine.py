@@ -210,7 +210,7 @@ class Engine:
                 position, estimate, depth = self.ledger.wait_status(w, now)
                 key = (position, round(estimate))
                 if key != last or now - last_sent >= interval:
-                    overloaded = self.ledger.overloaded_until(w.request.model, now) > 0
+                    overloaded = self.ledger.overloaded_until(w.queue[0].budget, now) > 0
                     await on_status(WaitStatus(position, estimate, depth,
                                                now - w.enqueued_at, overloaded))
                     last, last_sent = key, now
@@ -264,7 +264,7 @@ class Engine:
             reservation_id, actual_input, actual_output, outcome, retry_after_s, now
         )
         if headers and not replayed:
-            for note in self.ledger.sync_from_headers(r.scope, r.model, headers, now):
+            for note in self.ledger.sync_from_headers(r.buckets[0], headers, now):
                 log.info("provider sync: %s", note)
         self._after()
         await self._commit()
@@ -307,9 +307,9 @@ class Engine:
             tuple(sorted(ledger.overloaded_models(now).items())),
         )
 
-    def overloaded_until(self, model: str) -> float:
-        """When the overload mark on `model` lifts (0.0: not marked)."""
-        return self.ledger.overloaded_until(model, self.clock.now())
+    def overloaded_until(self, budget: str) -> float:
+        """When the overload mark on a model budget lifts (0.0: not marked)."""
+        return self.ledger.overloaded_until(budget, self.clock.now())
 
     def scopes(self, wanted: str) -> frozenset[str] | None:
         """The scope hashes an operator means by `wanted` (a hash, an alias or a unique
@@ -334,12 +334,19 @@ class Engine:
         little more than a page of 100."""
         keys: Iterable[BucketKey] = (
             k for k in self.ledger.bucket_keys()
-            if (scopes is None or k.scope in scopes) and (not model or k.model == model)
+            if (scopes is None or k.scope in scopes) and (not model or self._spends(k, model))
             and (after is None or k > after)
         )
         page = sorted(keys) if limit is None else heapq.nsmallest(limit, keys)
         now = self.clock.now()
         return [self._bucket_view(k, now) for k in page]
+
+    def _spends(self, key: BucketKey, model: str) -> bool:
+        """A filter names a budget, or a model id that draws on it."""
+        if key.budget == model:
+            return True
+        budget = self.config.budget_for(key.scope, model, bool(key.user))
+        return budget is not None and budget.name == key.budget
 
     def _bucket_view(self, key: BucketKey, now: float) -> BucketView:
         ledger = self.ledger
@@ -356,8 +363,8 @@ class Engine:
             dims.append(DimensionView("concurrent", mc - b.in_flight, mc))
         return BucketView(
             key, tuple(dims), ledger.queue_depth(b), b.in_flight,
-            0.0 if key.user else ledger.paused_until(key.scope, key.model, now),
-            ledger.overloaded_until(key.model, now),
+            0.0 if key.user else ledger.paused_until(key.scope, key.budget, now),
+            ledger.overloaded_until(key.budget, now),
         )
 
     def leases(

@@ -160,18 +160,23 @@ class _Labels:
         return self.engine.config.alias_for(scope) or OTHER
 
     def model(self, name: str) -> str:
+        """A budget's name as is; a model id as the default budget it spends; else OTHER."""
         config = self.engine.config
         if config is not self._config:  # a reload: configured names may have changed
             self._config, self._models = config, configured_models(config)
-        return name if name in self._models else OTHER
+        if name in self._models:
+            return name
+        budget = config.budget_for("", name)
+        return budget.name if budget is not None else OTHER
 
 
 def configured_models(config: Config) -> frozenset[str]:
-    """Every model rule's name, in the defaults and in each scope's overrides."""
+    """Every budget's name (a rule's group or pattern), in the defaults and in each scope's
+    overrides."""
     rules = [*config.models, *config.user_models]
     for sc in config.scopes.values():
         rules += [*sc.models, *sc.user_models]
-    return frozenset(r.pattern for r in rules)
+    return frozenset(r.budget for r in rules)
 
 
 class _LedgerCollector(Collector):
@@ -220,7 +225,7 @@ class _LedgerCollector(Collector):
         for b in engine.buckets():
             if b.key.user:
                 continue  # user ids are never labels; the scope x model bucket says enough
-            alias, model = labels.scope(b.key.scope), labels.model(b.key.model)
+            alias, model = labels.scope(b.key.scope), labels.model(b.key.budget)
             for d in b.dimensions:
                 levels[(alias, model, d.name)] += d.level
                 caps[(alias, model, d.name)] += d.capacity
@@ -240,7 +245,8 @@ class _LedgerCollector(Collector):
                                    "Scope x model pairs paused by a 429 now.",
                                    value=stats.active_pauses)
         overloaded = GaugeMetricFamily("limiterd_model_overloaded",
-                                       "1 while a model is marked overloaded.", labels=["model"])
+                                       "1 while a model budget is marked overloaded.",
+                                       labels=["model"])
         for name in sorted({labels.model(m) for m, _until in stats.overloaded}):
             overloaded.add_metric([name], 1)
         healthy = GaugeMetricFamily("limiterd_persistence_healthy",

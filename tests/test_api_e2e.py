@@ -225,7 +225,10 @@ async def test_rate_limited_report_pauses_the_scope_and_model(
         await limiter.Acquire(acq(model="claude-x"))
     assert err.value.code() == Code.RESOURCE_EXHAUSTED
     assert 19_000 <= int(dict(err.value.trailing_metadata())["retry-after-ms"]) <= 20_000
-    await limiter.Acquire(acq(model="claude-y"))  # another model is not paused
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # the whole "claude-*" budget is
+        await limiter.Acquire(acq(model="claude-y"))
+    assert err.value.code() == Code.RESOURCE_EXHAUSTED
+    await limiter.Acquire(acq(model="tiny"))  # another budget is not paused
     await limiter.Acquire(acq(model="claude-x", scope="s2"))  # nor another scope
     buckets = (await admin.GetBuckets(pb.GetBucketsRequest(model="claude-x", scope="s1"))).buckets
     assert buckets[0].paused_until_ms > 0

@@ -858,7 +858,7 @@ class FoldedJournal:
                 assert r.settlement is None, "settled twice"
                 self.reservations[c.reservation_id] = replace(r, settlement=c.settlement)
             elif isinstance(c, PauseSet):
-                self.pauses[(c.scope, c.model)] = c
+                self.pauses[(c.scope, c.budget)] = c
             elif isinstance(c, BucketLevels):
                 self.buckets[c.key] = c
             elif isinstance(c, BucketDropped):

@@ -187,7 +187,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def tokens_are_never_created(self) -> None:
         elapsed = self.now - self.start
         for (key, i), taken in self.taken.items():
-            caps = USER_CAPS if key.user else CAPS[key.model]  # type: ignore[attr-defined]
+            caps = USER_CAPS if key.user else CAPS[key.budget]
             cap = caps[i]
             if cap is None:
                 continue

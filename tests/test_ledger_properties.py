@@ -65,15 +65,17 @@ TOL = 1e-5  # float slack: the ledger's own EPS (1e-6) per grant, over a few doz
 
 
 def keys_for(scope: str, model: str, user: str) -> tuple[BucketKey, ...]:
-    if user and CONFIG.user_limits_for(scope, model) is not None:
-        return BucketKey(scope, model), BucketKey(scope, model, user)
-    return (BucketKey(scope, model),)
+    """Buckets are keyed by the budget a model draws on (the matched rule), not the model."""
+    budget = CONFIG.budget_for(scope, model)
+    assert budget is not None
+    per_user = CONFIG.budget_for(scope, model, user=True)
+    if user and per_user is not None:
+        return BucketKey(scope, budget.name), BucketKey(scope, per_user.name, user)
+    return (BucketKey(scope, budget.name),)
 
 
 def limits_of(key: BucketKey) -> Limits:
-    lim = CONFIG.user_limits_for(key.scope, key.model) if key.user else CONFIG.limits_for(
-        key.scope, key.model
-    )
+    lim = CONFIG.budget_limits(key.scope, key.budget, user=bool(key.user))
     assert lim is not None
     return lim
 
@@ -260,7 +262,7 @@ class LedgerMachine(RuleBasedStateMachine):
         settled, replayed = self.ledger.report(rid, used_in, used_out, outcome, retry, self.now)
         assert not replayed and settled.state is State.REPORTED
         if outcome is Outcome.RATE_LIMITED and retry > 0:
-            k = (r.scope, r.model)
+            k = (r.scope, r.buckets[0].budget)
             self.pauses[k] = max(self.pauses.get(k, 0.0), self.now + retry)
         self._settled(rid, State.REPORTED, (0.0, float(r.reserved.input_tokens - used_in),
                                             float(r.reserved.output_tokens - used_out)))
@@ -346,8 +348,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.now += down
         self.ledger = Ledger(CONFIG, self.now)
         self.ledger.restore(self.journal.snapshot(), self.now)
-        for (scope, model), until in self.pauses.items():
-            assert self.ledger.paused_until(scope, model, self.now) == (
+        for (scope, budget), until in self.pauses.items():
+            assert self.ledger.paused_until(scope, budget, self.now) == (
                 until if until > self.now else 0.0
             )
         self.ledger.advance(self.now)
@@ -406,7 +408,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert w.deadline > self.now, "a waiter outlived its deadline"
             if any(o.seq < w.seq and set(o.queue) & set(w.queue) for o in self.pending):
                 continue  # someone older is first in line on a bucket it needs
-            if self.ledger.paused_until(w.request.scope, w.request.model, self.now):
+            if self.ledger.paused_until(w.queue[0].scope, w.queue[0].budget, self.now):
                 continue
             fits = True
             for key in w.queue:

@@ -143,7 +143,7 @@ async def test_round_trip_every_change_type(tmp_path: Path) -> None:
         "r4": res("r4", settlement=Settlement(State.EXPIRED, T0 + 70)),
     }
     assert snap.buckets == (BucketLevels(B_MODEL, 4.0, None, 6.5, T0 + 1),)
-    assert sorted(snap.pauses, key=lambda p: p.model) == [
+    assert sorted(snap.pauses, key=lambda p: p.budget) == [
         PauseSet("team", "claude", T0 + 200),
         PauseSet("team", "haiku", T0 + 300),
     ]

@@ -23,6 +23,21 @@ requests_per_minute = 2
 input_tokens_per_minute = 100000
 output_tokens_per_minute = 100000
 
+[models."claude-opus*"]  # one budget per class, as the provider counts
+requests_per_minute = 1000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 1000000
+
+[models."claude-sonnet*"]  # one budget per class, as the provider counts
+requests_per_minute = 1000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 1000000
+
+[models."claude-haiku*"]  # one budget per class, as the provider counts
+requests_per_minute = 1000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 1000000
+
 [models."claude-*"]
 requests_per_minute = 1000
 input_tokens_per_minute = 1000000

@@ -172,7 +172,7 @@ def lease(r: Reservation, alias: str) -> pb.Lease:
 
 def bucket(v: BucketView, alias: str) -> pb.Bucket:
     return pb.Bucket(
-        scope=v.key.scope, scope_alias=alias, model=v.key.model, user=v.key.user,
+        scope=v.key.scope, scope_alias=alias, model=v.key.budget, user=v.key.user,
         dimensions=[pb.Dimension(name=d.name, level=d.level, capacity=d.capacity,
                                  refill_per_s=d.refill_per_s, learned=d.learned)
                     for d in v.dimensions],

@@ -87,7 +87,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                 result.retry_after_s,
             )
         response = convert.acquire_response(result.reservation, result.replayed)
-        overloaded = engine.overloaded_until(req.model)
+        overloaded = engine.overloaded_until(result.reservation.buckets[0].budget)
         if overloaded:
             response.model_overloaded = True
             response.overloaded_until_ms = convert.ms(overloaded)
@@ -130,7 +130,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                 p = request.provider
                 if self.observer is not None:
                     # by the bucket's name (the budget), not the caller's model string
-                    self.observer.observe_provider_failure(r.buckets[0].model if r.buckets
+                    self.observer.observe_provider_failure(r.buckets[0].budget if r.buckets
                                                            else r.model, p.http_status)
                 if self.errors is not None:
                     self.errors.add(ErrorEntry(

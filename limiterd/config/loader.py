@@ -13,6 +13,8 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
 
     # default limits per model: an exact model id or an fnmatch glob.
     # An exact id beats any glob; among globs the first in file order wins.
+    # Every model a rule matches shares one budget, named by the pattern, or by `group`
+    # (A-Z a-z 0-9 . _ -) for rules that share one (they must have the same limits).
     [models."claude-opus-4*"]
     requests_per_minute = 50
     input_tokens_per_minute = 30000
@@ -44,7 +46,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import fields, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -58,6 +60,7 @@ DEFAULTS_SOURCE = "<built-in defaults.toml>"
 MAX_LIMIT = 10**12
 MAX_SCOPE_BYTES = 256
 _ALIAS = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_GROUP = _ALIAS
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _AT = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)$")
 
@@ -128,7 +131,7 @@ def parse_config(text: str, source: str) -> Config:
     settings = _settings(doc.get("daemon", {}), p)
     models = _rules(doc.get("models", {}), "models", p)
     user_models = _rules(doc.get("user_limits", {}), "user_limits", p)
-    scopes = _scopes(doc.get("scopes", []), p)
+    scopes = _scopes(doc.get("scopes", []), models, user_models, p)
     if p.lines:
         raise ConfigError(p.lines)
     return Config(settings, models, user_models, MappingProxyType(scopes), source=source)
@@ -218,15 +221,43 @@ def _rules(value: Any, path: str, p: _Problems) -> tuple[ModelRule, ...]:
     table = p.table(value, path)
     if table is None:
         return ()
-    rules = []
+    rules: list[ModelRule] = []
     for pattern, body in table.items():
         rule_path = _key(path, pattern)
         if not pattern:
             p.add(rule_path, "model pattern must not be empty")
+        group = None
+        if isinstance(body, dict) and "group" in body:
+            body = dict(body)
+            group = _group(body.pop("group"), _key(rule_path, "group"), p)
         limits = _limits(body, rule_path, p)
         if limits is not None and pattern:
-            rules.append(ModelRule(pattern, limits))
+            rules.append(ModelRule(pattern, limits, group))
+    _check_groups(rules, path, p)
     return tuple(rules)
+
+
+def _group(value: Any, path: str, p: _Problems) -> str | None:
+    if not isinstance(value, str) or not _GROUP.fullmatch(value):
+        p.add(path, f"must be 1 to 64 characters of A-Z a-z 0-9 . _ -, got {_show(value)}")
+        return None
+    return value
+
+
+def _check_groups(rules: list[ModelRule], path: str, p: _Problems) -> None:
+    """Rules sharing a group are one budget, so they must agree on its limits; a group may
+    not take the name of another rule's own budget (its pattern)."""
+    first: dict[str, ModelRule] = {}
+    for rule in rules:
+        if rule.group is None:
+            continue
+        where = _key(_key(path, rule.pattern), "group")
+        other = first.setdefault(rule.group, rule)
+        if other.limits != rule.limits:
+            p.add(where, f"rules in group {_show(rule.group)} must have the same limits; "
+                  f"{_show(other.pattern)} has different ones")
+        if any(r.group is None and r.pattern == rule.group for r in rules):
+            p.add(where, f"{_show(rule.group)} is also a model rule's pattern; pick another name")
 
 
 def _limits(value: Any, path: str, p: _Problems) -> Limits | None:
@@ -247,7 +278,12 @@ def _limits(value: Any, path: str, p: _Problems) -> Limits | None:
     return Limits(**values)
 
 
-def _scopes(value: Any, p: _Problems) -> dict[str, ScopeConfig]:
+def _scopes(
+    value: Any,
+    models: tuple[ModelRule, ...],
+    user_models: tuple[ModelRule, ...],
+    p: _Problems,
+) -> dict[str, ScopeConfig]:
     if not isinstance(value, list):
         p.add("scopes", f"must be an array of tables ([[scopes]]), got {_show(value)}")
         return {}
@@ -262,8 +298,9 @@ def _scopes(value: Any, p: _Problems) -> dict[str, ScopeConfig]:
         p.unknown_keys(table, _SCOPE_KEYS, path)
         scope = _scope_hash(table.get("scope"), f"{path}.scope", p)
         alias = _alias(table.get("alias"), f"{path}.alias", p)
-        models = _rules(table.get("models", {}), f"{path}.models", p)
-        user_models = _rules(table.get("user_limits", {}), f"{path}.user_limits", p)
+        overrides = _overrides(_rules(table.get("models", {}), f"{path}.models", p), models)
+        user_overrides = _overrides(
+            _rules(table.get("user_limits", {}), f"{path}.user_limits", p), user_models)
         if scope is not None and scope in seen_scope:
             p.add(f"{path}.scope", f"duplicate of {seen_scope[scope]}.scope {_show(scope)}")
             scope = None
@@ -275,8 +312,18 @@ def _scopes(value: Any, p: _Problems) -> dict[str, ScopeConfig]:
         if alias is not None:
             seen_alias[alias] = path
         if scope is not None and alias is not None:
-            scopes[scope] = ScopeConfig(scope, alias, models, user_models)
+            scopes[scope] = ScopeConfig(scope, alias, overrides, user_overrides)
     return scopes
+
+
+def _overrides(rules: tuple[ModelRule, ...], defaults: tuple[ModelRule, ...]
+               ) -> tuple[ModelRule, ...]:
+    """A scope's rule for a default rule's pattern overrides that rule, group included."""
+    groups = {r.pattern: r.group for r in defaults if r.group}
+    return tuple(
+        replace(r, group=groups[r.pattern]) if r.group is None and r.pattern in groups else r
+        for r in rules
+    )
 
 
 def _scope_hash(value: Any, path: str, p: _Problems) -> str | None:

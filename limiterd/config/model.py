@@ -28,24 +28,41 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class ModelRule:
-    """Limits for the models whose id matches `pattern` (exact, or an fnmatch glob)."""
+    """Limits for the models whose id matches `pattern` (exact, or an fnmatch glob).
+
+    Every model a rule matches draws on one budget (Anthropic counts a model class's limit
+    across its versions and aliases), named `group` when rules share one, else the pattern.
+    """
 
     pattern: str
     limits: Limits
+    group: str | None = None
+
+    @property
+    def budget(self) -> str:
+        return self.group or self.pattern
 
     def matches(self, model: str) -> bool:
         return self.pattern == model or fnmatch.fnmatchcase(model, self.pattern)
 
 
-def first_match(rules: tuple[ModelRule, ...], model: str) -> Limits | None:
+def first_rule(rules: tuple[ModelRule, ...], model: str) -> ModelRule | None:
     """Exact names win over globs; among globs, the first in file order."""
     for rule in rules:
         if rule.pattern == model:
-            return rule.limits
+            return rule
     for rule in rules:
         if rule.matches(model):
-            return rule.limits
+            return rule
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What a model draws on: the budget's name (the bucket key) and its limits."""
+
+    name: str
+    limits: Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,38 +104,77 @@ class Config:
     user_models: tuple[ModelRule, ...] = ()
     scopes: Mapping[str, ScopeConfig] = field(default_factory=dict)
     source: str | None = None  # the file it came from, for messages
-    _cache: dict[tuple[str, str, bool], Limits | None] = field(
+    _cache: dict[tuple[str, str, bool], Budget | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _by_name: dict[tuple[str, str, bool], Limits | None] = field(
         default_factory=dict, repr=False, compare=False
     )
 
-    def limits_for(self, scope: str, model: str) -> Limits | None:
-        """The scope x model bucket's limits, or None when the model has no limits at all."""
-        return self._lookup(scope, model, user=False)
-
-    def user_limits_for(self, scope: str, model: str) -> Limits | None:
-        """Limits for each user under scope x model, or None when users are not limited."""
-        return self._lookup(scope, model, user=True)
-
-    def alias_for(self, scope: str) -> str | None:
-        sc = self.scopes.get(scope)
-        return sc.alias if sc else None
-
-    def _lookup(self, scope: str, model: str, user: bool) -> Limits | None:
+    def budget_for(self, scope: str, model: str, user: bool = False) -> Budget | None:
+        """The budget `model` draws on under `scope` (per user when `user`), or None when no
+        rule matches it. The most specific rule names it: the scope's own rule when one
+        matches the model, else the default rule."""
         key = (scope, model, user)
         try:
             return self._cache[key]
         except KeyError:
             pass
-        base = first_match(self.user_models if user else self.models, model)
-        sc = self.scopes.get(scope)
-        override = first_match(sc.user_models if user else sc.models, model) if sc else None
-        if base is None:
-            result = override
-        elif override is None:
-            result = base
-        else:
-            result = base.merged(override)
+        base, scoped = self._tables(scope, user)
+        rule = first_rule(scoped, model) or first_rule(base, model)
+        result = None
+        if rule is not None:
+            limits = self.budget_limits(scope, rule.budget, user)
+            result = Budget(rule.budget, limits) if limits is not None else None
         if len(self._cache) >= 65_536:  # bounded: scopes x models seen
             self._cache.clear()
         self._cache[key] = result
         return result
+
+    def budget_limits(self, scope: str, name: str, user: bool = False) -> Limits | None:
+        """The limits of budget `name` under `scope`, a function of the name alone, so every
+        model in one budget sees the same limits (and a restart or reload finds them). A
+        scope's rule replaces only the fields it sets, of the default rule of the same name,
+        else of the default rule its pattern falls under."""
+        key = (scope, name, user)
+        try:
+            return self._by_name[key]
+        except KeyError:
+            pass
+        base, scoped = self._tables(scope, user)
+        override = next((r for r in scoped if r.budget == name), None)
+        default = next((r for r in base if r.budget == name), None)
+        if override is not None and default is None:
+            default = first_rule(base, override.pattern)
+        result: Limits | None = None
+        if default is not None:
+            result = default.limits if override is None else default.limits.merged(
+                override.limits)
+        elif override is not None:
+            result = override.limits
+        if len(self._by_name) >= 65_536:
+            self._by_name.clear()
+        self._by_name[key] = result
+        return result
+
+    def limits_for(self, scope: str, model: str) -> Limits | None:
+        """The scope x model bucket's limits, or None when the model has no limits at all."""
+        budget = self.budget_for(scope, model)
+        return budget.limits if budget is not None else None
+
+    def user_limits_for(self, scope: str, model: str) -> Limits | None:
+        """Limits for each user under scope x model, or None when users are not limited."""
+        budget = self.budget_for(scope, model, user=True)
+        return budget.limits if budget is not None else None
+
+    def alias_for(self, scope: str) -> str | None:
+        sc = self.scopes.get(scope)
+        return sc.alias if sc else None
+
+    def _tables(
+        self, scope: str, user: bool
+    ) -> tuple[tuple[ModelRule, ...], tuple[ModelRule, ...]]:
+        sc = self.scopes.get(scope)
+        if user:
+            return self.user_models, sc.user_models if sc else ()
+        return self.models, sc.models if sc else ()

@@ -21,8 +21,8 @@ class NeverFits(LedgerError):
     """More than a bucket could ever hold: waiting would not help (FAILED_PRECONDITION)."""
 
     def __init__(self, bucket: BucketKey, dimension: str, capacity: int, asked: int) -> None:
-        who = f"scope x model {bucket.model!r}" if not bucket.user else (
-            f"user {bucket.user!r} under model {bucket.model!r}"
+        who = f"scope x model budget {bucket.budget!r}" if not bucket.user else (
+            f"user {bucket.user!r} under model budget {bucket.budget!r}"
         )
         super().__init__(
             f"{dimension}: asked for {asked}, but the {who} bucket holds at most {capacity} "

@@ -6,7 +6,11 @@ happened, and are the only way it learns:
 - take_changes(): the Change values a journal must record (group-committed by the engine);
 - take_ended(): waiters whose wait ended (granted or timed out), for the engine to answer.
 
-Waiting: each bucket set (scope x model, plus scope x model x user where user limits apply)
+Buckets are keyed by budget, not by the caller's model string: every model a config rule
+matches draws on the rule's one budget (config.model.Budget), as the provider counts a model
+class's limit across its versions and aliases.
+
+Waiting: each bucket set (scope x budget, plus scope x budget x user where user limits apply)
 has a FIFO queue. A newcomer is granted at once only when no queue touching its buckets has
 anyone waiting; otherwise it joins its queue and the queues are drained oldest-first. A waiter
 that cannot be granted claims the buckets it lacks, so nobody younger takes them first, but
@@ -43,6 +47,7 @@ from limiterd.ledger.model import (
 )
 
 QueueKey = tuple[BucketKey, ...]
+GLOB_CHARS = frozenset("*?[]")
 LIMIT_FIELDS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
 
 # When only a concurrency slot is missing, nothing refills by itself: the wait ends when a
@@ -92,7 +97,7 @@ class Ledger:
         self._settled_order: deque[tuple[float, str]] = deque()
         self._by_request: dict[tuple[str, str], Reservation | Waiter] = {}
         self._queues: dict[QueueKey, deque[Waiter]] = {}
-        self._pauses: dict[tuple[str, str], float] = {}
+        self._pauses: dict[tuple[str, str], float] = {}  # (scope, budget) -> until
         self._leases: list[tuple[float, str]] = []  # (expires_at, id), lazily pruned
         self._deadlines: list[tuple[float, int, Waiter]] = []  # lazily pruned
         self._retries: list[tuple[float, QueueKey]] = []  # when a blocked head may fit
@@ -156,7 +161,7 @@ class Ledger:
             if (over := b.exceeds_capacity(amounts)) is not None:
                 name, cap = over
                 raise NeverFits(b.key, name, cap, amounts[RATE_DIMS.index(name)])
-        paused = self._paused_until(req.scope, req.model, now)
+        paused = self._paused_until(req.scope, keys[0].budget, now)
         free = not paused and not any(b.queues for b in buckets)
         if free and all(b.fits(amounts) for b in buckets):
             return Granted(self._grant(req, keys, buckets, amounts, now, now))
@@ -216,7 +221,7 @@ class Ledger:
         """Settle with actual usage: refund what was not used, charge an overrun as debt.
 
         Returns (the settled reservation, replayed). A 429 (RATE_LIMITED) with a retry-after
-        pauses every grant on its scope x model until then.
+        pauses every grant on its scope x budget until then.
         """
         r = self._open.get(reservation_id)
         if r is None:
@@ -231,9 +236,9 @@ class Ledger:
             outcome=outcome,
         )
         if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
-            self._pause(r.scope, r.model, now + retry_after_s)
+            self._pause(r.scope, r.buckets[0].budget, now + retry_after_s)
         elif outcome is Outcome.OVERLOADED:
-            self._note_overload(r.model, now)
+            self._note_overload(r.buckets[0].budget, now)
         return self._settle(r, settlement, (0.0, float(d_in), float(d_out)), now), False
 
     def release(self, reservation_id: str, now: float) -> tuple[Reservation, bool]:
@@ -383,9 +388,9 @@ class Ledger:
                 del self._buckets[key]
                 self._dirty.discard(key)
                 self._changes.append(BucketDropped(key))
-        for (scope, model), until in list(self._pauses.items()):
+        for pause_key, until in list(self._pauses.items()):
             if until <= now:
-                del self._pauses[(scope, model)]
+                del self._pauses[pause_key]
         if not self._sweep_keys:
             self._next_sweep = now + self._config.settings.idle_sweep_interval_s
 
@@ -453,7 +458,7 @@ class Ledger:
                 bs = [self._buckets[k] for k in qk]
                 for b in bs:
                     b.refill(now)
-                paused = self._paused_until(w.request.scope, w.request.model, now)
+                paused = self._paused_until(qk[0].scope, qk[0].budget, now)
                 lacking = [b.key for b in bs if not b.fits(w.amounts)]
                 if paused or lacking:
                     claimed.update(lacking or qk[:1])
@@ -508,7 +513,7 @@ class Ledger:
             mc = b.limits.max_concurrent
             if mc is not None and b.in_flight + ahead >= mc:
                 worst = max(worst, CONCURRENCY_RETRY_S)
-        paused = self._paused_until(keys[0].scope, keys[0].model, now)
+        paused = self._paused_until(keys[0].scope, keys[0].budget, now)
         return max(worst, paused - now if paused else 0.0)
 
     # ---- grants and buckets ----------------------------------------------------------------
@@ -545,21 +550,23 @@ class Ledger:
         return r
 
     def _plan(self, req: AcquireRequest) -> tuple[QueueKey, tuple[Limits, ...]]:
-        limits = self._config.limits_for(req.scope, req.model)
-        if self._learned and limits is not None:
-            limits = self._with_learned(BucketKey(req.scope, req.model), limits)
-        if limits is None:
+        """The buckets a request draws on: its model's budget, and its user's under it."""
+        check_model_name(req.model)
+        budget = self._config.budget_for(req.scope, req.model)
+        if budget is None:
             raise InvalidRequest(
                 "model", f"no limits are configured for model {req.model!r} (and no default)"
             )
+        key = BucketKey(req.scope, budget.name)
+        limits = self._with_learned(key, budget.limits) if self._learned else budget.limits
         if req.user:
-            user_limits = self._config.user_limits_for(req.scope, req.model)
-            if user_limits is not None:
+            per_user = self._config.budget_for(req.scope, req.model, user=True)
+            if per_user is not None:
                 return (
-                    (BucketKey(req.scope, req.model), BucketKey(req.scope, req.model, req.user)),
-                    (limits, user_limits),
+                    (key, BucketKey(req.scope, per_user.name, req.user)),
+                    (limits, per_user.limits),
                 )
-        return (BucketKey(req.scope, req.model),), (limits,)
+        return (key,), (limits,)
 
     def _bucket(self, key: BucketKey, limits: Limits, now: float) -> Bucket:
         b = self._buckets.get(key)
@@ -569,14 +576,14 @@ class Ledger:
             b.refill(now)
         return b
 
-    def _paused_until(self, scope: str, model: str, now: float) -> float:
-        until = self._pauses.get((scope, model))
+    def _paused_until(self, scope: str, budget: str, now: float) -> float:
+        until = self._pauses.get((scope, budget))
         return until if until is not None and until > now else 0.0
 
-    def _pause(self, scope: str, model: str, until: float) -> None:
-        if until > self._pauses.get((scope, model), 0.0):
-            self._pauses[(scope, model)] = until
-            self._changes.append(PauseSet(scope, model, until))
+    def _pause(self, scope: str, budget: str, until: float) -> None:
+        if until > self._pauses.get((scope, budget), 0.0):
+            self._pauses[(scope, budget)] = until
+            self._changes.append(PauseSet(scope, budget, until))
 
     # ---- restart and reload -------------------------------------------------------------------
 
@@ -613,7 +620,7 @@ class Ledger:
         self._settled_order = deque(order)
         for p in snap.pauses:
             if p.until > now:
-                self._pauses[(p.scope, p.model)] = p.until
+                self._pauses[(p.scope, p.budget)] = p.until
 
     def set_config(self, config: Config, now: float) -> None:
         """Apply new limits, keeping levels and reservations (hot reload)."""
@@ -627,10 +634,11 @@ class Ledger:
         self._drain(list(self._buckets.values()), now)
 
     def _limits_for_key(self, key: BucketKey) -> Limits | None:
-        if key.user:
-            return self._config.user_limits_for(key.scope, key.model)
-        limits = self._config.limits_for(key.scope, key.model)
-        return self._with_learned(key, limits) if limits is not None else None
+        """None: the config no longer has this budget (e.g. a state from before budgets)."""
+        limits = self._config.budget_limits(key.scope, key.budget, user=bool(key.user))
+        if key.user or limits is None:
+            return limits
+        return self._with_learned(key, limits)
 
     def _with_learned(self, key: BucketKey, limits: Limits) -> Limits:
         learned = self._learned.get(key)
@@ -638,25 +646,26 @@ class Ledger:
 
     # ---- overload awareness and provider sync -------------------------------------------
 
-    def _note_overload(self, model: str, now: float) -> None:
+    def _note_overload(self, budget: str, now: float) -> None:
         s = self._config.settings
-        events = self._overload_events.setdefault(model, deque())
+        events = self._overload_events.setdefault(budget, deque())
         events.append(now)
         while events and (events[0] <= now - s.overload_window_s
                           or len(events) > s.overload_threshold):
             events.popleft()
         if len(events) >= s.overload_threshold:
             until = now + s.overload_cooldown_s
-            if until > self._overloaded.get(model, 0.0):
-                self._overloaded[model] = until
+            if until > self._overloaded.get(budget, 0.0):
+                self._overloaded[budget] = until
 
-    def overloaded_until(self, model: str, now: float) -> float:
-        """When the overload mark on `model` lifts (0.0: not marked). It lifts on its own."""
-        until = self._overloaded.get(model)
+    def overloaded_until(self, budget: str, now: float) -> float:
+        """When the overload mark on a model budget lifts (0.0: not marked). It lifts on its
+        own. Marks are per budget, not per scope: an overload is the provider's, not a key's."""
+        until = self._overloaded.get(budget)
         if until is None:
             return 0.0
         if until <= now:
-            del self._overloaded[model]
+            del self._overloaded[budget]
             return 0.0
         return until
 
@@ -664,16 +673,15 @@ class Ledger:
         return {m: u for m in list(self._overloaded) if (u := self.overloaded_until(m, now))}
 
     def sync_from_headers(
-        self, scope: str, model: str, headers: Mapping[str, str], now: float
+        self, key: BucketKey, headers: Mapping[str, str], now: float
     ) -> list[str]:
-        """Correct the scope x model bucket from the provider's rate-limit headers.
+        """Correct the scope x budget bucket `key` from the provider's rate-limit headers.
 
         Lowers a level when the provider says less remains than the ledger believes, by more
         than the provider's rounding (so repeated reports do not thrash). Never raises a level;
         raises a capacity only when config allows learning limits. Returns what it changed,
         for the log.
         """
-        key = BucketKey(scope, model)
         b = self._buckets.get(key)
         if b is None or not headers:
             return []
@@ -694,11 +702,11 @@ class Ledger:
                 learned = self._learned.get(key, Limits())
                 self._learned[key] = learned.merged(Limits(**{field: limit}))
                 b.set_limits(b.limits.merged(Limits(**{field: limit})))
-                notes.append(f"learned {field}={limit} for {model} from the provider "
+                notes.append(f"learned {field}={limit} for {key.budget} from the provider "
                              f"(configured {cap})")
             if remaining is not None and remaining + tolerance < b.levels[i]:
-                notes.append(f"lowered {name} for {model} from {b.levels[i]:.0f} to {remaining}: "
-                             "the provider reports less remaining")
+                notes.append(f"lowered {name} for {key.budget} from {b.levels[i]:.0f} to "
+                             f"{remaining}: the provider reports less remaining")
                 b.levels[i] = float(remaining)
                 self._dirty.add(key)
         return notes
@@ -749,8 +757,8 @@ class Ledger:
     def active_pauses(self, now: float) -> int:
         return sum(1 for until in self._pauses.values() if until > now)
 
-    def paused_until(self, scope: str, model: str, now: float) -> float:
-        return self._paused_until(scope, model, now)
+    def paused_until(self, scope: str, budget: str, now: float) -> float:
+        return self._paused_until(scope, budget, now)
 
     def get(self, reservation_id: str) -> Reservation | None:
         return self._open.get(reservation_id) or self._settled.get(reservation_id)
@@ -762,6 +770,16 @@ class Ledger:
     @property
     def waiting_count(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+
+def check_model_name(model: str) -> None:
+    """A model id is matched against config patterns, so a name with whitespace or glob
+    characters would only ever be a mistake or an attempt to get a budget of its own."""
+    bad = next((c for c in model if c.isspace() or c in GLOB_CHARS), None)
+    if bad is not None:
+        raise InvalidRequest(
+            "model", f"{model!r} contains {bad!r}; model ids have no whitespace or * ? [ ]"
+        )
 
 
 def _header_int(headers: Mapping[str, str], name: str) -> int | None:

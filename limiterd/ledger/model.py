@@ -8,10 +8,13 @@ from typing import NamedTuple
 
 
 class BucketKey(NamedTuple):
-    """scope x model (user == "") or scope x model x user."""
+    """scope x budget (user == "") or scope x budget x user.
+
+    `budget` names what a model draws on: the matched config rule's group or pattern, so
+    every version and alias of a model class shares one bucket (config.model.Budget)."""
 
     scope: str
-    model: str
+    budget: str
     user: str = ""
 
 
@@ -125,8 +128,10 @@ class ReservationSettled:
 
 @dataclass(frozen=True, slots=True)
 class PauseSet:
+    """A provider 429 pauses every grant on scope x budget until `until`."""
+
     scope: str
-    model: str
+    budget: str
     until: float
 
 

@@ -238,7 +238,7 @@ def _plan(changes: Iterable[Change]) -> _Plan:
         elif isinstance(c, BucketDropped):
             buckets[c.key] = None
         elif isinstance(c, PauseSet):
-            pauses[(c.scope, c.model)] = c.until
+            pauses[(c.scope, c.budget)] = c.until
         else:  # pragma: no cover - the Change union is closed
             raise StorageError(f"unknown change type {type(c).__name__}")
 
@@ -257,7 +257,7 @@ def _plan(changes: Iterable[Change]) -> _Plan:
             for k, b in buckets.items()
             if b is not None
         ],
-        bucket_deletes=[(k.scope, k.model, k.user) for k, b in buckets.items() if b is None],
+        bucket_deletes=[(k.scope, k.budget, k.user) for k, b in buckets.items() if b is None],
         pauses=[(s, m, until) for (s, m), until in pauses.items()],
     )
 
