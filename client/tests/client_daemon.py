@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import cast
 
 import grpc
@@ -70,3 +71,10 @@ class Daemon:
                       key=lambda r: r.settlement.settled_at if r.settlement else 0.0)
 
 
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for "connection refused")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -92,6 +92,18 @@ def outcome_for(err: ProviderError) -> pb.Outcome:
     return pb.ERROR
 
 
+def used_by_failure(err: ProviderError, known: tuple[int, int] | None,
+                    reserved: tuple[int, int]) -> tuple[int, int]:
+    """What a failed attempt used: the provider's count when it gave one; nothing when it
+    refused the attempt (429, 529, never connected: charging it would drain the budget for
+    calls that did no work); else the best-known usage, or the reservation (the safe side)."""
+    if err.usage is not None:
+        return err.usage.input_tokens, err.usage.output_tokens
+    if err.refused:
+        return 0, 0
+    return known or reserved
+
+
 def provider_pb(meta: ProviderMeta | None) -> pb.ProviderInfo | None:
     if meta is None:
         return None
@@ -112,6 +124,8 @@ def exit_action(state: Settle, grant: Grant, exc: BaseException | None
         outcome = pb.OK
     elif isinstance(exc, ProviderError):
         outcome = outcome_for(exc)
+        in_tok, out_tok = used_by_failure(exc, state.usage,
+                                          (grant.input_tokens, grant.output_tokens))
     elif isinstance(exc, GeneratorExit | KeyboardInterrupt) or (
             type(exc).__name__ == "CancelledError"):
         outcome = pb.CANCELLED

@@ -70,15 +70,22 @@ def usage_of(usage: Any) -> Usage:
                  getattr(usage, "output_tokens", None) or 0)
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def _httpx_errors(name: str) -> tuple[type[BaseException], ...]:
+    """`name` (e.g. "TransportError") from whichever of httpx2/httpx is installed."""
     found: list[type[BaseException]] = []
-    for name in ("httpx2", "httpx"):
+    for module in ("httpx2", "httpx"):
         try:
-            mod = __import__(name)
+            mod = __import__(module)
         except ImportError:
             continue
-        found.append(mod.TransportError)
+        found.append(getattr(mod, name))
     return tuple(found)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """The connection was never made (refused, DNS, TLS, connect timeout): no request left."""
+    cause = exc if exc.__cause__ is None else exc.__cause__
+    return isinstance(cause, _httpx_errors("ConnectError") + _httpx_errors("ConnectTimeout"))
 
 
 def to_provider_error(exc: BaseException, now: float | None = None) -> ProviderError | None:
@@ -95,13 +102,14 @@ def to_provider_error(exc: BaseException, now: float | None = None) -> ProviderE
             code=code, error_code=exc.error_code, message=exc.api_message or exc.message,
             request_id=exc.request_id, now=now)
     if isinstance(exc, anthropic.APITimeoutError):
-        return connection_error(PROVIDER, str(exc), timeout=True)
+        return connection_error(PROVIDER, str(exc), timeout=True, sent=not _never_sent(exc))
     if isinstance(exc, anthropic.APIConnectionError):
-        return connection_error(PROVIDER, str(exc.__cause__ or exc))
-    transport = _transport_errors()
+        return connection_error(PROVIDER, str(exc.__cause__ or exc), sent=not _never_sent(exc))
+    transport = _httpx_errors("TransportError")
     if transport and isinstance(exc, transport):
         timeout = "timeout" in type(exc).__name__.lower()
-        return connection_error(PROVIDER, f"{type(exc).__name__}: {exc}", timeout=timeout)
+        return connection_error(PROVIDER, f"{type(exc).__name__}: {exc}", timeout=timeout,
+                                sent=not _never_sent(exc))
     return None
 
 

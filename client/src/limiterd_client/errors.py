@@ -68,6 +68,7 @@ class ProviderError(Exception):
         headers: Mapping[str, str] | None = None,
         usage: Usage | None = None,
         timeout: bool = False,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.provider = provider
@@ -81,6 +82,17 @@ class ProviderError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
         self.usage = usage  # best-known usage of the failed call, when any was consumed
         self.timeout = timeout
+        self.sent = sent  # False: the request never reached the provider (connect failed)
+
+    @property
+    def refused(self) -> bool:
+        """The provider did no work for this attempt, so it used no tokens: the request never
+        left (connection refused), or it was turned away (429, 529, or another 4xx but 408)
+        before any work was done."""
+        if not self.sent:
+            return True
+        status = self.status
+        return status == 529 or (status is not None and 400 <= status < 500 and status != 408)
 
     @property
     def rate_limited(self) -> bool:
@@ -173,11 +185,12 @@ def classify_http(
 
 
 def connection_error(provider: str, message: str, *, timeout: bool = False,
-                     usage: Usage | None = None) -> ProviderError:
-    """A reset, refused or timed-out connection: always retryable."""
+                     usage: Usage | None = None, sent: bool = True) -> ProviderError:
+    """A reset, refused or timed-out connection: always retryable. `sent=False` when the
+    connection was never made, so the provider cannot have done (or charged) any work."""
     return ProviderError(provider=provider, status=None,
                          code="timeout" if timeout else "connection_error", message=message,
-                         retryable=True, timeout=timeout, usage=usage)
+                         retryable=True, timeout=timeout, usage=usage, sent=sent)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ._core import (
     map_status,
     outcome_for,
     provider_pb,
+    used_by_failure,
     validate,
 )
 from .errors import (
@@ -370,9 +371,7 @@ class Reservation:
                            ) -> pb.Settlement | None:
         """Report a failed attempt: RATE_LIMITED / OVERLOADED / ERROR with the provider's
         details, so the daemon can pause the others."""
-        usage = err.usage
-        in_tok, out_tok = ((usage.input_tokens, usage.output_tokens) if usage
-                           else self._state.usage or self._reserved())
+        in_tok, out_tok = used_by_failure(err, self._state.usage, self._reserved())
         return await self.report(in_tok, out_tok, outcome=outcome_for(err),
                                  retry_after_ms=err.retry_after_ms or 0,
                                  provider=ProviderMeta.of(err, fell_back=fell_back))

@@ -21,6 +21,7 @@ from ._core import (
     map_status,
     outcome_for,
     provider_pb,
+    used_by_failure,
     validate,
 )
 from .errors import LimiterBusy, LimiterRejected, LimiterUnavailable, ProviderError, ProviderMeta
@@ -325,9 +326,8 @@ class SyncReservation:
 
     def report_error(self, err: ProviderError, *, fell_back: bool = False
                      ) -> pb.Settlement | None:
-        usage = err.usage
-        in_tok, out_tok = ((usage.input_tokens, usage.output_tokens) if usage
-                           else self._state.usage or (self.input_tokens, self.max_output_tokens))
+        in_tok, out_tok = used_by_failure(err, self._state.usage,
+                                          (self.input_tokens, self.max_output_tokens))
         return self.report(in_tok, out_tok, outcome=outcome_for(err),
                            retry_after_ms=err.retry_after_ms or 0,
                            provider=ProviderMeta.of(err, fell_back=fell_back))
