@@ -41,6 +41,8 @@ class Reply:
     after_chunks: int = 1  # for reset_mid_stream / stream_error: deltas sent first
     delay: float = 0.0  # seconds before answering (the benchmarks' latency)
     hard_reset: bool = False  # reset_mid_stream: TCP RST instead of a truncated body
+    # answer only once this is set (a test acts while the provider "works"; no sleeps)
+    hold: threading.Event | None = field(default=None, compare=False)
 
     @staticmethod
     def ok(text: str = "Hello from the fake provider, one word at a time.",
@@ -200,6 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
         rec.reply = reply
         if reply.delay:
             time.sleep(reply.delay)
+        if reply.hold is not None:
+            reply.hold.wait(30)
         own = {k.lower() for k, _ in reply.headers}  # scripted headers replace the defaults
         headers = [(k, v) for k, v in [("request-id", f"req_{uuid.uuid4().hex[:16]}"),
                                        *ratelimit_headers()] if k not in own]

@@ -24,7 +24,15 @@ from .proto.limiter.v1 import limiter_pb2 as pb
 log = logging.getLogger("limiterd_client")
 
 # A lost answer to these may still have been applied: retry with the same request_id.
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED reaches a client only from the daemon's side (our own cancellation raises
+# CancelledError instead): the daemon is draining on its way down, so it is unavailable.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.CANCELLED})
+# A restarted sidecar should be dialled again within a second, not after grpc's default
+# backoff of up to two minutes.
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 @dataclass
@@ -37,6 +45,9 @@ class Counters:
     fallbacks: int = 0
     settle_failures: int = 0
     stream_reattaches: int = 0
+    settles_deferred: int = 0  # Report/Release the daemon could not take at once
+    settles_delivered: int = 0  # ...of which the outbox delivered later
+    settles_dropped: int = 0  # ...of which the lease ended first (or the outbox overflowed)
 
 
 @dataclass(frozen=True)

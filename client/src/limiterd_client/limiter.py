@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 
 from ._core import (
+    CHANNEL_OPTIONS,
     TRANSIENT,
     Counters,
     Grant,
@@ -35,6 +36,7 @@ from .errors import (
     ProviderMeta,
 )
 from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .outbox import Outbox
 from .proto.limiter.v1 import limiter_pb2 as pb
 from .proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .wait import WaitCallback, WaitGate, WaitUpdate
@@ -45,6 +47,10 @@ class Limiter:
 
     `on_unavailable` decides what happens while the daemon cannot be reached: FailClosed()
     (raise LimiterUnavailable), FailOpen() (counted, logged) or SafeCapacity(rpm, tpm).
+
+    A Report or Release the daemon cannot take (killed, restarting) never costs the app its
+    provider answer: it is delivered in the background until it lands or its lease is over
+    (`counters.settles_*`); `close()` (or `flush()`) waits up to `flush_timeout` for it.
     """
 
     def __init__(
@@ -61,6 +67,9 @@ class Limiter:
         keepalive_fraction: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall: Callable[[], float] = time.time,
+        flush_timeout: float = 10.0,
+        outbox_limit: int = 1000,
     ) -> None:
         if (target is None) == (channel is None):
             raise ValueError("target/channel: give exactly one")
@@ -69,7 +78,8 @@ class Limiter:
         if transport_attempts < 1:
             raise ValueError("transport_attempts: must be >= 1")
         self._own_channel = channel is None
-        self._channel = channel if channel is not None else grpc.aio.insecure_channel(target or "")
+        self._channel = channel if channel is not None else grpc.aio.insecure_channel(
+            target or "", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LimiterStub(self._channel)
         self.on_unavailable = on_unavailable
         self.lease_ms = lease_ms
@@ -83,6 +93,9 @@ class Limiter:
         self.counters = Counters()
         self._local = (LocalBucket(on_unavailable, clock)
                        if isinstance(on_unavailable, SafeCapacity) else None)
+        self.flush_timeout = flush_timeout
+        self._outbox = Outbox(self.counters, clock, wall, limit=outbox_limit)
+        self._outbox_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Limiter:
         return self
@@ -91,8 +104,63 @@ class Limiter:
         await self.close()
 
     async def close(self) -> None:
+        """Deliver what the outbox holds (up to `flush_timeout`), then close the channel."""
+        left = await self.flush(self.flush_timeout)
+        if self._outbox_task is not None:
+            self._outbox_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._outbox_task
+        if left:
+            log.warning("closing with %d settlements undelivered: their leases settle them "
+                        "as consumed", left)
         if self._own_channel:
             await self._channel.close()
+
+    @property
+    def pending_settles(self) -> int:
+        """Reports/Releases waiting for the daemon to come back."""
+        return len(self._outbox)
+
+    async def flush(self, timeout: float | None = None) -> int:
+        """Wait until deferred settlements are delivered (or given up), at most `timeout`
+        seconds; returns how many are still pending."""
+        task = self._outbox_task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        return len(self._outbox)
+
+    async def _settle(self, method: str, request: pb.ReportRequest | pb.ReleaseRequest,
+                      reservation_id: str, lease_expires_at_ms: int) -> pb.Settlement | None:
+        """Report/Release now, or (daemon unreachable) hand it to the outbox and return None."""
+        try:
+            resp = await self._call(method, request, self.rpc_timeout)
+        except LimiterUnavailable:
+            if self._outbox.add(method, request, reservation_id, lease_expires_at_ms):
+                self._outbox_task = asyncio.get_running_loop().create_task(self._deliver())
+            return None
+        assert isinstance(resp, pb.ReportResponse | pb.ReleaseResponse)
+        return resp.settlement
+
+    async def _deliver(self) -> None:
+        """The outbox's driver: one try per due entry, waiting for the channel to be ready."""
+        while True:
+            p, wait = self._outbox.next()
+            if p is None:
+                return
+            if wait > 0:
+                await self.sleep(wait)
+                continue
+            try:
+                await getattr(self._stub, p.method)(p.request, timeout=self.rpc_timeout,
+                                                    wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in TRANSIENT:
+                    self._outbox.retry_later(p)
+                else:
+                    self._outbox.refused(p, f"{e.code().name}: {e.details()}")
+            else:
+                self._outbox.landed(p)
 
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
                 max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
@@ -203,12 +271,12 @@ class Limiter:
             log.warning("could not abandon wait %s: %s", r.request_id, e)
             return
         assert isinstance(resp, pb.AcquireResponse)
-        await self._release_quietly(resp.reservation_id)
+        await self._release_quietly(resp.reservation_id, resp.lease_expires_at_ms)
 
-    async def _release_quietly(self, reservation_id: str) -> None:
+    async def _release_quietly(self, reservation_id: str, lease_expires_at_ms: int = 0) -> None:
         try:
-            await self._call("Release", pb.ReleaseRequest(reservation_id=reservation_id),
-                             self.rpc_timeout)
+            await self._settle("Release", pb.ReleaseRequest(reservation_id=reservation_id),
+                               reservation_id, lease_expires_at_ms)
         except Exception as e:  # the lease still expires and settles as consumed
             self.counters.settle_failures += 1
             log.warning("could not release %s: %s", reservation_id, e)
@@ -346,8 +414,9 @@ class Reservation:
     async def report(self, actual_input_tokens: int, actual_output_tokens: int, *,
                      outcome: pb.Outcome = pb.OK, retry_after_ms: int = 0,
                      provider: ProviderMeta | None = None) -> pb.Settlement | None:
-        """Settle with what the provider used. Returns the daemon's settlement (None when the
-        grant was local)."""
+        """Settle with what the provider used. Returns the daemon's settlement; None when the
+        grant was local, or when the daemon is unreachable and the Report was handed to the
+        background outbox (it is retried until it lands or the lease is over)."""
         if self.grant is None:
             raise RuntimeError("report: the reservation was not acquired")
         if self._state.settled:
@@ -363,9 +432,8 @@ class Reservation:
                                actual_input_tokens=actual_input_tokens,
                                actual_output_tokens=actual_output_tokens, outcome=outcome,
                                retry_after_ms=retry_after_ms, provider=provider_pb(provider))
-        resp = await self._limiter._call("Report", req, self._limiter.rpc_timeout)
-        assert isinstance(resp, pb.ReportResponse)
-        return resp.settlement
+        return await self._limiter._settle("Report", req, self.reservation_id,
+                                           self.lease_expires_at_ms)
 
     async def report_error(self, err: ProviderError, *, fell_back: bool = False
                            ) -> pb.Settlement | None:
@@ -390,11 +458,9 @@ class Reservation:
         if self.grant.mode != "daemon":
             self._give_back(0)
             return None
-        resp = await self._limiter._call(
+        return await self._limiter._settle(
             "Release", pb.ReleaseRequest(reservation_id=self.grant.reservation_id),
-            self._limiter.rpc_timeout)
-        assert isinstance(resp, pb.ReleaseResponse)
-        return resp.settlement
+            self.reservation_id, self.lease_expires_at_ms)
 
     def _give_back(self, used: int) -> None:
         bucket = self._limiter._local

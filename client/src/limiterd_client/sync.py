@@ -12,6 +12,7 @@ from types import TracebackType
 import grpc
 
 from ._core import (
+    CHANNEL_OPTIONS,
     TRANSIENT,
     Counters,
     Grant,
@@ -26,6 +27,7 @@ from ._core import (
 )
 from .errors import LimiterBusy, LimiterRejected, LimiterUnavailable, ProviderError, ProviderMeta
 from .local import FAIL_CLOSED, FailOpen, LocalBucket, SafeCapacity, UnavailablePolicy
+from .outbox import Outbox
 from .proto.limiter.v1 import limiter_pb2 as pb
 from .proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from .wait import SyncWaitCallback, WaitGate, WaitUpdate
@@ -49,6 +51,9 @@ class SyncLimiter:
         keepalive_fraction: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
+        flush_timeout: float = 10.0,
+        outbox_limit: int = 1000,
     ) -> None:
         if (target is None) == (channel is None):
             raise ValueError("target/channel: give exactly one")
@@ -57,7 +62,8 @@ class SyncLimiter:
         if transport_attempts < 1:
             raise ValueError("transport_attempts: must be >= 1")
         self._own_channel = channel is None
-        self._channel = channel if channel is not None else grpc.insecure_channel(target or "")
+        self._channel = channel if channel is not None else grpc.insecure_channel(
+            target or "", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.LimiterStub(self._channel)
         self.on_unavailable = on_unavailable
         self.lease_ms = lease_ms
@@ -71,6 +77,10 @@ class SyncLimiter:
         self.counters = Counters()
         self._local = (LocalBucket(on_unavailable, clock)
                        if isinstance(on_unavailable, SafeCapacity) else None)
+        self.flush_timeout = flush_timeout
+        self._outbox = Outbox(self.counters, clock, wall, limit=outbox_limit)
+        self._outbox_thread: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def __enter__(self) -> SyncLimiter:
         return self
@@ -79,8 +89,62 @@ class SyncLimiter:
         self.close()
 
     def close(self) -> None:
+        """Deliver what the outbox holds (up to `flush_timeout`), then close the channel."""
+        left = self.flush(self.flush_timeout)
+        self._closing.set()
+        if self._outbox_thread is not None:
+            self._outbox_thread.join()
+        if left:
+            log.warning("closing with %d settlements undelivered: their leases settle them "
+                        "as consumed", left)
         if self._own_channel:
             self._channel.close()
+
+    @property
+    def pending_settles(self) -> int:
+        return len(self._outbox)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until deferred settlements are delivered (or given up), at most `timeout`
+        seconds; returns how many are still pending."""
+        thread = self._outbox_thread
+        if thread is not None:
+            thread.join(timeout)
+        return len(self._outbox)
+
+    def _settle(self, method: str, request: pb.ReportRequest | pb.ReleaseRequest,
+                reservation_id: str, lease_expires_at_ms: int) -> pb.Settlement | None:
+        """Report/Release now, or (daemon unreachable) hand it to the outbox and return None."""
+        try:
+            resp = self._call(method, request, self.rpc_timeout)
+        except LimiterUnavailable:
+            if self._outbox.add(method, request, reservation_id, lease_expires_at_ms):
+                self._outbox_thread = threading.Thread(
+                    target=self._deliver, daemon=True, name="limiterd-settle-outbox")
+                self._outbox_thread.start()
+            return None
+        assert isinstance(resp, pb.ReportResponse | pb.ReleaseResponse)
+        return resp.settlement
+
+    def _deliver(self) -> None:
+        """The outbox's driver thread (see Limiter._deliver)."""
+        while not self._closing.is_set():
+            p, wait = self._outbox.next()
+            if p is None:
+                return
+            if wait > 0:
+                self._closing.wait(wait)
+                continue
+            try:
+                getattr(self._stub, p.method)(p.request, timeout=self.rpc_timeout,
+                                              wait_for_ready=True)
+            except grpc.RpcError as e:
+                if e.code() in TRANSIENT:
+                    self._outbox.retry_later(p)
+                else:
+                    self._outbox.refused(p, f"{e.code().name}: {e.details()}")
+            else:
+                self._outbox.landed(p)
 
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
                 max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
@@ -174,8 +238,8 @@ class SyncLimiter:
             return
         assert isinstance(resp, pb.AcquireResponse)
         try:
-            self._call("Release", pb.ReleaseRequest(reservation_id=resp.reservation_id),
-                       self.rpc_timeout)
+            self._settle("Release", pb.ReleaseRequest(reservation_id=resp.reservation_id),
+                         resp.reservation_id, resp.lease_expires_at_ms)
         except Exception as e:
             self.counters.settle_failures += 1
             log.warning("could not release %s: %s", resp.reservation_id, e)
@@ -320,9 +384,8 @@ class SyncReservation:
                                actual_input_tokens=actual_input_tokens,
                                actual_output_tokens=actual_output_tokens, outcome=outcome,
                                retry_after_ms=retry_after_ms, provider=provider_pb(provider))
-        resp = self._limiter._call("Report", req, self._limiter.rpc_timeout)
-        assert isinstance(resp, pb.ReportResponse)
-        return resp.settlement
+        return self._limiter._settle("Report", req, self.reservation_id,
+                                     self.lease_expires_at_ms)
 
     def report_error(self, err: ProviderError, *, fell_back: bool = False
                      ) -> pb.Settlement | None:
@@ -342,11 +405,9 @@ class SyncReservation:
         if self.grant.mode != "daemon":
             self._give_back(0)
             return None
-        resp = self._limiter._call(
+        return self._limiter._settle(
             "Release", pb.ReleaseRequest(reservation_id=self.grant.reservation_id),
-            self._limiter.rpc_timeout)
-        assert isinstance(resp, pb.ReleaseResponse)
-        return resp.settlement
+            self.reservation_id, self.lease_expires_at_ms)
 
     def _give_back(self, used: int) -> None:
         bucket = self._limiter._local
