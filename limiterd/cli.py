@@ -188,6 +188,26 @@ def buckets_cmd(scope: str, model: str, as_json_: bool, **t: Any) -> None:
                                                 "are not kept)"))
 
 
+@main.command("reset")
+@target_options
+@click.option("--scope", required=True, help="Scope alias, hash or the prefix a table shows.")
+@click.option("--model", required=True, help="Budget name, or a model id (its budget).")
+@click.option("--user", default="", help="That user's bucket under the budget.")
+@click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
+def reset_cmd(scope: str, model: str, user: str, as_json_: bool, **t: Any) -> None:
+    """Refill a bucket to full, forgiving its debt (e.g. after a wrong overrun Report)."""
+    with connected(_target(**t)) as client:
+        resp = client.call(client.admin.ResetBucket, pb.ResetBucketRequest(
+            scope=scope, model=model, user=user))
+        if as_json_:
+            click.echo(as_json(resp))
+        else:
+            rows = bucket_rows(pb.GetBucketsResponse(buckets=resp.buckets))
+            click.echo(f"reset {len(resp.buckets)} bucket"
+                       f"{'' if len(resp.buckets) == 1 else 's'}:")
+            click.echo(table(rows, ""))
+
+
 @main.command("release")
 @target_options
 @click.argument("reservation_id")

@@ -341,6 +341,25 @@ class Engine:
         now = self.clock.now()
         return [self._bucket_view(k, now) for k in page]
 
+    async def reset_buckets(
+        self, scopes: frozenset[str] | None, model: str, user: str = ""
+    ) -> list[BucketView]:
+        """Refill the matching buckets to full, forgiving their debt (an operator's reset).
+        Answers once the reset is journaled; PersistenceFailing when it could not be."""
+        keys = sorted(
+            k for k in self.ledger.bucket_keys()
+            if (scopes is None or k.scope in scopes) and self._spends(k, model)
+            and k.user == user
+        )
+        now = self.clock.now()
+        for k in keys:
+            self.ledger.reset_bucket(k, now)
+        self._after()
+        if keys and not await self._commit():
+            raise PersistenceFailing("the journal is failing to write; the reset is kept in "
+                                     "memory and written when it recovers")
+        return [self._bucket_view(k, now) for k in keys]
+
     def _spends(self, key: BucketKey, model: str) -> bool:
         """A filter names a budget, or a model id that draws on it."""
         if key.budget == model:

@@ -247,6 +247,25 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
 
         return await answer(context, call)
 
+    async def ResetBucket(
+        self, request: pb.ResetBucketRequest, context: Context
+    ) -> pb.ResetBucketResponse:
+        async def call() -> pb.ResetBucketResponse:
+            for field in ("scope", "model"):
+                if not getattr(request, field):
+                    raise InvalidRequest(field, "is required")
+            views = await self.engine.reset_buckets(
+                self._scopes(request.scope), request.model, request.user)
+            if not views:
+                raise RpcFailure(grpc.StatusCode.NOT_FOUND, (
+                    f"no bucket for scope {request.scope!r}, model {request.model!r}"
+                    + (f", user {request.user!r}" if request.user else "")
+                    + " (idle buckets at full capacity are not kept: nothing to reset)"))
+            return pb.ResetBucketResponse(
+                buckets=[convert.bucket(v, self._alias(v.key.scope)) for v in views])
+
+        return await answer(context, call)
+
     async def GetBuckets(
         self, request: pb.GetBucketsRequest, context: Context
     ) -> pb.GetBucketsResponse:

@@ -2,6 +2,11 @@
 
 A bucket holds up to its per-minute limit and refills at limit/60 per second. A level may go
 negative (debt from an overrun reported after the fact); later grants wait until it refills.
+Debt is bounded: a level never goes below minus one capacity, so whatever a Report claims,
+the longest it can hold a bucket shut is two minutes (a mistaken or hostile report of 10^12
+tokens must not lock a key out for centuries). The provider's own window is a minute; more
+debt than a minute's limit would only make callers wait for tokens the provider has already
+forgotten.
 Concurrency is not a rate: it is a count of open reservations against `max_concurrent`.
 """
 
@@ -26,6 +31,11 @@ def capacities(limits: Limits) -> tuple[int | None, int | None, int | None]:
         limits.input_tokens_per_minute,
         limits.output_tokens_per_minute,
     )
+
+
+def bounded(level: float, cap: int) -> float:
+    """A level within the bucket's bounds: at most full, at most one capacity in debt."""
+    return max(-float(cap), min(float(cap), level))
 
 
 def amounts_tuple(a: Amounts) -> tuple[int, int, int]:
@@ -59,14 +69,24 @@ class Bucket:
                 levels[i] = min(float(cap), levels[i] + cap * elapsed / 60.0)
 
     def set_limits(self, limits: Limits) -> None:
-        """New limits (config reload): keep levels, never above the new capacity."""
+        """New limits (config reload): keep levels, within the new bounds."""
         self.limits = limits
         self.caps = capacities(limits)
         for i, cap in enumerate(self.caps):
-            if cap is None:
-                self.levels[i] = 0.0
-            elif self.levels[i] > cap:
-                self.levels[i] = float(cap)
+            self.levels[i] = 0.0 if cap is None else bounded(self.levels[i], cap)
+
+    def set_levels(self, levels: tuple[float | None, ...]) -> None:
+        """Levels from outside (a journal's snapshot): held within the bounds, whatever an
+        older version (or a corrupt row) wrote."""
+        for i, level in enumerate(levels):
+            cap = self.caps[i]
+            if level is not None and cap is not None:
+                self.levels[i] = bounded(level, cap)
+
+    def reset(self, now: float) -> None:
+        """Full on every dimension, debt forgiven (an operator's reset)."""
+        self.as_of = now
+        self.levels = [float(c or 0) for c in self.caps]
 
     def fits(self, amounts: tuple[int, int, int]) -> bool:
         """Whether `amounts` can be taken now (after refill)."""
@@ -84,11 +104,11 @@ class Bucket:
         self.in_flight += 1
 
     def give(self, amounts: tuple[float, float, float]) -> None:
-        """Refund (positive) or charge debt (negative); a refund never fills past capacity."""
+        """Refund (positive) or charge debt (negative), within [-capacity, capacity]."""
         for i in range(3):
             cap = self.caps[i]
             if cap is not None and amounts[i]:
-                self.levels[i] = min(float(cap), self.levels[i] + amounts[i])
+                self.levels[i] = bounded(self.levels[i] + amounts[i], cap)
 
     def seconds_until(self, demand: tuple[float, float, float]) -> float:
         """Refill time until `demand` fits on the rate dimensions (0 if it fits now)."""

@@ -262,6 +262,17 @@ class Ledger:
         self._changes.append(LeaseExtended(r.id, r.expires_at))
         return r
 
+    def reset_bucket(self, key: BucketKey, now: float) -> bool:
+        """An operator forgives a bucket: full again, debt gone (journaled as its levels);
+        waiters move up. False: no such bucket is kept (an idle one is full anyway)."""
+        b = self._buckets.get(key)
+        if b is None:
+            return False
+        b.reset(now)
+        self._dirty.add(key)
+        self._drain([b], now)
+        return True
+
     def _settled_again(self, reservation_id: str, state: State, verb: str) -> Reservation:
         r = self._settled.get(reservation_id)
         if r is None:
@@ -590,15 +601,13 @@ class Ledger:
     def restore(self, snap: Snapshot, now: float) -> None:
         """Rebuild from a journal's snapshot; then advance() settles leases that lapsed while
         the daemon was down. Levels are brought forward by the refill for the downtime,
-        never above capacity (and clamped to the current config's limits)."""
+        within the current config's bounds (never above capacity, at most one in debt)."""
         for bl in snap.buckets:
             limits = self._limits_for_key(bl.key)
             if limits is None:
                 continue
             b = Bucket.full(bl.key, limits, bl.as_of)
-            for i, level in enumerate((bl.requests, bl.input_tokens, bl.output_tokens)):
-                if level is not None and b.caps[i] is not None:
-                    b.levels[i] = min(level, float(b.caps[i]))  # type: ignore[arg-type]
+            b.set_levels((bl.requests, bl.input_tokens, bl.output_tokens))
             b.refill(now)
             self._buckets[bl.key] = b
         for r in sorted(snap.reservations, key=lambda r: r.granted_at):

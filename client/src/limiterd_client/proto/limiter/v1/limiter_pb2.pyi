@@ -296,6 +296,22 @@ class GetBucketsResponse(_message.Message):
     now_ms: int
     def __init__(self, buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., now_ms: _Optional[int] = ...) -> None: ...
 
+class ResetBucketRequest(_message.Message):
+    __slots__ = ("scope", "model", "user")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    model: str
+    user: str
+    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+
+class ResetBucketResponse(_message.Message):
+    __slots__ = ("buckets",)
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
+    def __init__(self, buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ...) -> None: ...
+
 class ReloadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

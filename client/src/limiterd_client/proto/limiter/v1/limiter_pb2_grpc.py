@@ -313,6 +313,11 @@ class AdminStub:
                 request_serializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsRequest.SerializeToString,
                 response_deserializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsResponse.FromString,
                 _registered_method=True)
+        self.ResetBucket = channel.unary_unary(
+                '/limiter.v1.Admin/ResetBucket',
+                request_serializer=limiter_dot_v1_dot_limiter__pb2.ResetBucketRequest.SerializeToString,
+                response_deserializer=limiter_dot_v1_dot_limiter__pb2.ResetBucketResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -346,6 +351,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetBucket(self, request, context):
+        """Refill buckets to full, forgiving their debt (e.g. after a wrong overrun Report).
+        Journaled before the answer. NOT_FOUND when no such bucket is kept (an idle one is full).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -368,6 +381,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListErrors,
                     request_deserializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsRequest.FromString,
                     response_serializer=limiter_dot_v1_dot_limiter__pb2.ListErrorsResponse.SerializeToString,
+            ),
+            'ResetBucket': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetBucket,
+                    request_deserializer=limiter_dot_v1_dot_limiter__pb2.ResetBucketRequest.FromString,
+                    response_serializer=limiter_dot_v1_dot_limiter__pb2.ResetBucketResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +497,33 @@ class Admin:
             '/limiter.v1.Admin/ListErrors',
             limiter_dot_v1_dot_limiter__pb2.ListErrorsRequest.SerializeToString,
             limiter_dot_v1_dot_limiter__pb2.ListErrorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetBucket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/limiter.v1.Admin/ResetBucket',
+            limiter_dot_v1_dot_limiter__pb2.ResetBucketRequest.SerializeToString,
+            limiter_dot_v1_dot_limiter__pb2.ResetBucketResponse.FromString,
             options,
             channel_credentials,
             insecure,
