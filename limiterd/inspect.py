@@ -92,9 +92,17 @@ class Client:
                 return
 
     def buckets(self, scope: str = "", model: str = "") -> pb.GetBucketsResponse:
-        resp: pb.GetBucketsResponse = self.call(
-            self.admin.GetBuckets, pb.GetBucketsRequest(scope=scope, model=model))
-        return resp
+        """Every bucket, page by page, as one answer (now_ms from the last page)."""
+        whole = pb.GetBucketsResponse()
+        token = ""
+        while True:
+            page = self.call(self.admin.GetBuckets, pb.GetBucketsRequest(
+                scope=scope, model=model, page_size=1000, page_token=token))
+            whole.buckets.extend(page.buckets)
+            whole.now_ms = page.now_ms
+            token = page.next_page_token
+            if not token:
+                return whole
 
 
 # ---- rows and tables -------------------------------------------------------------------------

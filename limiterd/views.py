@@ -7,6 +7,7 @@ ledger kept elsewhere (Redis) plugs in behind the engine by answering with the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from limiterd.ledger.model import BucketKey, Reservation
 
@@ -14,9 +15,9 @@ from limiterd.ledger.model import BucketKey, Reservation
 MIN_SCOPE_PREFIX = 6
 
 
-@dataclass(frozen=True, slots=True)
-class DimensionView:
-    """One limit of a bucket: `requests`, `input_tokens`, `output_tokens` or `concurrent`."""
+class DimensionView(NamedTuple):
+    """One limit of a bucket: `requests`, `input_tokens`, `output_tokens` or `concurrent`.
+    (A NamedTuple: a page holds thousands, and these build several times faster.)"""
 
     name: str
     level: float

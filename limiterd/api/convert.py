@@ -6,11 +6,22 @@ INVALID_ARGUMENT and nothing reaches the ledger half-checked.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import math
 import re
 
 from limiterd.config.model import Settings
 from limiterd.ledger.errors import InvalidRequest
-from limiterd.ledger.model import AcquireRequest, Outcome, Reservation, Settlement, State
+from limiterd.ledger.model import (
+    AcquireRequest,
+    BucketKey,
+    Outcome,
+    Reservation,
+    Settlement,
+    State,
+)
 from limiterd.views import BucketView
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
@@ -21,6 +32,8 @@ MAX_RETRY_AFTER_MS = 24 * 3600 * 1000
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 1024
 _RESERVATION_ID = re.compile(r"[0-9a-f]{32}")
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
 
 OUTCOMES = {
     pb.OK: Outcome.OK,
@@ -181,3 +194,50 @@ def bucket(v: BucketView, alias: str) -> pb.Bucket:
         open_reservations=v.open_reservations,
         overloaded_until_ms=ms(v.overloaded_until),
     )
+
+
+# ---- paging: a token is the sort key of the last item sent, opaque to callers --------------
+
+
+def page_size(value: int) -> int:
+    if not 0 <= value <= MAX_PAGE:
+        raise InvalidRequest("page_size", f"must be 0..{MAX_PAGE}, got {value}")
+    return value or DEFAULT_PAGE
+
+
+def encode_token(key: tuple[float | str, ...]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode()
+
+
+def _token_parts(token: str) -> list[object]:
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error) as exc:  # JSONDecodeError and UnicodeError too
+        raise _bad_token() from exc
+    if not isinstance(parts, list):
+        raise _bad_token()
+    return parts
+
+
+def _bad_token() -> InvalidRequest:
+    return InvalidRequest("page_token", "is not a token this daemon returned")
+
+
+def lease_token(token: str) -> tuple[float, str] | None:
+    """ListLeases continues after (lease expiry, reservation id)."""
+    if not token:
+        return None
+    match _token_parts(token):
+        case [float() | int() as expires, str() as rid] if math.isfinite(expires):
+            return float(expires), rid
+    raise _bad_token()
+
+
+def bucket_token(token: str) -> BucketKey | None:
+    """GetBuckets continues after a bucket key."""
+    if not token:
+        return None
+    match _token_parts(token):
+        case [str() as scope, str() as model, str() as user]:
+            return BucketKey(scope, model, user)
+    raise _bad_token()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, Protocol, TypeVar
@@ -167,10 +166,6 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
         return await answer(context, call, "KeepAlive", self.observer)
 
 
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
-
-
 class Reloads(Protocol):
     @property
     def source(self) -> str: ...
@@ -232,17 +227,15 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
         self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesResponse:
         async def call() -> pb.ListLeasesResponse:
-            if not 0 <= request.page_size <= MAX_PAGE:
-                raise InvalidRequest("page_size", f"must be 0..{MAX_PAGE}")
-            size = request.page_size or DEFAULT_PAGE
-            after = _decode_token(request.page_token)
+            size = convert.page_size(request.page_size)
+            after = convert.lease_token(request.page_token)
             leases = self.engine.leases(self._scopes(request.scope), request.model, after,
                                         size + 1)
             page = leases[:size]
-            token = _encode_token(lease_order(page[-1])) if len(leases) > size else ""
+            more = len(leases) > size
             return pb.ListLeasesResponse(
                 leases=[convert.lease(r, self._alias(r.scope)) for r in page],
-                next_page_token=token,
+                next_page_token=convert.encode_token(lease_order(page[-1])) if more else "",
             )
 
         return await answer(context, call)
@@ -270,27 +263,19 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
         self, request: pb.GetBucketsRequest, context: Context
     ) -> pb.GetBucketsResponse:
         async def call() -> pb.GetBucketsResponse:
-            views = self.engine.buckets(self._scopes(request.scope), request.model)
+            size = convert.page_size(request.page_size)
+            after = convert.bucket_token(request.page_token)
+            views = self.engine.buckets(self._scopes(request.scope), request.model, after,
+                                        size + 1)
+            page = views[:size]
+            more = len(views) > size
             return pb.GetBucketsResponse(
-                buckets=[convert.bucket(v, self._alias(v.key.scope)) for v in views],
+                buckets=[convert.bucket(v, self._alias(v.key.scope)) for v in page],
                 now_ms=convert.ms(self.engine.now()),
+                next_page_token=convert.encode_token(page[-1].key) if more else "",
             )
 
         return await answer(context, call)
-
-
-def _encode_token(key: tuple[float, str]) -> str:
-    return base64.urlsafe_b64encode(f"{key[0]!r}:{key[1]}".encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[float, str] | None:
-    if not token:
-        return None
-    try:
-        expires, rid = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        return float(expires), rid
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest("page_token", "is not a token this daemon returned") from exc
 
 
 __all__ = ["AdminService", "LimiterService", "RpcFailure"]

@@ -245,12 +245,16 @@ class ListLeasesResponse(_message.Message):
     def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetBucketsRequest(_message.Message):
-    __slots__ = ("scope", "model")
+    __slots__ = ("scope", "model", "page_size", "page_token")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     scope: str
     model: str
-    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Dimension(_message.Message):
     __slots__ = ("name", "level", "capacity", "refill_per_s", "learned")
@@ -289,12 +293,14 @@ class Bucket(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., scope_alias: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., dimensions: _Optional[_Iterable[_Union[Dimension, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., paused_until_ms: _Optional[int] = ..., open_reservations: _Optional[int] = ..., overloaded_until_ms: _Optional[int] = ...) -> None: ...
 
 class GetBucketsResponse(_message.Message):
-    __slots__ = ("buckets", "now_ms")
+    __slots__ = ("buckets", "now_ms", "next_page_token")
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     NOW_MS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
     now_ms: int
-    def __init__(self, buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., now_ms: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., now_ms: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ResetBucketRequest(_message.Message):
     __slots__ = ("scope", "model", "user")
