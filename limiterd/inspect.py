@@ -13,13 +13,12 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from limiterd.defaults import ADMIN_TOKEN_KEY
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
-ADMIN_TOKEN_KEY = "x-limiterd-admin-token"
-
-# Exit codes shared by every operator command.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# Exit codes shared by every operator command (2, a usage error, is click's own).
+EXIT_FAILED, EXIT_UNREACHABLE = 1, 3
 
 
 class Unreachable(Exception):

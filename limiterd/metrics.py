@@ -1,7 +1,8 @@
 """Prometheus metrics. Observability wraps the core from outside: the ledger stays pure.
 
-- Counters move from two places: the engine's change batches (settlements, orphans, pauses,
-  tokens) and the API layer's per-call observer (results, handling time).
+- Counters move from two places: the engine's change batches (grants and their waits,
+  settlements, orphans, pauses, tokens) and the API layer's interceptor (how each call ended,
+  handling time).
 - Gauges (levels, capacities, queues, open reservations, pauses) are read at scrape time, on
   the event loop, so no call pays for them.
 
@@ -57,7 +58,8 @@ class Metrics:
         self.engine = engine
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.acquires = Counter("limiterd_acquires", "Acquire calls by result.",
+        self.acquires = Counter("limiterd_acquires",
+                                "Acquire and AcquireStream calls by result.",
                                 ["result"], registry=r)
         self.reports = Counter("limiterd_reports", "Reports by outcome.", ["outcome"],
                                registry=r)
@@ -75,7 +77,7 @@ class Metrics:
         self.reloads = Counter("limiterd_config_reloads", "Config reloads by result.",
                                ["result"], registry=r)
         self.waited = Histogram("limiterd_acquire_wait_seconds",
-                                "Time an Acquire waited before its grant.",
+                                "Time an Acquire (or AcquireStream) waited before its grant.",
                                 buckets=WAIT_BUCKETS, registry=r)
         self.rpc_seconds = Histogram("limiterd_rpc_duration_seconds",
                                      "Time to handle a call, by method.", ["method"],
@@ -96,6 +98,7 @@ class Metrics:
     def on_changes(self, changes: Sequence[Change]) -> None:
         for c in changes:
             if isinstance(c, ReservationOpened):
+                self.waited.observe(c.reservation.waited_s)  # Acquire and AcquireStream alike
                 res = c.reservation.reserved
                 for counter, n in zip(self._reserved, (res.requests, res.input_tokens,
                                                        res.output_tokens), strict=True):
@@ -125,13 +128,11 @@ class Metrics:
             child = self._rpc_children[method] = self.rpc_seconds.labels(method)
         child.observe(seconds)
 
-    def observe_acquire(self, code: grpc.StatusCode, waited_s: float | None) -> None:
+    def observe_acquire(self, code: grpc.StatusCode) -> None:
         child = self._acquire_children.get(code)
         if child is None:
             child = self.acquires.labels("error")
         child.inc()
-        if waited_s is not None:
-            self.waited.observe(waited_s)
 
     def observe_provider_failure(self, model: str, http_status: int) -> None:
         status_class = f"{http_status // 100}xx" if http_status else "none"

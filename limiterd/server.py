@@ -9,19 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from limiterd.api.interceptors import AdminToken, Calls
 from limiterd.api.service import AdminService, LimiterService
 from limiterd.clock import Clock, SystemClock
 from limiterd.config.loader import DEFAULTS_SOURCE, ConfigError, load_config
@@ -41,7 +41,6 @@ log = logging.getLogger("limiterd")
 LIMITER = pb.DESCRIPTOR.services_by_name["Limiter"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVICE_NAMES = (LIMITER, ADMIN)
-ADMIN_TOKEN_KEY = "x-limiterd-admin-token"
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
@@ -144,34 +143,6 @@ class Reloader:
                 self.reload()
 
 
-if TYPE_CHECKING:  # the stubs make it generic; at run time it is not subscriptable
-    Handler = grpc.RpcMethodHandler[Any, Any]
-
-
-class _AdminToken(grpc.aio.ServerInterceptor):
-    """Admin calls need the token in metadata; Limiter calls pass untouched."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"admin calls need the {ADMIN_TOKEN_KEY} metadata")
-
-        self._deny: Handler = grpc.unary_unary_rpc_method_handler(deny)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        if details.method.startswith(f"/{ADMIN}/"):
-            sent = dict(details.invocation_metadata or ()).get(ADMIN_TOKEN_KEY, "")
-            if not hmac.compare_digest(str(sent).encode(), self._token):
-                return self._deny
-        return await continuation(details)
-
-
 @dataclass
 class RunningServer:
     servers: list[grpc.aio.Server]
@@ -242,7 +213,9 @@ async def start_server(
     reloader = Reloader(engine, config_path, observer)
     errors = ErrorLog(engine.clock, journal if isinstance(journal, ErrorStore) else None)
     await errors.start()
-    interceptors = [_AdminToken(security.admin_token)] if security.admin_token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [Calls(observer)]
+    if security.admin_token:
+        interceptors.insert(0, AdminToken(security.admin_token, ADMIN))
     main = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     admin = main
     if admin_listen:

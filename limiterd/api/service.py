@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from time import perf_counter
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -27,36 +26,17 @@ DEADLINE_MARGIN_S = 0.02
 
 
 class Observer(Protocol):
-    """What the API layer tells metrics about each call (limiterd.metrics.Metrics)."""
+    """What the servicers tell metrics beyond what the interceptor sees (limiterd.metrics)."""
 
-    def observe_rpc(self, method: str, seconds: float) -> None: ...
-    def observe_acquire(self, code: grpc.StatusCode, waited_s: float | None) -> None: ...
     def observe_provider_failure(self, model: str, http_status: int) -> None: ...
 
 
-async def answer(
-    context: Context,
-    call: Callable[[], Awaitable[T]],
-    method: str = "",
-    observer: Observer | None = None,
-) -> T:
+async def answer(context: Context, call: Callable[[], Awaitable[T]]) -> T:
     """Run `call`; turn any failure into a status (the daemon never crashes on input)."""
-    started = perf_counter() if observer is not None else 0.0
     try:
-        result = await call()
+        return await call()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a status
         failure = to_failure(exc)
-    else:
-        if observer is not None:
-            observer.observe_rpc(method, perf_counter() - started)
-            if method == "Acquire":
-                waited = getattr(result, "waited_ms", 0) / 1000.0
-                observer.observe_acquire(grpc.StatusCode.OK, waited)
-        return result
-    if observer is not None:
-        observer.observe_rpc(method, perf_counter() - started)
-        if method == "Acquire":
-            observer.observe_acquire(failure.code, None)
     await context.abort(failure.code, failure.message, failure.trailing)
     raise AssertionError("unreachable")  # abort() raises
 
@@ -95,8 +75,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
     async def Acquire(
         self, request: pb.AcquireRequest, context: Context
     ) -> pb.AcquireResponse:
-        return await answer(context, lambda: self._acquire(request, context), "Acquire",
-                            self.observer)
+        return await answer(context, lambda: self._acquire(request, context))
 
     async def AcquireStream(
         self, request: pb.AcquireRequest, context: Context
@@ -114,7 +93,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
             granted = await self._acquire(request, context, on_status)
             await context.write(pb.AcquireEvent(granted=granted))
 
-        await answer(context, call, "AcquireStream", self.observer)
+        await answer(context, call)
 
     async def Report(
         self, request: pb.ReportRequest, context: Context
@@ -137,7 +116,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                         p.error_type, p.error_code, p.request_id, p.fell_back))
             return pb.ReportResponse(settlement=convert.settlement(r), replayed=replayed)
 
-        return await answer(context, call, "Report", self.observer)
+        return await answer(context, call)
 
     async def Release(
         self, request: pb.ReleaseRequest, context: Context
@@ -146,7 +125,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
             r, replayed = await self.engine.release(convert.reservation_id(request.reservation_id))
             return pb.ReleaseResponse(settlement=convert.settlement(r), replayed=replayed)
 
-        return await answer(context, call, "Release", self.observer)
+        return await answer(context, call)
 
     async def KeepAlive(
         self, request: pb.KeepAliveRequest, context: Context
@@ -163,7 +142,7 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                 reservation_id=r.id, lease_expires_at_ms=convert.ms(r.expires_at)
             )
 
-        return await answer(context, call, "KeepAlive", self.observer)
+        return await answer(context, call)
 
 
 class Reloads(Protocol):
