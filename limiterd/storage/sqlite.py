@@ -47,7 +47,12 @@ from limiterd.storage.memory import MemoryJournal
 Synchronous = Literal["NORMAL", "FULL"]
 
 BUSY_TIMEOUT_MS = 5000
-JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # truncate the WAL back to this after checkpoints
+# The WAL is bounded: SQLite checkpoints it into the database after WAL_AUTOCHECKPOINT
+# pages (this journal is the file's only connection, so nothing holds a checkpoint back),
+# starts writing it again from the top, and cuts the file back to JOURNAL_SIZE_LIMIT. The WAL
+# therefore stays under about 1 MiB plus the largest single batch (README: volume size).
+WAL_AUTOCHECKPOINT = 256  # pages; 1 MiB at the default 4 KiB page size
+JOURNAL_SIZE_LIMIT = 1024 * 1024
 
 
 def default_db_path() -> Path:
@@ -520,6 +525,7 @@ class SqliteJournal(Journal):
         if not mode or str(mode[0][0]).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
         await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         await conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         await conn.execute("PRAGMA foreign_keys = OFF")
         if self.max_size_bytes is not None:
