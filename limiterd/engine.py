@@ -142,8 +142,7 @@ class Engine:
         the configured interval and whenever its position or estimate changes; if it goes
         away with a request_id, it keeps its place for the re-attach grace.
         """
-        if not self._healthy:
-            raise PersistenceFailing("the journal is failing to write; try again shortly")
+        self._refuse_while_failing()
         now = self.clock.now()
         result = self.ledger.acquire(req, now, now + max_wait_s)
         if isinstance(result, Waiter):
@@ -257,8 +256,10 @@ class Engine:
         retry_after_s: float,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[Reservation, bool]:
-        """Settles in memory even while persistence fails; journaled when it recovers.
-        `headers`: the provider's response headers, to correct the ledger from."""
+        """Settle with actual usage. `headers`: the provider's response headers, to correct
+        the ledger from. Raises PersistenceFailing when the settlement could not be made
+        durable (see `_durably`)."""
+        self._refuse_while_failing()
         now = self.clock.now()
         r, replayed = self.ledger.report(
             reservation_id, actual_input, actual_output, outcome, retry_after_s, now
@@ -267,20 +268,38 @@ class Engine:
             for note in self.ledger.sync_from_headers(r.buckets[0], headers, now):
                 log.info("provider sync: %s", note)
         self._after()
-        await self._commit()
+        await self._durably()
         return r, replayed
 
     async def release(self, reservation_id: str) -> tuple[Reservation, bool]:
+        self._refuse_while_failing()
         r, replayed = self.ledger.release(reservation_id, self.clock.now())
         self._after()
-        await self._commit()
+        await self._durably()
         return r, replayed
 
     async def keep_alive(self, reservation_id: str, lease_s: float | None) -> Reservation:
+        self._refuse_while_failing()
         r = self.ledger.keep_alive(reservation_id, lease_s, self.clock.now())
         self._after()
-        await self._commit()
+        await self._durably()
         return r
+
+    # An answer is a promise that the change survives kill -9, so Report, Release and
+    # KeepAlive are answered OK only once their change is on disk. They are idempotent and
+    # clients retry UNAVAILABLE, so refusing them while the journal fails loses nothing.
+
+    def _refuse_while_failing(self) -> None:
+        """Fail fast rather than wait out the writer's backoff for a write that will fail."""
+        if not self._healthy:
+            raise PersistenceFailing("the journal is failing to write; try again shortly")
+
+    async def _durably(self) -> None:
+        """Wait for the change just made to be journaled. If that write fails, the change
+        stays in memory and is journaled with the retried batch; the caller hears
+        UNAVAILABLE and its retry is answered from the ledger as a replay."""
+        if not await self._commit():
+            raise PersistenceFailing("the journal is failing to write; try again shortly")
 
     def set_config(self, config: Config) -> None:
         self.ledger.set_config(config, self.clock.now())

@@ -141,9 +141,15 @@ async def test_failing_writes_refuse_grants_and_recover_without_restart(tmp_path
                 pytest.fail("the disk never filled")
             with pytest.raises(PersistenceFailing, match="journal is failing"):
                 await engine.acquire(tiny(1), 0)
-            # Report still settles, in memory for now.
-            r, _ = await engine.report(before.reservation.id, 50, 0, Outcome.OK, 0)
-            assert r.state is State.REPORTED
+            # Nothing can be made durable, so nothing is acknowledged: Report, Release and
+            # KeepAlive are refused (the client retries them) and the ledger is unchanged.
+            rid = before.reservation.id
+            for call in (engine.report(rid, 50, 0, Outcome.OK, 0), engine.release(rid),
+                         engine.keep_alive(rid, 100)):
+                with pytest.raises(PersistenceFailing, match="journal is failing"):
+                    await call
+            held = engine.ledger.get(rid)
+            assert held is not None and held.state is State.OPEN
             assert not engine.healthy
 
             filler.unlink()  # space again: the writer retries on its own
@@ -153,6 +159,8 @@ async def test_failing_writes_refuse_grants_and_recover_without_restart(tmp_path
                 if engine.healthy:
                     break
             assert engine.healthy
+            r, replayed = await engine.report(rid, 50, 0, Outcome.OK, 0)  # the retry
+            assert r.state is State.REPORTED and not replayed
             assert isinstance(await engine.acquire(tiny(1), 0), Granted)
             held = {r.id for r in engine.ledger.open_reservations()}
         finally:
