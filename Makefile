@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-long lint typecheck proto proto-check bench clean
+.PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server
 
 setup: $(STAMP)
 
@@ -17,11 +17,22 @@ $(STAMP): pyproject.toml client/pyproject.toml
 run: setup  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
 	$(VENV)/bin/limiterd serve $(ARGS)
 
-test: setup proto-check  ## everything but the long crash loop
+test: setup proto-check redis-server  ## everything but the long crash loop
 	$(PY) -m pytest -m "not long" $(ARGS)
 
-test-long: setup  ## the long tests (crash loop of 50+ rounds)
+test-long: setup redis-server  ## the long tests (crash loop of 50+ rounds)
 	$(PY) -m pytest -m long $(ARGS)
+
+# The shared-ledger tests start real redis-server processes: install Debian's when missing
+# (CI runs as root), or stop with one line saying what is needed.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server missing: installing Debian's (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends redis-server; } >/dev/null 2>&1; } ; \
+	command -v redis-server >/dev/null 2>&1 || { \
+	  echo "make test needs redis-server: 'apt-get install redis-server' failed (run as root or install it)"; \
+	  exit 1; }
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,0 +1,687 @@
+"""The engine of a sidecar whose ledger lives in Redis, shared with the other sidecars.
+
+It answers the same calls as limiterd.engine.Engine. Every decision (grant, wait, settle,
+lapse) is one Lua script run inside Redis on Redis' clock (lua/); this module only plans
+which keys and limits a request touches, waits, and turns replies into ledger values.
+
+Waiting: a caller that cannot be granted takes a ticket in the tag's queue in Redis and
+claims the buckets it lacks or is queued behind, so no younger caller on any sidecar passes
+it. It tries again when a script publishes on the wake channel (a settlement, a grant, a
+waiter leaving), when its refill is due, and at least every third of the queue entry TTL,
+which also renews its entry: a sidecar that dies stops renewing, and its entries stop
+blocking after that TTL. Deadlines are kept on this sidecar's clock, like the local engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import exceptions as rx
+from redis.asyncio import Redis
+
+from limiterd.clock import Clock
+from limiterd.config.model import Config, Limits
+from limiterd.engine import PersistenceFailing, StatusCallback, WaitStatus
+from limiterd.ledger.buckets import RATE_DIMS, capacities
+from limiterd.ledger.errors import (
+    AlreadySettled,
+    InvalidRequest,
+    LedgerError,
+    NeverFits,
+    NotFound,
+    QueueFull,
+)
+from limiterd.ledger.ledger import Granted, Rejected
+from limiterd.ledger.model import (
+    AcquireRequest,
+    Amounts,
+    BucketKey,
+    Change,
+    Outcome,
+    PauseSet,
+    Reservation,
+    ReservationOpened,
+    ReservationSettled,
+    Settlement,
+    State,
+)
+from limiterd.shared.keys import Keys
+from limiterd.shared.scripts import Scripts, text
+from limiterd.shared.settings import SharedLedger
+from limiterd.storage.base import StartupError
+from limiterd.views import BucketView, DimensionView, Stats, lease_order, resolve_scope
+
+log = logging.getLogger("limiterd.shared")
+
+# Redis failures that mean "not reachable right now" (as opposed to a bug in a script).
+UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError)
+REMEMBERED = 100_000  # reservation id -> base, and bases seen, kept per sidecar (LRU)
+RESUBSCRIBE_S = 0.5
+
+ChangeListener = Callable[[Sequence[Change]], None]
+
+
+def _caps(limits: Limits) -> list[str]:
+    values = (*capacities(limits), limits.max_concurrent)
+    return ["" if v is None else str(v) for v in values]
+
+
+def _int(value: str) -> int:
+    return int(float(value)) if value else 0
+
+
+def reservation_from(reply: Sequence[Any]) -> Reservation:
+    """A reservation from a script's reply (lua/common.lua res_reply)."""
+    (rid, scope, model, user, request_id, ri, ro, granted, expires, waited, state, settled_at,
+     fr, fi, fo, oi, oo, outcome, user_bucket) = (text(v) for v in reply[2:21])
+    keys: tuple[BucketKey, ...] = (BucketKey(scope, model),)
+    if user_bucket == "1":
+        keys += (BucketKey(scope, model, user),)
+    settlement = None
+    if state != "open":
+        settlement = Settlement(
+            State(state), float(settled_at),
+            refunded=Amounts(_int(fr), _int(fi), _int(fo)),
+            overrun=Amounts(0, _int(oi), _int(oo)),
+            outcome=Outcome(outcome) if outcome else None,
+        )
+    return Reservation(rid, scope, model, user, request_id, Amounts(1, _int(ri), _int(ro)),
+                       keys, float(granted), float(expires), float(waited), settlement)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    base: str
+    limits: Limits
+    user_limits: Limits | None
+
+
+class _OverloadMarks:
+    """The overload mark, kept per sidecar: it reflects what this sidecar's callers reported
+    (the same rule as the local ledger's)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._events: dict[str, list[float]] = {}
+
+    def note(self, config: Config, model: str, now: float) -> None:
+        s = config.settings
+        events = [t for t in self._events.get(model, []) if t > now - s.overload_window_s]
+        events.append(now)
+        self._events[model] = events[-s.overload_threshold:]
+        if len(self._events[model]) >= s.overload_threshold:
+            self._until[model] = max(self._until.get(model, 0.0), now + s.overload_cooldown_s)
+
+    def until(self, model: str, now: float) -> float:
+        until = self._until.get(model, 0.0)
+        if until <= now:
+            self._until.pop(model, None)
+            return 0.0
+        return until
+
+    def models(self, now: float) -> dict[str, float]:
+        return {m: u for m in list(self._until) if (u := self.until(m, now))}
+
+
+class SharedEngine:
+    """The Engine's calls, decided in Redis. Raises PersistenceFailing while Redis is away."""
+
+    def __init__(self, config: Config, shared: SharedLedger, clock: Clock,
+                 client: Redis | None = None) -> None:
+        self.clock = clock
+        self.shared = shared
+        self._config = config
+        self._marks = _OverloadMarks()
+        self._mirror = _Mirror()
+        self.keys = Keys(shared.key_prefix)
+        self.client = client or Redis.from_url(
+            shared.url, password=shared.password(), socket_timeout=shared.timeout_s,
+            socket_connect_timeout=shared.timeout_s, health_check_interval=30,
+        )
+        self.scripts = Scripts.register(self.client)
+        self._where: OrderedDict[str, str] = OrderedDict()  # reservation id -> base
+        self._known: OrderedDict[str, None] = OrderedDict()  # bases this sidecar has used
+        self._wakes: dict[str, set[asyncio.Event]] = {}
+        self._waiting = 0
+        self._healthy = True
+        self._listeners: list[ChangeListener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.journal = None  # no local journal: ErrorLog keeps its entries in memory
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check that Redis answers (a clear error if not), then sweep and listen for wakes."""
+        try:
+            await self.client.ping()
+        except UNREACHABLE as exc:
+            if self.shared.when_unavailable.value == "fail_closed":
+                log.error("the shared ledger is unreachable at start: %s", exc)
+            self._unhealthy(exc)
+        except rx.AuthenticationError as exc:
+            raise StartupError(f"redis {self.shared.describe()}: {exc}") from None
+        self._tasks.append(asyncio.create_task(self._listen(), name="limiterd-shared-wake"))
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="limiterd-shared-sweep"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.client.aclose()
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def set_config(self, config: Config) -> None:
+        self._config = config
+
+    def describe(self) -> str:
+        return self.shared.describe()
+
+    # ---- the read API: frozen views of the shared state, as of the last refresh() ----------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def stats(self) -> Stats:
+        """Open reservations and pauses in Redis (as of the last refresh); waiting callers
+        and the overload mark of this sidecar."""
+        now = self.clock.now()
+        m = self._mirror
+        return Stats(len(m.leases), self._waiting, self._healthy,
+                     sum(1 for v in m.buckets.values() if v.paused_until > now),
+                     tuple(sorted(self._marks.models(now).items())))
+
+    def overloaded_until(self, model: str) -> float:
+        return self._marks.until(model, self.clock.now())
+
+    def scopes(self, wanted: str) -> frozenset[str] | None:
+        if not wanted:
+            return None
+        known = {k.scope for k in self._mirror.buckets}
+        aliases = {s: c.alias for s, c in self._config.scopes.items()}
+        known.update(aliases)
+        return resolve_scope(wanted, known, aliases)
+
+    def buckets(self, scopes: frozenset[str] | None = None, model: str = "",
+                after: BucketKey | None = None, limit: int | None = None) -> list[BucketView]:
+        keys = sorted(k for k in self._mirror.buckets
+                      if (scopes is None or k.scope in scopes) and (not model or k.model == model)
+                      and (after is None or k > after))
+        if limit is not None:
+            keys = keys[:limit]
+        return [self._mirror.buckets[k] for k in keys]
+
+    def leases(self, scopes: frozenset[str] | None = None, model: str = "",
+               after: tuple[float, str] | None = None,
+               limit: int | None = None) -> list[Reservation]:
+        found = sorted((r for r in self._mirror.leases
+                        if (scopes is None or r.scope in scopes)
+                        and (not model or r.model == model)
+                        and (after is None or lease_order(r) > after)), key=lease_order)
+        return found if limit is None else found[:limit]
+
+    async def refresh(self) -> None:
+        """Read every tag's buckets and open leases from Redis (for Admin reads and metrics).
+        Raises PersistenceFailing when Redis is away."""
+        try:
+            self._mirror = await _read_mirror(self.client, self.keys, self._marks,
+                                              self.clock.now())
+        except UNREACHABLE as exc:
+            self._unhealthy(exc)
+            raise PersistenceFailing(
+                f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
+            ) from None
+
+    # ---- calls -------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        req: AcquireRequest,
+        max_wait_s: float,
+        on_status: StatusCallback | None = None,
+    ) -> Granted | Rejected:
+        plan = self._plan(req)
+        settings = self._config.settings
+        lease_s = req.lease_s if req.lease_s is not None else settings.default_lease_s
+        started = self.clock.now()
+        deadline = started + max_wait_s
+        rid = os.urandom(16).hex()
+        ticket = 0
+        wake = asyncio.Event()
+        self._wakes.setdefault(plan.base, set()).add(wake)
+        last_status: tuple[int, int] | None = None
+        last_sent = -math.inf
+        interval = settings.stream_update_interval_s
+        self._waiting += 1
+        try:
+            while True:
+                args = self._acquire_args(req, plan, rid, lease_s, ticket, max_wait_s <= 0)
+                wake.clear()
+                reply = await self._shielded(
+                    self._first_acquire(plan.base, rid, lease_s, args) if ticket == 0
+                    else self._run(self.scripts.acquire, plan.base, args),
+                    lambda r: self._undo(r, req, plan.base),
+                )
+                kind = text(reply[0])
+                if kind == "G":
+                    r = reservation_from(reply)
+                    self._remember(r.id, plan.base)
+                    replayed = text(reply[1]) == "1"
+                    if not replayed:
+                        self._emit([ReservationOpened(r)])
+                    return Granted(r, replayed)
+                if kind == "R":
+                    return Rejected(float(text(reply[1])))
+                if kind == "E":
+                    why = text(reply[1])
+                    if why == "request_id":
+                        raise InvalidRequest("request_id", text(reply[2]))
+                    raise QueueFull(int(text(reply[2])), float(text(reply[3])))
+                ticket = int(text(reply[1]))
+                refill_s, eta_s = float(text(reply[3])), float(text(reply[4]))
+                position, depth = int(text(reply[5])), int(text(reply[6]))
+                now = self.clock.now()
+                if on_status is not None:
+                    key = (position, round(eta_s))
+                    if key != last_status or now - last_sent >= interval:
+                        overloaded = self._marks.until(req.model, now) > 0
+                        await on_status(WaitStatus(position, eta_s, depth, now - started,
+                                                   overloaded))
+                        last_status, last_sent = key, now
+                # Try again when woken, when the refill is due, or to renew the entry.
+                at = min(deadline, now + self.shared.queue_entry_ttl_s / 3)
+                if refill_s > 0:
+                    at = min(at, now + refill_s)
+                if on_status is not None:
+                    at = min(at, last_sent + interval)
+                await self._sleep(wake, at)
+                if self.clock.now() >= deadline:  # never granted late
+                    await self._leave(plan.base, ticket, req)
+                    ticket = 0
+                    return Rejected(eta_s)
+        except BaseException:
+            if ticket:
+                self._background(self._leave(plan.base, ticket, req))
+            raise
+        finally:
+            self._waiting -= 1
+            waiters = self._wakes.get(plan.base)
+            if waiters is not None:
+                waiters.discard(wake)
+                if not waiters:
+                    del self._wakes[plan.base]
+
+    async def report(
+        self,
+        reservation_id: str,
+        actual_input: int,
+        actual_output: int,
+        outcome: Outcome,
+        retry_after_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[Reservation, bool]:
+        remaining = [_header(headers, f"anthropic-ratelimit-{n}-remaining")
+                     for n in ("requests", "input-tokens", "output-tokens")]
+        tolerance = self._config.settings.sync_tolerance_tokens
+        r, replayed, reply = await self._settle(
+            reservation_id, "report", actual_input, actual_output, outcome.value,
+            retry_after_s, *remaining, tolerance)
+        if not replayed:
+            changes: list[Change] = [ReservationSettled(r.id, r.settlement)]  # type: ignore[arg-type]
+            if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
+                changes.append(PauseSet(r.scope, r.model, r.settlement.settled_at  # type: ignore[union-attr]
+                                        + retry_after_s))
+            elif outcome is Outcome.OVERLOADED:
+                self._marks.note(self._config, r.model, self.clock.now())
+            self._emit(changes)
+            if len(reply) > 21 and text(reply[21]):
+                log.info("provider sync: lowered %s for %s (dimension:was:now)",
+                         text(reply[21]), r.model)
+        return r, replayed
+
+    async def release(self, reservation_id: str) -> tuple[Reservation, bool]:
+        r, replayed, _ = await self._settle(reservation_id, "release")
+        if not replayed:
+            self._emit([ReservationSettled(r.id, r.settlement)])  # type: ignore[arg-type]
+        return r, replayed
+
+    async def keep_alive(self, reservation_id: str, lease_s: float | None) -> Reservation:
+        lease = lease_s if lease_s is not None else self._config.settings.default_lease_s
+        r, _, _ = await self._settle(reservation_id, "keepalive", lease)
+        return r
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def _plan(self, req: AcquireRequest) -> _Plan:
+        config = self._config
+        limits = config.limits_for(req.scope, req.model)
+        if limits is None:
+            raise InvalidRequest(
+                "model", f"no limits are configured for model {req.model!r} (and no default)"
+            )
+        user_limits = config.user_limits_for(req.scope, req.model) if req.user else None
+        amounts = (1, req.input_tokens, req.max_output_tokens)
+        for key, lim in ((BucketKey(req.scope, req.model), limits),
+                         (BucketKey(req.scope, req.model, req.user), user_limits)):
+            if lim is None:
+                continue
+            for name, cap, amount in zip(RATE_DIMS, capacities(lim), amounts, strict=True):
+                if cap is not None and amount > cap:
+                    raise NeverFits(key, name, cap, amount)
+        return _Plan(self.keys.base(req.scope, req.model), limits, user_limits)
+
+    def _acquire_args(self, req: AcquireRequest, plan: _Plan, rid: str, lease_s: float,
+                      ticket: int, try_once: bool) -> list[Any]:
+        s = self._config.settings
+        user_caps = _caps(plan.user_limits) if plan.user_limits is not None else [""] * 4
+        return [
+            rid, req.request_id, req.scope, req.model, req.user, req.input_tokens,
+            req.max_output_tokens, repr(lease_s), ticket, int(try_once),
+            repr(self.shared.queue_entry_ttl_s), s.max_waiters_per_queue,
+            int(plan.base in self._known), *_caps(plan.limits),
+            int(plan.user_limits is not None), *user_caps,
+        ]
+
+    # ---- Redis -------------------------------------------------------------------------------
+
+    def _common(self) -> list[Any]:
+        s = self._config.settings
+        return [self.keys.channel, repr(s.settlement_retention_s), repr(self.shared.idle_ttl_s)]
+
+    async def _run(self, script: Any, base: str, args: Sequence[Any]) -> list[Any]:
+        try:
+            reply = await script(keys=[self.keys.bucket(base)], args=[*self._common(), *args])
+        except UNREACHABLE as exc:
+            self._unhealthy(exc)
+            raise PersistenceFailing(
+                f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
+            ) from None
+        self._healthy_again()
+        self._known[base] = None
+        if len(self._known) > REMEMBERED:
+            self._known.popitem(last=False)
+        return list(reply)
+
+    async def _first_acquire(self, base: str, rid: str, lease_s: float,
+                             args: Sequence[Any]) -> list[Any]:
+        """The first try also indexes the reservation id (any sidecar may settle it) and the
+        tag (any sidecar may sweep it); both are plain keys outside the tag's slot."""
+        retention = self._config.settings.settlement_retention_s
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.reservation_index(rid), base,
+                         px=math.ceil((lease_s + retention) * 1000))
+                pipe.zadd(self.keys.sweep_index, {base: self.clock.now() + lease_s}, lt=True)
+                await pipe.execute()
+        except UNREACHABLE as exc:
+            self._unhealthy(exc)
+            raise PersistenceFailing(
+                f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
+            ) from None
+        return await self._run(self.scripts.acquire, base, args)
+
+    async def _settle(self, reservation_id: str, op: str, *args: Any) -> tuple[
+            Reservation, bool, list[Any]]:
+        base = self._where.get(reservation_id)
+        if base is None:
+            try:
+                found = await self.client.get(self.keys.reservation_index(reservation_id))
+            except UNREACHABLE as exc:
+                self._unhealthy(exc)
+                raise PersistenceFailing(
+                    f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
+                ) from None
+            if found is None:
+                raise NotFound(reservation_id)
+            base = text(found)
+        reply = await self._run(self.scripts.settle, base,
+                                [op, reservation_id, *(repr(a) if isinstance(a, float) else a
+                                                       for a in args)])
+        if text(reply[0]) == "E":
+            raise NotFound(reservation_id)
+        if text(reply[0]) == "X":
+            raise AlreadySettled(reservation_from(reply), {"report": "report", "release": "release",
+                                     "keepalive": "keep alive"}[op])
+        self._remember(reservation_id, base)
+        return reservation_from(reply), text(reply[1]) == "1", reply
+
+    async def _leave(self, base: str, ticket: int, req: AcquireRequest) -> None:
+        user = req.user if self._config.user_limits_for(req.scope, req.model) else ""
+        with contextlib.suppress(PersistenceFailing):
+            await self._run(self.scripts.leave, base, [ticket, user])
+
+    async def _shielded(self, call: Coroutine[Any, Any, list[Any]],
+                        undo: Callable[[list[Any]], Coroutine[Any, Any, None]]) -> list[Any]:
+        """Run a script call to its end even if the caller goes away meanwhile; then `undo`
+        what it did for nobody (a grant no one can claim, a queue entry no one renews)."""
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def done(t: asyncio.Future[list[Any]]) -> None:
+                if not t.cancelled() and t.exception() is None:
+                    self._background(undo(t.result()))
+            task.add_done_callback(done)
+            raise
+
+    async def _undo(self, reply: list[Any], req: AcquireRequest, base: str) -> None:
+        kind = text(reply[0])
+        if kind == "G" and text(reply[1]) == "0" and not req.request_id:
+            with contextlib.suppress(LedgerError, PersistenceFailing):
+                await self.release(text(reply[2]))
+        elif kind == "W":
+            await self._leave(base, int(text(reply[1])), req)
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _remember(self, reservation_id: str, base: str) -> None:
+        self._where[reservation_id] = base
+        self._where.move_to_end(reservation_id)
+        if len(self._where) > REMEMBERED:
+            self._where.popitem(last=False)
+
+    async def _sleep(self, wake: asyncio.Event, at: float) -> None:
+        timer = self.clock.call_at(at, wake.set)
+        try:
+            await wake.wait()
+        finally:
+            timer.cancel()
+
+    # ---- background: wakes and sweeps ----------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Wake this sidecar's waiters of a tag when a script says its queue may move."""
+        while not self._stopping:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.channel)
+                self._wake_all()  # anything published while not subscribed was missed
+                async for message in pubsub.listen():
+                    base = text(message["data"])
+                    for wake in self._wakes.get(base, ()):
+                        wake.set()
+            except UNREACHABLE:
+                await asyncio.sleep(RESUBSCRIBE_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _wake_all(self) -> None:
+        for wakes in self._wakes.values():
+            for wake in wakes:
+                wake.set()
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(*UNREACHABLE, PersistenceFailing):
+                await self.sweep()
+                await self.refresh()
+            await asyncio.sleep(self.shared.sweep_interval_s)
+
+    async def sweep(self) -> int:
+        """Settle lapsed leases and drop dead queue entries of every tag that is due. Any
+        sidecar may run it, at any time; running it twice changes nothing. Returns how many
+        tags it swept."""
+        seconds, micros = await self.client.time()
+        now = seconds + micros / 1e6
+        due = await self.client.zrangebyscore(self.keys.sweep_index, "-inf", now, 0, 500)
+        for raw in due:
+            base = text(raw)
+            reply = await self._run(self.scripts.sweep, base, [])
+            nxt, alive = text(reply[0]), int(reply[1])
+            if nxt:
+                await self.client.zadd(self.keys.sweep_index, {base: float(nxt)})
+            elif alive:
+                await self.client.zadd(self.keys.sweep_index,
+                                       {base: now + self.shared.queue_entry_ttl_s})
+            else:
+                await self.client.zrem(self.keys.sweep_index, base)
+        return len(due)
+
+    # ---- health ------------------------------------------------------------------------------
+
+    def _unhealthy(self, exc: BaseException) -> None:
+        if self._healthy:
+            log.error("the shared ledger on Redis is unreachable, refusing grants until it "
+                      "answers (%s): %s", self.shared.when_unavailable.value, exc)
+        self._healthy = False
+
+    def _healthy_again(self) -> None:
+        if not self._healthy:
+            log.warning("the shared ledger on Redis answers again")
+            self._wake_all()
+        self._healthy = True
+
+    def _emit(self, changes: list[Change]) -> None:
+        for listener in self._listeners:
+            listener(changes)
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str:
+    if not headers:
+        return ""
+    value = headers.get(name)
+    if value is None:
+        return ""
+    value = value.strip()
+    return value if value.isdigit() else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Mirror:
+    buckets: Mapping[BucketKey, BucketView] = field(default_factory=dict)
+    leases: tuple[Reservation, ...] = ()
+
+
+MAX_TAGS_READ = 10_000
+
+
+async def _read_mirror(client: Redis, keys: Keys, marks: _OverloadMarks,
+                       local_now: float) -> _Mirror:
+    """One read of the shared state: the buckets and open leases of every tag in the sweep
+    index, levels brought forward to Redis' clock."""
+    seconds, micros = await client.time()
+    now = seconds + micros / 1e6
+    bases = [text(b) for b in await client.zrange(keys.sweep_index, 0, MAX_TAGS_READ - 1)]
+    async with client.pipeline(transaction=False) as pipe:
+        for base in bases:
+            pipe.hgetall(base + "b")
+            pipe.smembers(base + "users")
+            pipe.zrange(base + "l", 0, -1)
+            pipe.zcard(base + "q")
+            pipe.get(base + "pause")
+        per_tag = await pipe.execute()
+    second: list[tuple[str, str, str]] = []  # (base, kind, name)
+    async with client.pipeline(transaction=False) as pipe:
+        for i, base in enumerate(bases):
+            _, users, lease_ids, _, _ = per_tag[5 * i:5 * i + 5]
+            for u in users:
+                second.append((base, "u", text(u)))
+                pipe.hgetall(f"{base}u:{text(u)}")
+                pipe.zcard(f"{base}uq:{text(u)}")
+            for rid in lease_ids:
+                second.append((base, "r", text(rid)))
+                pipe.hgetall(f"{base}r:{text(rid)}")
+                pipe.exists(f"{base}r:{text(rid)}")
+        more = await pipe.execute()
+    buckets: dict[BucketKey, BucketView] = {}
+    open_per: dict[BucketKey, int] = {}
+    leases: list[Reservation] = []
+    for j, (_, kind, name) in enumerate(second):
+        if kind != "r" or not more[2 * j]:
+            continue
+        r = _reservation_from_hash(name, more[2 * j])
+        if r is not None and r.settlement is None:
+            leases.append(r)
+            for k in r.buckets:
+                open_per[k] = open_per.get(k, 0) + 1
+    for i, base in enumerate(bases):
+        where = keys.parse(base)
+        if where is None:
+            continue
+        scope, model = where
+        h, _, _, depth, pause = per_tag[5 * i:5 * i + 5]
+        key = BucketKey(scope, model)
+        paused = float(text(pause)) if pause else 0.0
+        if h:
+            buckets[key] = _bucket_view(key, h, int(depth), paused if paused > now else 0.0,
+                                        marks.until(model, local_now), open_per.get(key, 0), now)
+    for j, (base, kind, name) in enumerate(second):
+        where = keys.parse(base)
+        if kind != "u" or where is None or not more[2 * j]:
+            continue
+        key = BucketKey(where[0], where[1], name)
+        buckets[key] = _bucket_view(key, more[2 * j], int(more[2 * j + 1]), 0.0, 0.0,
+                                    open_per.get(key, 0), now)
+    return _Mirror(buckets, tuple(leases))
+
+
+def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: float,
+                 overloaded: float, open_count: int, now: float) -> BucketView:
+    h = {text(k): text(v) for k, v in raw.items()}
+    elapsed = max(0.0, now - float(h.get("t", now)))
+    dims = []
+    for name, lv, cf in zip(RATE_DIMS, ("r", "i", "o"), ("cr", "ci", "co"), strict=True):
+        if cf in h:
+            cap = int(h[cf])
+            level = min(float(cap), float(h.get(lv, 0.0)) + cap * elapsed / 60.0)
+            dims.append(DimensionView(name, level, cap, cap / 60.0))
+    if "cm" in h:
+        mc = int(h["cm"])
+        dims.append(DimensionView("concurrent", mc - int(h.get("n", 0)), mc))
+    return BucketView(key, tuple(dims), depth, open_count, paused, overloaded)
+
+
+_RES_FIELDS = ("s", "m", "u", "q", "ri", "ro", "g", "e", "w", "st", "sa",
+               "fr", "fi", "fo", "oi", "oo", "oc", "bu")
+
+
+def _reservation_from_hash(rid: str, raw: Mapping[Any, Any]) -> Reservation | None:
+    h = {text(k): text(v) for k, v in raw.items()}
+    if "st" not in h:
+        return None
+    return reservation_from(["", "0", rid, *(h.get(f, "") for f in _RES_FIELDS)])

@@ -1,0 +1,236 @@
+-- Prepended to every script at load time. One tag = one scope x model: every key below starts
+-- with the same "<prefix>:{<scope>:<model>}:" base, so a script touches one Cluster slot.
+--   base..'b'          hash  the scope x model bucket (levels r,i,o; caps cr,ci,co,cm; t; n; le)
+--   base..'u:'..user   hash  a user's bucket under it (same fields)
+--   base..'seen'       string  this bucket existed (tells an idle expiry from lost data)
+--   base..'pause'      string  a provider 429 pauses grants until this time (PX = the pause)
+--   base..'l'          zset  open reservation id -> lease expiry
+--   base..'r:'..id     hash  a reservation (open, then settled and kept for the retention)
+--   base..'rq:'..rid   string  request_id -> reservation id (idempotency)
+--   base..'seq'        string  ticket counter of the wait queue
+--   base..'q', base..'uq:'..user  zset  waiters claiming that bucket, by ticket (FIFO)
+--   base..'qx'         hash  ticket -> "expiry|since|requests|input|output|user"
+--   base..'users'      set   users with a bucket under the tag (for reads only)
+-- Times are the Redis server's (TIME), in seconds; no sidecar clock is ever used here.
+--
+-- Every script: KEYS[1] = base..'b'; ARGV[1] = the wake channel, ARGV[2] = how long settled
+-- reservations are kept (s), ARGV[3] = the idle TTL of a bucket (s); its own ARGV from 4 on.
+local BASE = string.sub(KEYS[1], 1, -2)
+local CHANNEL = ARGV[1]
+local RETENTION = tonumber(ARGV[2])
+local IDLE_TTL = tonumber(ARGV[3])
+
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function ms(seconds)
+  return math.max(1, math.ceil(seconds * 1000))
+end
+
+local EPS = 1e-6
+local SEEN_TTL_MS = 7 * 86400 * 1000
+
+local function hash(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+
+-- caps: {r, i, o, mc} with false for "no limit"; nil = keep what the bucket stored.
+local function parse_caps(a, b, c, d)
+  local function one(x) if x == nil or x == '' then return false end return tonumber(x) end
+  return {one(a), one(b), one(c), one(d)}
+end
+
+local DIM = {'r', 'i', 'o'}
+local CAPF = {'cr', 'ci', 'co'}
+
+local function refill(b, now)
+  local elapsed = now - b.t
+  if elapsed <= 0 then return end
+  b.t = now
+  for d = 1, 3 do
+    local cap = b.cap[d]
+    if cap and b.lv[d] < cap then b.lv[d] = math.min(cap, b.lv[d] + cap * elapsed / 60) end
+  end
+end
+
+-- Load a bucket, refilled to now. A missing bucket starts full, unless it was never seen here
+-- but the caller remembers it (`known`): then Redis lost its data, and it starts empty.
+local function load_bucket(key, seen_key, caps, now, known)
+  local h = hash(key)
+  local b = {key = key, seen = seen_key, lv = {0, 0, 0}, cap = {false, false, false}, mc = false,
+             t = now, n = 0, le = 0}
+  if h.t == nil then
+    if caps == nil then return nil end
+    local empty = known and redis.call('EXISTS', seen_key) == 0
+    for d = 1, 3 do
+      b.cap[d] = caps[d]
+      if caps[d] and not empty then b.lv[d] = caps[d] end
+    end
+    b.mc = caps[4]
+    b.fresh = true
+    return b
+  end
+  b.t = tonumber(h.t); b.n = tonumber(h.n or '0'); b.le = tonumber(h.le or '0')
+  for d = 1, 3 do
+    b.lv[d] = tonumber(h[DIM[d]] or '0')
+    b.cap[d] = h[CAPF[d]] and tonumber(h[CAPF[d]]) or false
+  end
+  b.mc = h.cm and tonumber(h.cm) or false
+  refill(b, now)
+  if caps ~= nil then  -- the caller's config wins (a reload): never above the new capacity
+    for d = 1, 3 do
+      b.cap[d] = caps[d]
+      if not caps[d] then b.lv[d] = 0 elseif b.lv[d] > caps[d] then b.lv[d] = caps[d] end
+    end
+    b.mc = caps[4]
+  end
+  return b
+end
+
+-- Kept until its last lease ends plus the idle TTL (long enough to refill from full debt).
+local function save_bucket(b, now)
+  local fields = {'t', fmt(b.t), 'n', b.n, 'le', fmt(b.le)}
+  for d = 1, 3 do
+    if b.cap[d] then
+      table.insert(fields, DIM[d]); table.insert(fields, fmt(b.lv[d]))
+      table.insert(fields, CAPF[d]); table.insert(fields, b.cap[d])
+    end
+  end
+  if b.mc then table.insert(fields, 'cm'); table.insert(fields, b.mc) end
+  redis.call('DEL', b.key)
+  redis.call('HSET', b.key, unpack(fields))
+  redis.call('PEXPIRE', b.key, ms(math.max(b.le - now, 0) + IDLE_TTL))
+  redis.call('SET', b.seen, '1', 'PX', SEEN_TTL_MS)
+end
+
+local function fits(b, amounts)
+  for d = 1, 3 do
+    if b.cap[d] and b.lv[d] + EPS < amounts[d] then return false end
+  end
+  return not b.mc or b.n < b.mc
+end
+
+-- Seconds of refill until `demand` fits on the rate dimensions (0: it fits now).
+local function seconds_until(b, demand)
+  local worst = 0
+  for d = 1, 3 do
+    local cap = b.cap[d]
+    if cap then
+      local deficit = demand[d] - b.lv[d]
+      if deficit > EPS then worst = math.max(worst, deficit * 60 / cap) end
+    end
+  end
+  return worst
+end
+
+-- Give back (positive) or charge as debt (negative). A refund never fills past capacity;
+-- debt never goes below minus one capacity, so one bad Report cannot lock a bucket for long.
+local function give(b, amounts)
+  for d = 1, 3 do
+    local cap = b.cap[d]
+    if cap and amounts[d] ~= 0 then
+      b.lv[d] = math.max(-cap, math.min(cap, b.lv[d] + amounts[d]))
+    end
+  end
+end
+
+local function bucket_keys(user)
+  local keys = {{BASE .. 'b', BASE .. 'seen'}}
+  if user ~= nil and user ~= '' then
+    table.insert(keys, {BASE .. 'u:' .. user, BASE .. 'seen:u:' .. user})
+  end
+  return keys
+end
+
+-- The reservation as the sidecar reads it: a flat list in a fixed order.
+local RES_FIELDS = {'s', 'm', 'u', 'q', 'ri', 'ro', 'g', 'e', 'w', 'st', 'sa',
+                    'fr', 'fi', 'fo', 'oi', 'oo', 'oc', 'bu'}
+local function res_reply(tag, id, r, replayed)
+  local out = {tag, replayed and '1' or '0', id}
+  for _, f in ipairs(RES_FIELDS) do table.insert(out, r[f] or '') end
+  return out
+end
+
+local function wake()
+  redis.call('PUBLISH', CHANNEL, BASE)
+end
+
+-- Settle an open reservation: give `amounts` back to its buckets, free its slot, keep it
+-- settled for the retention (idempotent replays and re-attach read it).
+local function settle(id, r, state, back, fields, now)
+  local user = r.bu == '1' and r.u or nil
+  for _, k in ipairs(bucket_keys(user)) do
+    local b = load_bucket(k[1], k[2], nil, now, false)
+    if b ~= nil then
+      give(b, back)
+      b.n = math.max(0, b.n - 1)
+      save_bucket(b, now)
+    end
+  end
+  local rkey = BASE .. 'r:' .. id
+  redis.call('HSET', rkey, 'st', state, 'sa', fmt(now), unpack(fields))
+  redis.call('PEXPIRE', rkey, ms(RETENTION))
+  if r.q ~= nil and r.q ~= '' then redis.call('PEXPIRE', BASE .. 'rq:' .. r.q, ms(RETENTION)) end
+  redis.call('ZREM', BASE .. 'l', id)
+  for k, v in pairs({st = state, sa = fmt(now)}) do r[k] = v end
+  for i = 1, #fields, 2 do r[fields[i]] = fields[i + 1] end
+  wake()
+end
+
+-- Leases that lapsed: settled as consumed (the provider most likely did the work).
+local function sweep_lapsed(now, limit)
+  local due = redis.call('ZRANGEBYSCORE', BASE .. 'l', '-inf', fmt(now), 'LIMIT', 0, limit)
+  for _, id in ipairs(due) do
+    local r = hash(BASE .. 'r:' .. id)
+    if r.st == 'open' then
+      settle(id, r, 'expired', {0, 0, 0}, {}, now)
+    else
+      redis.call('ZREM', BASE .. 'l', id)
+    end
+  end
+  return #due
+end
+
+-- Queue entries: "expiry|since|requests|input|output|user".
+local function entry(ticket)
+  local v = redis.call('HGET', BASE .. 'qx', ticket)
+  if not v then return nil end
+  local exp, since, r, i, o, user = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  return {exp = tonumber(exp), since = tonumber(since), amounts = {tonumber(r), tonumber(i),
+          tonumber(o)}, user = user}
+end
+
+local function claim_keys(user)
+  local z = {BASE .. 'q'}
+  if user ~= nil and user ~= '' then table.insert(z, BASE .. 'uq:' .. user) end
+  return z
+end
+
+-- Remove a ticket from the queue (granted, gave up, or its sidecar stopped renewing it).
+local function leave(ticket, user)
+  for _, z in ipairs(claim_keys(user)) do redis.call('ZREM', z, ticket) end
+  redis.call('HDEL', BASE .. 'qx', ticket)
+  wake()
+end
+
+-- The oldest live claim on a bucket (dead entries at the head are dropped on the way).
+local function head(z, now)
+  for _ = 1, 100 do
+    local h = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+    if #h == 0 then return nil end
+    local e = entry(h[1])
+    if e ~= nil and e.exp >= now then return tonumber(h[2]) end
+    redis.call('ZREM', z, h[1])
+    if e ~= nil then leave(h[1], e.user) end
+  end
+  return nil
+end
