@@ -50,6 +50,13 @@ def main() -> None:
               help=f"SQLite journal file (its folder is created), or :memory: for no persistence. "
                    f"Default: $XDG_STATE_HOME/limiterd/limiterd.sqlite3 if XDG_STATE_HOME is set, "
                    f"else ./{DEFAULT_DB}.")
+@click.option("--ledger", default=None,
+              help="Share the ledger with other sidecars: redis://host:6379/0 or rediss://... "
+                   "(overrides [ledger] url in the config). The password comes from "
+                   "$LIMITERD_REDIS_PASSWORD or --redis-password-file, never from here. "
+                   "Default: the local ledger, journaled to --db.")
+@click.option("--redis-password-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the Redis password (for --ledger).")
 @click.option("--synchronous", type=click.Choice(["NORMAL", "FULL"]), default="NORMAL",
               help="NORMAL survives a process crash; FULL also survives power loss.")
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=DEFAULT_GRACE_S,
@@ -73,7 +80,8 @@ def main() -> None:
                    "swaps, as a Kubernetes ConfigMap mount does.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")
-def serve_cmd(listen: str, config_path: str | None, db: str | None, synchronous: str,
+def serve_cmd(listen: str, config_path: str | None, db: str | None, ledger: str | None,
+              redis_password_file: str | None, synchronous: str,
               grace_s: float, unix_socket_mode: str, metrics_listen: str, admin_listen: str,
               admin_token: str | None, tls_cert: str | None, tls_key: str | None,
               tls_client_ca: str | None, watch_config_s: float, log_level: str) -> None:
@@ -88,6 +96,7 @@ def serve_cmd(listen: str, config_path: str | None, db: str | None, synchronous:
                                  param_hint="--unix-socket-mode") from None
     options = ServeOptions(
         listen=listen, config_path=config_path, db=db or str(default_db_path()),
+        ledger=ledger, redis_password_file=redis_password_file,
         synchronous=synchronous, grace_s=grace_s, unix_socket_mode=mode,
         metrics_listen=metrics_listen, admin_listen=admin_listen,
         watch_config_s=watch_config_s,

@@ -311,6 +311,12 @@ class Engine:
     def config(self) -> Config:
         return self.ledger.config
 
+    def describe(self) -> str:
+        return f"local; journal {self.journal.describe()}"
+
+    async def refresh(self) -> None:
+        """The views are read from the ledger in this process: nothing to fetch."""
+
     def now(self) -> float:
         return self.clock.now()
 

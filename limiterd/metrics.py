@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from limiterd.config.model import Config
-from limiterd.engine import Engine
+from limiterd.backend import Backend
 from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.model import (
     Change,
@@ -54,7 +54,7 @@ ACQUIRE_RESULTS = {
 
 
 class Metrics:
-    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, engine: Backend, registry: CollectorRegistry | None = None) -> None:
         self.engine = engine
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -152,7 +152,7 @@ class Metrics:
 class _Labels:
     """Label values from the current config: configured names pass, the rest is OTHER."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Backend) -> None:
         self.engine = engine
         self._config: Config | None = None
         self._models: frozenset[str] = frozenset()
@@ -184,7 +184,7 @@ class _LedgerCollector(Collector):
     """Gauges read from the ledger at scrape time. The scrape runs on the HTTP server's
     thread, the ledger lives on the event loop: read it there, never across threads."""
 
-    def __init__(self, engine: Engine, labels: _Labels) -> None:
+    def __init__(self, engine: Backend, labels: _Labels) -> None:
         self.engine = engine
         self.labels = labels
         self.loop: asyncio.AbstractEventLoop | None = None

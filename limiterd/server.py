@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from limiterd.api.interceptors import AdminToken, Calls
 from limiterd.api.service import AdminService, LimiterService
+from limiterd.backend import Backend
 from limiterd.clock import Clock, SystemClock
 from limiterd.config.loader import DEFAULTS_SOURCE, ConfigError, load_config
 from limiterd.config.model import Config
@@ -30,7 +31,9 @@ from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN
 from limiterd.engine import Engine
 from limiterd.errorlog import ErrorLog, ErrorStore
 from limiterd.metrics import Metrics
-from limiterd.storage.base import Journal
+from limiterd.shared.engine import SharedEngine
+from limiterd.shared.settings import SharedLedger
+from limiterd.storage.base import Journal, StartupError
 from limiterd.storage.memory import MemoryJournal
 from limiterd.storage.sqlite import open_journal
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
@@ -84,6 +87,8 @@ class ServeOptions:
     admin_listen: str = ""  # given: the Admin service is served only there
     watch_config_s: float = 2.0  # 0 = off; polls the config's folder (ConfigMap swaps)
     security: Security = field(default_factory=Security)
+    ledger: str | None = None  # redis:// URL of a shared ledger (overrides the config's)
+    redis_password_file: str | None = None
 
 
 def grpc_address(listen: str) -> str:
@@ -96,7 +101,7 @@ def grpc_address(listen: str) -> str:
 class Reloader:
     """Applies a changed config; an invalid one is rejected and the old one stays."""
 
-    def __init__(self, engine: Engine, path: str | None, metrics: Metrics | None) -> None:
+    def __init__(self, engine: Backend, path: str | None, metrics: Metrics | None) -> None:
         self.engine, self.path, self.metrics = engine, path, metrics
         self._seen = self._signature()
 
@@ -146,7 +151,7 @@ class Reloader:
 @dataclass
 class RunningServer:
     servers: list[grpc.aio.Server]
-    engine: Engine
+    engine: Backend
     health: health.aio.HealthServicer
     target: str
     admin_target: str
@@ -204,10 +209,17 @@ async def start_server(
     security: Security | None = None,
     watch_config_s: float = 0.0,
     metrics: bool = True,
+    shared: SharedLedger | None = None,
 ) -> RunningServer:
+    """`shared`: keep the ledger in Redis, shared with other sidecars (then `journal` keeps
+    nothing but the error log)."""
     security = security or Security()
     creds = security.credentials()
-    engine = Engine(config, journal, clock or SystemClock())
+    engine: Backend
+    if shared is not None:
+        engine = SharedEngine(config, shared, clock or SystemClock())
+    else:
+        engine = Engine(config, journal, clock or SystemClock())
     await engine.start()
     observer = Metrics(engine) if metrics or metrics_listen else None
     reloader = Reloader(engine, config_path, observer)
@@ -280,6 +292,23 @@ async def running_server(
         await srv.stop(grace_s=0.5)
 
 
+def shared_ledger(config: Config, options: ServeOptions) -> SharedLedger | None:
+    """The shared ledger asked for by --ledger or the config's [ledger], or None (local)."""
+    base = config.ledger
+    if options.ledger is None and base is None:
+        return None
+    try:
+        if base is None:
+            base = SharedLedger(url=options.ledger or "")
+        if options.ledger is not None:
+            base = replace(base, url=options.ledger)
+        if options.redis_password_file is not None:
+            base = replace(base, password_file=options.redis_password_file)
+    except ValueError as exc:
+        raise StartupError(f"--ledger: {exc}") from None
+    return base
+
+
 async def serve(options: ServeOptions) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config file. Raises ConfigError,
     StartupError or ListenError (each a one-line message) when it cannot start."""
@@ -288,18 +317,23 @@ async def serve(options: ServeOptions) -> None:
     # 1.8x per call (bench: scale). Its data has no cycles, so collect far less often.
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     config = load_config(options.config_path)
-    journal = open_journal(options.db, options.synchronous)  # type: ignore[arg-type]
+    shared = shared_ledger(config, options)
+    journal: Journal = (
+        MemoryJournal() if shared is not None
+        else open_journal(options.db, options.synchronous)  # type: ignore[arg-type]
+    )
     srv = await start_server(
         config, journal, options.listen, unix_socket_mode=options.unix_socket_mode,
         config_path=options.config_path, metrics_listen=options.metrics_listen,
         admin_listen=options.admin_listen, security=options.security,
         watch_config_s=options.watch_config_s, metrics=bool(options.metrics_listen),
+        shared=shared,
     )
     log.info(
-        "limiterd serving on %s%s; journal %s; config %s%s",
+        "limiterd serving on %s%s; ledger %s; config %s%s",
         srv.target,
         f" (admin on {srv.admin_target})" if srv.admin_target != srv.target else "",
-        journal.describe(), srv.reloader.source,
+        srv.engine.describe(), srv.reloader.source,
         f"; metrics on http://{options.metrics_listen}/metrics" if options.metrics_listen else "",
     )
     loop = asyncio.get_running_loop()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from limiterd.config.loader import parse_config
 from limiterd.config.model import Config
 from limiterd.server import RunningServer, running_server
+from limiterd.shared.settings import SharedLedger
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from tests.redis_server import redis_server
 
 # Small limits so tests reach them quickly. "tiny": 10 requests, 1000 in, 1000 out per minute.
 TEST_CONFIG_TOML = """
@@ -50,9 +53,32 @@ def make_test_config() -> Config:
 
 
 @pytest.fixture
-async def daemon() -> AsyncIterator[RunningServer]:
-    async with running_server(config=make_test_config()) as srv:
-        yield srv
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which ledger `daemon` runs: "local" unless a module parametrizes it (indirect) over
+    BACKENDS, as the API contract suites do, so both ledgers give the same answers."""
+    return getattr(request, "param", "local")
+
+
+BACKENDS = ("local", "redis")
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server of its own, on a free loopback port, for one test."""
+    with redis_server(tmp_path / "redis") as server:
+        yield server.url
+
+
+@pytest.fixture
+async def daemon(backend: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
+    if backend == "local":
+        async with running_server(config=make_test_config()) as srv:
+            yield srv
+        return
+    with redis_server(tmp_path / "redis") as server:
+        async with running_server(config=make_test_config(),
+                                  shared=SharedLedger(server.url)) as srv:
+            yield srv
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from limiterd.server import RunningServer
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from tests.conftest import BACKENDS
 
 Code = grpc.StatusCode
+# One suite, both ledgers: every test here runs against the local one and the shared one.
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 def acq(**kw: object) -> pb.AcquireRequest:

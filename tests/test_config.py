@@ -104,7 +104,7 @@ def test_unquoted_dotted_model_id_gets_a_hint(tmp_path: Path) -> None:
         ("[models.x]\nrpm = 1\n", "models.x.rpm",
          "expected one of: " + ", ".join(LIMIT_KEYS)),
         ('"odd key" = 1\n', '"odd key"',
-         "expected one of: daemon, models, user_limits, scopes"),
+         "expected one of: daemon, models, user_limits, scopes, ledger"),
     ],
 )
 def test_unknown_key(tmp_path: Path, text: str, key: str, hint: str) -> None:

@@ -9,7 +9,8 @@ import grpc
 
 from limiterd.api import convert
 from limiterd.api.errors import RpcFailure, exhausted, to_failure
-from limiterd.engine import Engine, StatusCallback, WaitStatus
+from limiterd.backend import Backend
+from limiterd.engine import StatusCallback, WaitStatus
 from limiterd.errorlog import ErrorEntry, ErrorLog
 from limiterd.ledger.errors import InvalidRequest
 from limiterd.ledger.ledger import Rejected
@@ -42,7 +43,7 @@ async def answer(context: Context, call: Callable[[], Awaitable[T]]) -> T:
 
 
 class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine, observer: Observer | None = None,
+    def __init__(self, engine: Backend, observer: Observer | None = None,
                  errors: ErrorLog | None = None) -> None:
         self.engine = engine
         self.observer = observer
@@ -153,7 +154,7 @@ class Reloads(Protocol):
 
 
 class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine, reloads: Reloads | None = None,
+    def __init__(self, engine: Backend, reloads: Reloads | None = None,
                  errors: ErrorLog | None = None) -> None:
         self.engine = engine
         self.reloads = reloads
@@ -208,6 +209,7 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
         async def call() -> pb.ListLeasesResponse:
             size = convert.page_size(request.page_size)
             after = convert.lease_token(request.page_token)
+            await self.engine.refresh()
             leases = self.engine.leases(self._scopes(request.scope), request.model, after,
                                         size + 1)
             page = leases[:size]
@@ -242,6 +244,7 @@ class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
         self, request: pb.GetBucketsRequest, context: Context
     ) -> pb.GetBucketsResponse:
         async def call() -> pb.GetBucketsResponse:
+            await self.engine.refresh()
             size = convert.page_size(request.page_size)
             after = convert.bucket_token(request.page_token)
             views = self.engine.buckets(self._scopes(request.scope), request.model, after,

@@ -25,6 +25,14 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
     [user_limits."claude-*"]
     requests_per_minute = 10
 
+    [ledger]                           # optional: share the ledger with other sidecars
+    url = "redis://redis:6379/0"       # or rediss://; `limiterd serve --ledger URL` overrides
+    password_env = "LIMITERD_REDIS_PASSWORD"  # or password_file = "/run/secrets/redis"
+    when_unavailable = "fail_closed"   # the only policy so far: UNAVAILABLE until Redis answers
+    key_prefix = "limiterd"
+    queue_entry_ttl_ms = 10000         # a dead sidecar's waiters stop blocking after this
+    sweep_interval_ms = 1000
+
     [[scopes]]
     scope = "3f1a..."                  # the API-key hash (client's scope_for_api_key)
     alias = "prod-key"                 # required: shown in logs and metrics instead of the hash
@@ -53,6 +61,7 @@ from types import MappingProxyType
 from typing import Any
 
 from limiterd.config.model import Config, Limits, ModelRule, ScopeConfig, Settings
+from limiterd.shared.settings import SharedLedger, WhenUnavailable
 
 __all__ = ["ConfigError", "DEFAULTS_SOURCE", "check_config", "load_config", "parse_config"]
 
@@ -82,7 +91,9 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
     "sync_tolerance_tokens": ("sync_tolerance_tokens", None),
 }
 _DAEMON_FLAGS = ("learn_limits",)
-_TOP_KEYS = ("daemon", "models", "user_limits", "scopes")
+_TOP_KEYS = ("daemon", "models", "user_limits", "scopes", "ledger")
+_LEDGER_KEYS = ("url", "password_env", "password_file", "when_unavailable", "key_prefix",
+                "queue_entry_ttl_ms", "sweep_interval_ms")
 _SCOPE_KEYS = ("scope", "alias", "models", "user_limits")
 
 
@@ -132,9 +143,11 @@ def parse_config(text: str, source: str) -> Config:
     models = _rules(doc.get("models", {}), "models", p)
     user_models = _rules(doc.get("user_limits", {}), "user_limits", p)
     scopes = _scopes(doc.get("scopes", []), models, user_models, p)
+    ledger = _ledger(doc["ledger"], p) if "ledger" in doc else None
     if p.lines:
         raise ConfigError(p.lines)
-    return Config(settings, models, user_models, MappingProxyType(scopes), source=source)
+    return Config(settings, models, user_models, MappingProxyType(scopes), source=source,
+                  ledger=ledger)
 
 
 def check_config(path: str | os.PathLike[str] | None) -> str:
@@ -155,6 +168,7 @@ def check_config(path: str | os.PathLike[str] | None) -> str:
     aliases = ", ".join(sc.alias for sc in cfg.scopes.values())
     lines.append(f"  {len(cfg.scopes)} scope{'' if len(cfg.scopes) == 1 else 's'}"
                  + (f": {aliases}" if aliases else ""))
+    lines.append("  ledger: " + (cfg.ledger.describe() if cfg.ledger else "local (SQLite journal)"))
     lines.append(f"  leases {s.default_lease_s:.10g}s default, {s.max_lease_s:.10g}s max; "
                  f"waits up to {s.max_wait_s:.10g}s, {s.max_waiters_per_queue} per queue")
     return "\n".join(lines)
@@ -215,6 +229,37 @@ def _settings(value: Any, p: _Problems) -> Settings:
               f"must be <= daemon.max_lease_ms ({round(settings.max_lease_s * 1000)}), "
               f"got {round(settings.default_lease_s * 1000)}")
     return settings
+
+
+def _ledger(value: Any, p: _Problems) -> SharedLedger | None:
+    table = p.table(value, "ledger")
+    if table is None:
+        return None
+    p.unknown_keys(table, _LEDGER_KEYS, "ledger")
+    values: dict[str, Any] = {}
+    for key in ("url", "password_env", "password_file", "key_prefix"):
+        if key in table:
+            if isinstance(table[key], str) and table[key]:
+                values[key] = table[key]
+            else:
+                p.add(_key("ledger", key), f"must be a non-empty string, got {_show(table[key])}")
+    for key, name in (("queue_entry_ttl_ms", "queue_entry_ttl_s"),
+                      ("sweep_interval_ms", "sweep_interval_s")):
+        if key in table and (n := p.integer(table[key], _key("ledger", key))) is not None:
+            values[name] = n / 1000
+    if "when_unavailable" in table:
+        if table["when_unavailable"] != WhenUnavailable.FAIL_CLOSED.value:
+            p.add("ledger.when_unavailable", 'must be "fail_closed" (the only policy built so '
+                  f"far), got {_show(table['when_unavailable'])}")
+    if "url" not in values:
+        if "url" not in table:
+            p.add("ledger.url", "missing; e.g. \"redis://redis:6379/0\"")
+        return None
+    try:
+        return SharedLedger(**values)
+    except ValueError as exc:
+        p.add("ledger.url", str(exc))
+        return None
 
 
 def _rules(value: Any, path: str, p: _Problems) -> tuple[ModelRule, ...]:

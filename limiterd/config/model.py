@@ -6,6 +6,8 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from limiterd.shared.settings import SharedLedger
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -104,6 +106,7 @@ class Config:
     user_models: tuple[ModelRule, ...] = ()
     scopes: Mapping[str, ScopeConfig] = field(default_factory=dict)
     source: str | None = None  # the file it came from, for messages
+    ledger: SharedLedger | None = None  # [ledger]: shared on Redis; None = local (SQLite)
     _cache: dict[tuple[str, str, bool], Budget | None] = field(
         default_factory=dict, repr=False, compare=False
     )

@@ -39,7 +39,7 @@ from limiterd.ledger.errors import (
     NotFound,
     QueueFull,
 )
-from limiterd.ledger.ledger import Granted, Rejected
+from limiterd.ledger.ledger import Granted, Rejected, check_model_name
 from limiterd.ledger.model import (
     AcquireRequest,
     Amounts,
@@ -78,13 +78,23 @@ def _int(value: str) -> int:
     return int(float(value)) if value else 0
 
 
+def user_bucket(budget: str, user: str) -> str:
+    """How a user's bucket is named under its tag (lua/common.lua `ub`)."""
+    return f"{len(budget)}:{budget}:{user}"
+
+
+def parse_user_bucket(ub: str) -> tuple[str, str]:
+    n, _, rest = ub.partition(":")
+    return rest[:int(n)], rest[int(n) + 1:]
+
+
 def reservation_from(reply: Sequence[Any]) -> Reservation:
     """A reservation from a script's reply (lua/common.lua res_reply)."""
     (rid, scope, model, user, request_id, ri, ro, granted, expires, waited, state, settled_at,
-     fr, fi, fo, oi, oo, outcome, user_bucket) = (text(v) for v in reply[2:21])
-    keys: tuple[BucketKey, ...] = (BucketKey(scope, model),)
-    if user_bucket == "1":
-        keys += (BucketKey(scope, model, user),)
+     fr, fi, fo, oi, oo, outcome, ub, budget) = (text(v) for v in reply[2:22])
+    keys: tuple[BucketKey, ...] = (BucketKey(scope, budget),)
+    if ub:
+        keys += (BucketKey(scope, *parse_user_bucket(ub)),)
     settlement = None
     if state != "open":
         settlement = Settlement(
@@ -100,7 +110,9 @@ def reservation_from(reply: Sequence[Any]) -> Reservation:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     base: str
+    budget: str
     limits: Limits
+    user_bucket: str  # "" when users are not limited
     user_limits: Limits | None
 
 
@@ -241,6 +253,29 @@ class SharedEngine:
                         and (after is None or lease_order(r) > after)), key=lease_order)
         return found if limit is None else found[:limit]
 
+    async def reset_buckets(
+        self, scopes: frozenset[str] | None, model: str, user: str = ""
+    ) -> list[BucketView]:
+        """Refill the matching buckets to full, forgiving their debt (an operator's reset),
+        in Redis: every sidecar sees it."""
+        await self.refresh()
+        keys = [k for k in self._mirror.buckets
+                if (scopes is None or k.scope in scopes) and self._spends(k, model)
+                and k.user == user]
+        for k in keys:
+            base = self.keys.base(k.scope, self._mirror.tags[k])
+            await self._run(self.scripts.reset, base,
+                            [user_bucket(k.budget, k.user) if k.user else ""])
+        await self.refresh()
+        return [self._mirror.buckets[k] for k in sorted(keys) if k in self._mirror.buckets]
+
+    def _spends(self, key: BucketKey, model: str) -> bool:
+        """A filter names a budget, or a model id that draws on it."""
+        if key.budget == model:
+            return True
+        budget = self._config.budget_for(key.scope, model, bool(key.user))
+        return budget is not None and budget.name == key.budget
+
     async def refresh(self) -> None:
         """Read every tag's buckets and open leases from Redis (for Admin reads and metrics).
         Raises PersistenceFailing when Redis is away."""
@@ -281,7 +316,7 @@ class SharedEngine:
                 reply = await self._shielded(
                     self._first_acquire(plan.base, rid, lease_s, args) if ticket == 0
                     else self._run(self.scripts.acquire, plan.base, args),
-                    lambda r: self._undo(r, req, plan.base),
+                    lambda r: self._undo(r, req, plan),
                 )
                 kind = text(reply[0])
                 if kind == "G":
@@ -317,12 +352,12 @@ class SharedEngine:
                     at = min(at, last_sent + interval)
                 await self._sleep(wake, at)
                 if self.clock.now() >= deadline:  # never granted late
-                    await self._leave(plan.base, ticket, req)
+                    await self._leave(plan, ticket)
                     ticket = 0
                     return Rejected(eta_s)
         except BaseException:
             if ticket:
-                self._background(self._leave(plan.base, ticket, req))
+                self._background(self._leave(plan, ticket))
             raise
         finally:
             self._waiting -= 1
@@ -350,14 +385,15 @@ class SharedEngine:
         if not replayed:
             changes: list[Change] = [ReservationSettled(r.id, r.settlement)]  # type: ignore[arg-type]
             if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
-                changes.append(PauseSet(r.scope, r.model, r.settlement.settled_at  # type: ignore[union-attr]
+                changes.append(PauseSet(r.scope, r.buckets[0].budget,
+                                        r.settlement.settled_at  # type: ignore[union-attr]
                                         + retry_after_s))
             elif outcome is Outcome.OVERLOADED:
                 self._marks.note(self._config, r.model, self.clock.now())
             self._emit(changes)
-            if len(reply) > 21 and text(reply[21]):
+            if len(reply) > 22 and text(reply[22]):
                 log.info("provider sync: lowered %s for %s (dimension:was:now)",
-                         text(reply[21]), r.model)
+                         text(reply[22]), r.model)
         return r, replayed
 
     async def release(self, reservation_id: str) -> tuple[Reservation, bool]:
@@ -374,22 +410,29 @@ class SharedEngine:
     # ---- planning ----------------------------------------------------------------------------
 
     def _plan(self, req: AcquireRequest) -> _Plan:
+        """The buckets a request draws on (its model's budget, and its user's under it), as
+        the local ledger plans them; requests that could never fit fail here."""
+        check_model_name(req.model)
         config = self._config
-        limits = config.limits_for(req.scope, req.model)
-        if limits is None:
+        budget = config.budget_for(req.scope, req.model)
+        if budget is None:
             raise InvalidRequest(
                 "model", f"no limits are configured for model {req.model!r} (and no default)"
             )
-        user_limits = config.user_limits_for(req.scope, req.model) if req.user else None
+        per_user = config.budget_for(req.scope, req.model, user=True) if req.user else None
         amounts = (1, req.input_tokens, req.max_output_tokens)
-        for key, lim in ((BucketKey(req.scope, req.model), limits),
-                         (BucketKey(req.scope, req.model, req.user), user_limits)):
-            if lim is None:
-                continue
+        checks = [(BucketKey(req.scope, budget.name), budget.limits)]
+        if per_user is not None:
+            checks.append((BucketKey(req.scope, per_user.name, req.user), per_user.limits))
+        for key, lim in checks:
             for name, cap, amount in zip(RATE_DIMS, capacities(lim), amounts, strict=True):
                 if cap is not None and amount > cap:
                     raise NeverFits(key, name, cap, amount)
-        return _Plan(self.keys.base(req.scope, req.model), limits, user_limits)
+        return _Plan(
+            self.keys.base(req.scope, budget.name), budget.name, budget.limits,
+            user_bucket(per_user.name, req.user) if per_user is not None else "",
+            per_user.limits if per_user is not None else None,
+        )
 
     def _acquire_args(self, req: AcquireRequest, plan: _Plan, rid: str, lease_s: float,
                       ticket: int, try_once: bool) -> list[Any]:
@@ -400,7 +443,7 @@ class SharedEngine:
             req.max_output_tokens, repr(lease_s), ticket, int(try_once),
             repr(self.shared.queue_entry_ttl_s), s.max_waiters_per_queue,
             int(plan.base in self._known), *_caps(plan.limits),
-            int(plan.user_limits is not None), *user_caps,
+            plan.user_bucket, *user_caps, plan.budget,
         ]
 
     # ---- Redis -------------------------------------------------------------------------------
@@ -466,10 +509,9 @@ class SharedEngine:
         self._remember(reservation_id, base)
         return reservation_from(reply), text(reply[1]) == "1", reply
 
-    async def _leave(self, base: str, ticket: int, req: AcquireRequest) -> None:
-        user = req.user if self._config.user_limits_for(req.scope, req.model) else ""
+    async def _leave(self, plan: _Plan, ticket: int) -> None:
         with contextlib.suppress(PersistenceFailing):
-            await self._run(self.scripts.leave, base, [ticket, user])
+            await self._run(self.scripts.leave, plan.base, [ticket, plan.user_bucket])
 
     async def _shielded(self, call: Coroutine[Any, Any, list[Any]],
                         undo: Callable[[list[Any]], Coroutine[Any, Any, None]]) -> list[Any]:
@@ -485,13 +527,13 @@ class SharedEngine:
             task.add_done_callback(done)
             raise
 
-    async def _undo(self, reply: list[Any], req: AcquireRequest, base: str) -> None:
+    async def _undo(self, reply: list[Any], req: AcquireRequest, plan: _Plan) -> None:
         kind = text(reply[0])
         if kind == "G" and text(reply[1]) == "0" and not req.request_id:
             with contextlib.suppress(LedgerError, PersistenceFailing):
                 await self.release(text(reply[2]))
         elif kind == "W":
-            await self._leave(base, int(text(reply[1])), req)
+            await self._leave(plan, int(text(reply[1])))
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -595,6 +637,7 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str:
 class _Mirror:
     buckets: Mapping[BucketKey, BucketView] = field(default_factory=dict)
     leases: tuple[Reservation, ...] = ()
+    tags: Mapping[BucketKey, str] = field(default_factory=dict)  # key -> its tag's budget
 
 
 MAX_TAGS_READ = 10_000
@@ -629,6 +672,7 @@ async def _read_mirror(client: Redis, keys: Keys, marks: _OverloadMarks,
                 pipe.exists(f"{base}r:{text(rid)}")
         more = await pipe.execute()
     buckets: dict[BucketKey, BucketView] = {}
+    tags: dict[BucketKey, str] = {}
     open_per: dict[BucketKey, int] = {}
     leases: list[Reservation] = []
     for j, (_, kind, name) in enumerate(second):
@@ -648,16 +692,18 @@ async def _read_mirror(client: Redis, keys: Keys, marks: _OverloadMarks,
         key = BucketKey(scope, model)
         paused = float(text(pause)) if pause else 0.0
         if h:
+            tags[key] = model
             buckets[key] = _bucket_view(key, h, int(depth), paused if paused > now else 0.0,
                                         marks.until(model, local_now), open_per.get(key, 0), now)
     for j, (base, kind, name) in enumerate(second):
         where = keys.parse(base)
         if kind != "u" or where is None or not more[2 * j]:
             continue
-        key = BucketKey(where[0], where[1], name)
+        key = BucketKey(where[0], *parse_user_bucket(name))
+        tags[key] = where[1]
         buckets[key] = _bucket_view(key, more[2 * j], int(more[2 * j + 1]), 0.0, 0.0,
                                     open_per.get(key, 0), now)
-    return _Mirror(buckets, tuple(leases))
+    return _Mirror(buckets, tuple(leases), tags)
 
 
 def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: float,
@@ -677,7 +723,7 @@ def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: flo
 
 
 _RES_FIELDS = ("s", "m", "u", "q", "ri", "ro", "g", "e", "w", "st", "sa",
-               "fr", "fi", "fo", "oi", "oo", "oc", "bu")
+               "fr", "fi", "fo", "oi", "oo", "oc", "bu", "bn")
 
 
 def _reservation_from_hash(rid: str, raw: Mapping[Any, Any]) -> Reservation | None:

@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-NAMES = ("acquire", "settle", "leave", "sweep")
+NAMES = ("acquire", "settle", "leave", "sweep", "reset")
 
 
 def source(name: str) -> str:
@@ -27,6 +27,7 @@ class Scripts:
     settle: AsyncScript
     leave: AsyncScript
     sweep: AsyncScript
+    reset: AsyncScript
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:

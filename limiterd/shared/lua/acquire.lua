@@ -1,25 +1,23 @@
 -- Acquire: grant now (all buckets or none), or take/keep a place in the FIFO queue.
 -- ARGV[4..]: id, request_id, scope, model, user, input, output, lease_s, ticket (0: new),
 --   try_once, queue_ttl_s, max_waiters, known (this sidecar saw the bucket before),
---   the scope x model caps (rpm, itpm, otpm, max_concurrent; '' = none),
---   has_user_bucket, the user caps (same four).
+--   the scope x budget caps (rpm, itpm, otpm, max_concurrent; '' = none),
+--   the user bucket's ub ('' = users are not limited), the user caps (same four),
+--   the budget's name.
 -- Replies: {'G', replayed, id, reservation...} granted; {'W', ticket, since, refill_s, eta_s,
 --   position, depth} waiting; {'R', eta_s} try-once refused; {'E', why, detail} refused.
 local id, rid, scope, model, user = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local amounts = {1, tonumber(ARGV[9]), tonumber(ARGV[10])}
 local lease_s, ticket, try_once = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13] == '1'
 local queue_ttl, max_waiters, known = tonumber(ARGV[14]), tonumber(ARGV[15]), ARGV[16] == '1'
-local has_user = ARGV[21] == '1'
-local bucket_user = has_user and user or nil
+local has_user = ARGV[21] ~= ''
+local ub = has_user and ARGV[21] or nil
+local budget = ARGV[26]
 local caps = {parse_caps(ARGV[17], ARGV[18], ARGV[19], ARGV[20])}
 if has_user then table.insert(caps, parse_caps(ARGV[22], ARGV[23], ARGV[24], ARGV[25])) end
 
 local now = now_s()
 sweep_lapsed(now, 20)
-
-local function ticket_user()
-  return bucket_user
-end
 
 -- A repeated request_id gets the original grant back (or is refused if it asks otherwise).
 if rid ~= '' then
@@ -31,22 +29,22 @@ if rid ~= '' then
           or tonumber(r.ro) ~= amounts[3] then
         return {'E', 'request_id', 'already used for a different request'}
       end
-      if ticket > 0 then leave(tostring(ticket), ticket_user()) end
+      if ticket > 0 then leave(tostring(ticket), ub) end
       return res_reply('G', prior, r, true)
     end
   end
 end
 
 local buckets = {}
-for i, k in ipairs(bucket_keys(bucket_user)) do
-  -- Only the scope x model bucket is remembered by sidecars; a user's bucket under it starts
-  -- full (the scope x model bucket bounds it anyway).
+for i, k in ipairs(bucket_keys(ub)) do
+  -- Only the scope x budget bucket is remembered by sidecars; a user's bucket under it starts
+  -- full (the scope x budget bucket bounds it anyway).
   buckets[i] = load_bucket(k[1], k[2], caps[i], now, known and i == 1)
 end
 local pause = tonumber(redis.call('GET', BASE .. 'pause') or '0')
 local paused = pause > now
 
-local zkeys = claim_keys(bucket_user)
+local zkeys = claim_keys(ub)
 local myseq = ticket > 0 and ticket or math.huge
 local lacking, blocked, any = {}, {}, paused
 for i, b in ipairs(buckets) do
@@ -86,12 +84,12 @@ if not any then
     save_bucket(b, now)
   end
   if has_user then  -- for reads (limiterd buckets): which user buckets exist under the tag
-    redis.call('SADD', BASE .. 'users', user)
+    redis.call('SADD', BASE .. 'users', ub)
     redis.call('PEXPIRE', BASE .. 'users', ms(lease_s + IDLE_TTL))
   end
   local r = {s = scope, m = model, u = user, q = rid, ri = ARGV[9], ro = ARGV[10],
              g = fmt(now), e = fmt(expires), w = fmt(math.max(0, now - since)), st = 'open',
-             bu = has_user and '1' or '0'}
+             bu = ARGV[21], bn = budget}
   local flat = {}
   for k, v in pairs(r) do table.insert(flat, k); table.insert(flat, v) end
   local rkey = BASE .. 'r:' .. id
@@ -100,13 +98,13 @@ if not any then
   redis.call('ZADD', BASE .. 'l', fmt(expires), id)
   redis.call('PEXPIRE', BASE .. 'l', ms(lease_s + IDLE_TTL))
   if rid ~= '' then redis.call('SET', BASE .. 'rq:' .. rid, id, 'PX', ms(lease_s + RETENTION)) end
-  if ticket > 0 then leave(tostring(ticket), ticket_user()) end
+  if ticket > 0 then leave(tostring(ticket), ub) end
   return res_reply('G', id, r, false)
 end
 
 if try_once then
   local eta = estimate()
-  if ticket > 0 then leave(tostring(ticket), ticket_user()) end
+  if ticket > 0 then leave(tostring(ticket), ub) end
   return {'R', fmt(eta)}
 end
 
@@ -120,7 +118,7 @@ else
   local e = entry(tostring(ticket))
   if e ~= nil then since = e.since end
 end
--- Claim what it lacks or is queued behind; a pause alone claims the scope x model bucket.
+-- Claim what it lacks or is queued behind; a pause alone claims the scope x budget bucket.
 local claimed = false
 for i, z in ipairs(zkeys) do
   if lacking[i] or blocked[i] then
@@ -134,7 +132,7 @@ if not claimed then redis.call('ZADD', zkeys[1], ticket, ticket) end
 local qttl = ms(queue_ttl + IDLE_TTL)
 for _, z in ipairs(zkeys) do redis.call('PEXPIRE', z, qttl) end
 redis.call('HSET', BASE .. 'qx', ticket, table.concat({fmt(now + queue_ttl), fmt(since),
-  amounts[1], amounts[2], amounts[3], bucket_user or ''}, '|'))
+  amounts[1], amounts[2], amounts[3], ub or ''}, '|'))
 redis.call('PEXPIRE', BASE .. 'qx', qttl)
 redis.call('PEXPIRE', BASE .. 'seq', qttl)
 

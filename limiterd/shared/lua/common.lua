@@ -1,16 +1,18 @@
--- Prepended to every script at load time. One tag = one scope x model: every key below starts
--- with the same "<prefix>:{<scope>:<model>}:" base, so a script touches one Cluster slot.
---   base..'b'          hash  the scope x model bucket (levels r,i,o; caps cr,ci,co,cm; t; n; le)
---   base..'u:'..user   hash  a user's bucket under it (same fields)
+-- Prepended to every script at load time. One tag = one scope x budget (the matched rule's
+-- name, shared by every model id of the class): every key below starts with the same
+-- "<prefix>:{<n>:<scope>:<budget>}:" base, so a script touches one Cluster slot.
+-- A user's bucket under it is named by its user budget and user: ub = "<n>:<budget>:<user>".
+--   base..'b'          hash  the scope x budget bucket (levels r,i,o; caps cr,ci,co,cm; t; n; le)
+--   base..'u:'..ub     hash  a user's bucket under it (same fields)
 --   base..'seen'       string  this bucket existed (tells an idle expiry from lost data)
 --   base..'pause'      string  a provider 429 pauses grants until this time (PX = the pause)
 --   base..'l'          zset  open reservation id -> lease expiry
 --   base..'r:'..id     hash  a reservation (open, then settled and kept for the retention)
 --   base..'rq:'..rid   string  request_id -> reservation id (idempotency)
 --   base..'seq'        string  ticket counter of the wait queue
---   base..'q', base..'uq:'..user  zset  waiters claiming that bucket, by ticket (FIFO)
---   base..'qx'         hash  ticket -> "expiry|since|requests|input|output|user"
---   base..'users'      set   users with a bucket under the tag (for reads only)
+--   base..'q', base..'uq:'..ub  zset  waiters claiming that bucket, by ticket (FIFO)
+--   base..'qx'         hash  ticket -> "expiry|since|requests|input|output|ub"
+--   base..'users'      set   the ub of every user bucket under the tag (for reads only)
 -- Times are the Redis server's (TIME), in seconds; no sidecar clock is ever used here.
 --
 -- Every script: KEYS[1] = base..'b'; ARGV[1] = the wake channel, ARGV[2] = how long settled
@@ -143,17 +145,17 @@ local function give(b, amounts)
   end
 end
 
-local function bucket_keys(user)
+local function bucket_keys(ub)
   local keys = {{BASE .. 'b', BASE .. 'seen'}}
-  if user ~= nil and user ~= '' then
-    table.insert(keys, {BASE .. 'u:' .. user, BASE .. 'seen:u:' .. user})
+  if ub ~= nil and ub ~= '' then
+    table.insert(keys, {BASE .. 'u:' .. ub, BASE .. 'seen:u:' .. ub})
   end
   return keys
 end
 
 -- The reservation as the sidecar reads it: a flat list in a fixed order.
 local RES_FIELDS = {'s', 'm', 'u', 'q', 'ri', 'ro', 'g', 'e', 'w', 'st', 'sa',
-                    'fr', 'fi', 'fo', 'oi', 'oo', 'oc', 'bu'}
+                    'fr', 'fi', 'fo', 'oi', 'oo', 'oc', 'bu', 'bn'}
 local function res_reply(tag, id, r, replayed)
   local out = {tag, replayed and '1' or '0', id}
   for _, f in ipairs(RES_FIELDS) do table.insert(out, r[f] or '') end
@@ -167,8 +169,8 @@ end
 -- Settle an open reservation: give `amounts` back to its buckets, free its slot, keep it
 -- settled for the retention (idempotent replays and re-attach read it).
 local function settle(id, r, state, back, fields, now)
-  local user = r.bu == '1' and r.u or nil
-  for _, k in ipairs(bucket_keys(user)) do
+  local ub = r.bu ~= '' and r.bu or nil
+  for _, k in ipairs(bucket_keys(ub)) do
     local b = load_bucket(k[1], k[2], nil, now, false)
     if b ~= nil then
       give(b, back)
@@ -200,24 +202,24 @@ local function sweep_lapsed(now, limit)
   return #due
 end
 
--- Queue entries: "expiry|since|requests|input|output|user".
+-- Queue entries: "expiry|since|requests|input|output|ub".
 local function entry(ticket)
   local v = redis.call('HGET', BASE .. 'qx', ticket)
   if not v then return nil end
-  local exp, since, r, i, o, user = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local exp, since, r, i, o, ub = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
   return {exp = tonumber(exp), since = tonumber(since), amounts = {tonumber(r), tonumber(i),
-          tonumber(o)}, user = user}
+          tonumber(o)}, ub = ub}
 end
 
-local function claim_keys(user)
+local function claim_keys(ub)
   local z = {BASE .. 'q'}
-  if user ~= nil and user ~= '' then table.insert(z, BASE .. 'uq:' .. user) end
+  if ub ~= nil and ub ~= '' then table.insert(z, BASE .. 'uq:' .. ub) end
   return z
 end
 
 -- Remove a ticket from the queue (granted, gave up, or its sidecar stopped renewing it).
-local function leave(ticket, user)
-  for _, z in ipairs(claim_keys(user)) do redis.call('ZREM', z, ticket) end
+local function leave(ticket, ub)
+  for _, z in ipairs(claim_keys(ub)) do redis.call('ZREM', z, ticket) end
   redis.call('HDEL', BASE .. 'qx', ticket)
   wake()
 end
@@ -230,7 +232,7 @@ local function head(z, now)
     local e = entry(h[1])
     if e ~= nil and e.exp >= now then return tonumber(h[2]) end
     redis.call('ZREM', z, h[1])
-    if e ~= nil then leave(h[1], e.user) end
+    if e ~= nil then leave(h[1], e.ub) end
   end
   return nil
 end

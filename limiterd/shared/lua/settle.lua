@@ -20,7 +20,7 @@ if op == 'keepalive' then
   redis.call('PEXPIRE', rkey, ms(tonumber(ARGV[6]) + RETENTION))
   redis.call('ZADD', BASE .. 'l', r.e, id)
   redis.call('PEXPIRE', BASE .. 'l', ms(tonumber(ARGV[6]) + IDLE_TTL))
-  for _, k in ipairs(bucket_keys(r.bu == '1' and r.u or nil)) do
+  for _, k in ipairs(bucket_keys(r.bu)) do
     local b = load_bucket(k[1], k[2], nil, now, false)
     if b ~= nil then
       b.le = math.max(b.le, expires)

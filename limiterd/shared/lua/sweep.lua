@@ -6,7 +6,7 @@ while sweep_lapsed(now, 100) == 100 do end
 local qx = hash(BASE .. 'qx')
 for ticket, _ in pairs(qx) do
   local e = entry(ticket)
-  if e ~= nil and e.exp < now then leave(ticket, e.user) end
+  if e ~= nil and e.exp < now then leave(ticket, e.ub) end
 end
 local nxt = redis.call('ZRANGE', BASE .. 'l', 0, 0, 'WITHSCORES')
 local alive = redis.call('EXISTS', BASE .. 'b', BASE .. 'l', BASE .. 'qx')

@@ -1,0 +1,244 @@
+"""The shared ledger on a real redis-server: what only a shared ledger can get wrong.
+
+Several SharedEngines in one process stand for several sidecars (each has its own Redis
+connection, wake subscription and caches); the subprocess tests (test_shared_sidecars.py)
+kill real ones. Time inside Redis is Redis' own: waits here end on conditions, never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from limiterd.clock import SystemClock
+from limiterd.config.loader import ConfigError, check_config, parse_config
+from limiterd.config.model import Config
+from limiterd.engine import PersistenceFailing
+from limiterd.ledger.errors import AlreadySettled, InvalidRequest
+from limiterd.ledger.ledger import Granted, Rejected
+from limiterd.ledger.model import AcquireRequest, Amounts, Outcome, State
+from limiterd.shared.engine import SharedEngine
+from limiterd.shared.keys import Keys
+from limiterd.shared.settings import SharedLedger
+from tests.conftest import TEST_CONFIG_TOML, make_test_config
+from tests.redis_server import RedisServer, redis_server
+
+# "fast": 60,000 input tokens a minute = 1,000 a second, so refill waits are short.
+FAST = TEST_CONFIG_TOML + """
+[models."fast"]
+requests_per_minute = 100000
+input_tokens_per_minute = 60000
+output_tokens_per_minute = 60000
+"""
+
+
+def req(model: str = "tiny", inp: int = 1, out: int = 1, user: str = "", rid: str = "",
+        scope: str = "s1", lease_s: float | None = None) -> AcquireRequest:
+    return AcquireRequest(scope, model, user, inp, out, rid, lease_s)
+
+
+@asynccontextmanager
+async def sidecar(url: str, config: Config | None = None, **kw: object) -> AsyncIterator[
+        SharedEngine]:
+    e = SharedEngine(config or make_test_config(), SharedLedger(url, **kw),  # type: ignore[arg-type]
+                     SystemClock())
+    await e.start()
+    try:
+        yield e
+    finally:
+        await e.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Wait for a condition that depends on Redis' clock moving on."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def granted(e: SharedEngine, r: AcquireRequest, wait_s: float = 0.0) -> Granted:
+    result = await e.acquire(r, wait_s)
+    assert isinstance(result, Granted), result
+    return result
+
+
+async def test_two_sidecars_share_one_budget(redis_url: str) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        for _ in range(6):
+            await granted(a, req())
+        for _ in range(4):
+            await granted(b, req())
+        refused = await b.acquire(req(), 0.0)
+        assert isinstance(refused, Rejected) and 5.0 < refused.retry_after_s <= 6.0
+        refused = await a.acquire(req(), 0.0)
+        assert isinstance(refused, Rejected)
+
+
+async def test_any_sidecar_replays_and_settles_a_reservation(redis_url: str) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        g = await granted(a, req(inp=300, out=400, rid="job-1"))
+        again = await granted(b, req(inp=300, out=400, rid="job-1"))
+        assert again.replayed and again.reservation.id == g.reservation.id
+        with pytest.raises(InvalidRequest, match="request_id"):
+            await b.acquire(req(inp=301, out=400, rid="job-1"), 0.0)
+        r, replayed = await b.release(g.reservation.id)
+        assert r.state is State.RELEASED and not replayed
+        r, replayed = await a.release(g.reservation.id)
+        assert replayed
+        with pytest.raises(AlreadySettled, match="already released"):
+            await a.report(g.reservation.id, 1, 1, Outcome.OK, 0.0)
+        await b.refresh()
+        [bucket] = b.buckets()
+        levels = {d.name: d.level for d in bucket.dimensions}
+        assert levels["input_tokens"] == pytest.approx(1000, abs=1)  # everything came back
+
+
+async def test_lapsed_lease_is_settled_once_whichever_sidecar_sweeps(redis_url: str) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        g = await granted(a, req("conc", inp=10, out=10, lease_s=0.2))
+        await granted(a, req("conc"))
+        assert isinstance(await b.acquire(req("conc"), 0.0), Rejected)  # max_concurrent = 2
+
+        async def lapsed() -> bool:
+            await b.sweep()
+            await a.sweep()  # twice, from two sidecars: settles once
+            await b.refresh()
+            return g.reservation.id not in {r.id for r in b.leases()}
+
+        await until(lapsed)
+        with pytest.raises(AlreadySettled) as err:
+            await a.keep_alive(g.reservation.id, None)
+        settled = err.value.reservation
+        assert settled.state is State.EXPIRED
+        assert settled.settlement is not None and settled.settlement.refunded == Amounts()
+        await granted(b, req("conc"))  # its slot came back
+        await b.refresh()
+        [bucket] = b.buckets(model="conc")
+        assert {d.name: d.level for d in bucket.dimensions}["concurrent"] == 0
+
+
+async def test_report_debt_is_bounded_to_one_capacity(redis_url: str) -> None:
+    async with sidecar(redis_url) as a:
+        g = await granted(a, req(inp=1, out=1))
+        r, _ = await a.report(g.reservation.id, 10**12, 1, Outcome.OK, 0.0)
+        assert r.settlement is not None and r.settlement.overrun.input_tokens == 10**12 - 1
+        refused = await a.acquire(req(inp=1), 0.0)
+        assert isinstance(refused, Rejected)
+        assert refused.retry_after_s <= 121  # from -1000 back to 1 of a 1000/min bucket
+
+
+async def test_header_sync_lowers_and_never_raises(redis_url: str) -> None:
+    async with sidecar(redis_url) as a:
+        g = await granted(a, req(inp=100, out=100))
+        await a.report(g.reservation.id, 100, 100, Outcome.OK, 0.0,
+                       {"anthropic-ratelimit-requests-remaining": "2",
+                        "anthropic-ratelimit-output-tokens-remaining": "999999"})
+        await a.refresh()
+        [bucket] = a.buckets()
+        levels = {d.name: d.level for d in bucket.dimensions}
+        assert levels["requests"] == pytest.approx(2, abs=0.1)
+        assert levels["output_tokens"] < 1000
+
+
+async def test_rate_limited_report_pauses_every_sidecar(redis_url: str) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        g = await granted(a, req())
+        await a.report(g.reservation.id, 1, 1, Outcome.RATE_LIMITED, 30.0)
+        refused = await b.acquire(req(), 0.0)
+        assert isinstance(refused, Rejected) and 29 < refused.retry_after_s <= 30
+        assert isinstance(await b.acquire(req(scope="other"), 0.0), Granted)
+
+
+async def test_buckets_that_lost_their_data_start_empty(redis_url: str) -> None:
+    async with sidecar(redis_url) as a:
+        for _ in range(3):
+            await granted(a, req())
+        await a.client.flushall()  # a restart without persistence, or failover to an empty replica
+        refused = await a.acquire(req(), 0.0)
+        assert isinstance(refused, Rejected), "a bucket a sidecar knew came back full"
+        assert 0 < refused.retry_after_s <= 6  # empty and refilling, not stuck
+
+
+async def test_a_large_waiter_is_not_overtaken_by_younger_small_ones_elsewhere(
+    redis_url: str,
+) -> None:
+    config = parse_config(FAST, "<fast>")
+    async with sidecar(redis_url, config) as a, sidecar(redis_url, config) as b:
+        await granted(a, req("fast", inp=60_000, out=0))  # empty now, 1,000/s comes back
+        big = asyncio.ensure_future(a.acquire(req("fast", inp=900, out=0), 10.0))
+        await until(lambda: _queued(a, 1))
+        smalls = [asyncio.ensure_future(b.acquire(req("fast", inp=50, out=0), 10.0))
+                  for _ in range(5)]
+        big_result = await big
+        assert isinstance(big_result, Granted)
+        for s in smalls:
+            small = await s
+            assert isinstance(small, Granted)
+            assert small.reservation.granted_at >= big_result.reservation.granted_at
+
+
+async def _queued(e: SharedEngine, n: int) -> bool:
+    keys = Keys()
+    return int(await e.client.zcard(keys.base("s1", "fast") + "q")) >= n
+
+
+async def test_deadline_is_honored_and_the_place_given_up(redis_url: str) -> None:
+    config = parse_config(FAST, "<fast>")
+    async with sidecar(redis_url, config) as a:
+        await granted(a, req("fast", inp=60_000, out=0))
+        result = await a.acquire(req("fast", inp=30_000, out=0), 0.2)  # needs ~30 s
+        assert isinstance(result, Rejected) and result.retry_after_s > 20
+        assert not await _queued(a, 1)  # it left the queue: nobody is blocked by it
+        assert isinstance(await a.acquire(req("fast", inp=1, out=0), 1.0), Granted)
+
+
+async def test_redis_unreachable_fails_closed_then_recovers(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "r") as server:
+        async with sidecar(server.url) as a:
+            await granted(a, req())
+            server.stop()
+            with pytest.raises(PersistenceFailing, match="unreachable"):
+                await a.acquire(req(), 0.0)
+            assert not a.healthy
+            again = RedisServer(tmp_path / "r", port=server.port).start()
+            try:
+                await until(lambda: _grants(a))
+                assert a.healthy
+            finally:
+                again.stop()
+
+
+async def _grants(e: SharedEngine) -> bool:
+    try:
+        return isinstance(await e.acquire(req(scope="after"), 0.0), Granted)
+    except PersistenceFailing:
+        return False
+
+
+def test_config_selects_the_shared_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "limiterd.toml"
+    path.write_text(TEST_CONFIG_TOML + '\n[ledger]\nurl = "redis://10.0.0.5:6379/2"\n'
+                    'queue_entry_ttl_ms = 5000\n')
+    assert "ledger: shared on Redis at redis://10.0.0.5:6379/2" in check_config(path)
+    cfg = parse_config(path.read_text(), str(path))
+    assert cfg.ledger is not None and cfg.ledger.queue_entry_ttl_s == 5.0
+    assert "ledger: local" in check_config(None)
+
+
+@pytest.mark.parametrize("table, problem", [
+    ('url = "redis://:secret@h:6379/0"', "ledger.url: put no password in the URL"),
+    ('url = "http://h:6379"', "ledger.url: 'http://h:6379': expected redis://"),
+    ('password_env = "X"', "ledger.url: missing"),
+    ('url = "redis://h/0"\nwhen_unavailable = "open"', "ledger.when_unavailable: must be"),
+    ('url = "redis://h/0"\nsweep_interval = 3', 'ledger.sweep_interval: unknown key'),
+])
+def test_bad_ledger_config_is_named(table: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(TEST_CONFIG_TOML + "\n[ledger]\n" + table + "\n", "f.toml")
+    assert problem in str(err.value)
