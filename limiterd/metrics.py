@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from limiterd.config.model import Config
 from limiterd.backend import Backend
+from limiterd.config.model import Config
 from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.model import (
     Change,

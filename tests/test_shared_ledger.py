@@ -242,3 +242,24 @@ def test_bad_ledger_config_is_named(table: str, problem: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(TEST_CONFIG_TOML + "\n[ledger]\n" + table + "\n", "f.toml")
     assert problem in str(err.value)
+
+
+async def test_every_model_id_of_a_class_spends_one_shared_budget(redis_url: str) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        await granted(a, req("claude-sonnet-4-5", out=200_000))  # the whole "claude-*" budget
+        refused = await b.acquire(req("claude-sonnet-4-5-20250929", out=100_000), 0.0)
+        assert isinstance(refused, Rejected)
+        with pytest.raises(InvalidRequest, match="model"):
+            await b.acquire(req("claude-sonnet-4-5 ", out=1), 0.0)
+
+
+async def test_an_operator_reset_refills_the_shared_bucket_for_every_sidecar(
+    redis_url: str,
+) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        g = await granted(a, req(inp=10))
+        await a.report(g.reservation.id, 10**9, 1, Outcome.OK, 0.0)  # deep in debt
+        assert isinstance(await b.acquire(req(inp=10), 0.0), Rejected)
+        [view] = await a.reset_buckets(None, "tiny")
+        assert {d.name: d.level for d in view.dimensions}["input_tokens"] == 1000
+        await granted(b, req(inp=10))

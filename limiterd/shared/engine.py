@@ -238,7 +238,8 @@ class SharedEngine:
     def buckets(self, scopes: frozenset[str] | None = None, model: str = "",
                 after: BucketKey | None = None, limit: int | None = None) -> list[BucketView]:
         keys = sorted(k for k in self._mirror.buckets
-                      if (scopes is None or k.scope in scopes) and (not model or k.model == model)
+                      if (scopes is None or k.scope in scopes)
+                      and (not model or self._spends(k, model))
                       and (after is None or k > after))
         if limit is not None:
             keys = keys[:limit]
