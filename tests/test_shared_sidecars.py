@@ -1,0 +1,160 @@
+"""Several real sidecar processes on one real redis-server: the audit, and kill -9.
+
+The audit is done from outside: every answer the racers got is kept, and the grants' own
+times (granted_at_ms, Redis' clock) must never add up to more than the bucket's capacity plus
+its refill since the first grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
+from tests.redis_server import RedisServer, redis_server
+from tests.test_process import free_port, limiterd, wait_serving
+
+CONFIG = """
+[daemon]
+default_lease_ms = 600000
+max_waiters_per_queue = 1000
+
+[models."audit"]
+requests_per_minute = 60
+input_tokens_per_minute = 600000
+output_tokens_per_minute = 600000
+
+[models."fast"]
+requests_per_minute = 100000
+input_tokens_per_minute = 60000
+output_tokens_per_minute = 60000
+
+[models."one"]
+requests_per_minute = 100000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 1000000
+max_concurrent = 1
+
+[ledger]
+url = "redis://127.0.0.1:1/0"  # each test passes --ledger, which wins
+queue_entry_ttl_ms = 1000
+sweep_interval_ms = 200
+"""
+
+
+Sidecar = tuple[str, subprocess.Popen[str]]
+
+
+@contextmanager
+def sidecars(tmp_path: Path, redis: RedisServer, n: int,
+             logs: list[str] | None = None) -> Iterator[list[Sidecar]]:
+    """`n` daemons on `redis`; their stderr goes to `logs` once they have stopped."""
+    config = tmp_path / "limiterd.toml"
+    config.write_text(CONFIG)
+    procs = []
+    try:
+        for _ in range(n):
+            target = f"127.0.0.1:{free_port()}"
+            proc = limiterd("serve", "--listen", target, "--config", str(config),
+                            "--ledger", redis.url)
+            procs.append((target, proc))
+        for target, proc in procs:
+            wait_serving(target, proc)
+        yield procs
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in procs:
+            _, err = proc.communicate(timeout=20)
+            if logs is not None:
+                logs.append(err)
+
+
+def acq(model: str, **kw: object) -> pb.AcquireRequest:
+    fields: dict[str, object] = {"scope": "s", "model": model, "input_tokens": 1,
+                                 "max_output_tokens": 1}
+    return pb.AcquireRequest(**(fields | kw))  # type: ignore[arg-type]
+
+
+async def test_three_sidecars_on_one_redis_never_grant_more_than_the_budget(
+    tmp_path: Path,
+) -> None:
+    logs: list[str] = []
+    with redis_server(tmp_path / "redis") as redis, sidecars(tmp_path, redis, 3, logs) as procs:
+        channels = [grpc.aio.insecure_channel(t) for t, _ in procs]
+        stubs = [pb_grpc.LimiterStub(ch) for ch in channels]
+        try:
+            calls = [stubs[i % 3].Acquire(acq("audit", max_wait_ms=1500), timeout=10)
+                     for i in range(300)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            for ch in channels:
+                await ch.close()
+        grants = [r for r in results if isinstance(r, pb.AcquireResponse)]
+        refused = [r for r in results if not isinstance(r, pb.AcquireResponse)]
+        assert all(isinstance(e, grpc.aio.AioRpcError)
+                   and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+        assert len(grants) >= 60  # the full bucket at least, and then what refilled
+        times = sorted(g.granted_at_ms / 1000 for g in grants)
+        for k, t in enumerate(times, start=1):
+            # 60 requests a minute: 60 at once, then one a second. A hair of float slack.
+            allowed = 60 + (t - times[0]) * 1.0 + 1e-6
+            assert k <= allowed, f"grant {k} at +{t - times[0]:.3f}s: more than {allowed:.3f}"
+        assert len({g.reservation_id for g in grants}) == len(grants)
+    assert len(logs) == 3
+    for log in logs:  # the start-up line says which ledger (and no password)
+        assert f"ledger shared on Redis at {redis.url} (fail_closed" in log
+
+
+async def test_a_killed_sidecar_stops_blocking_and_its_leases_lapse(tmp_path: Path) -> None:
+    with redis_server(tmp_path / "redis") as redis, sidecars(tmp_path, redis, 2) as procs:
+        (ta, a), (tb, _) = procs
+        async with grpc.aio.insecure_channel(ta) as cha, grpc.aio.insecure_channel(tb) as chb:
+            sa, sb = pb_grpc.LimiterStub(cha), pb_grpc.LimiterStub(chb)
+            held = await sa.Acquire(acq("one", lease_ms=1000))  # the only slot, short lease
+            await sa.Acquire(acq("fast", input_tokens=60_000))  # the whole budget
+            # A's caller waits for half a minute of refill: it claims the bucket...
+            waiter = asyncio.ensure_future(
+                sa.Acquire(acq("fast", input_tokens=30_000, max_wait_ms=60_000)))
+            await until_queued(redis, "fast")
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # ...so B's small one waits
+                await sb.Acquire(acq("fast", input_tokens=10))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            os.kill(a.pid, signal.SIGKILL)
+            a.wait()
+            waiter.cancel()
+            # A's entry is no longer renewed: it stops blocking within its 1 s expiry.
+            small = await sb.Acquire(acq("fast", input_tokens=10, max_wait_ms=10_000))
+            assert small.waited_ms < 10_000
+            # A's lease lapses in Redis; B's sweep settles it and the slot comes back.
+            slot = await sb.Acquire(acq("one", max_wait_ms=10_000))
+            assert slot.reservation_id != held.reservation_id
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await sb.Release(pb.ReleaseRequest(reservation_id=held.reservation_id))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "expired" in (err.value.details() or "")
+
+
+async def until_queued(redis: RedisServer, model: str) -> None:
+    from redis.asyncio import Redis
+
+    from limiterd.shared.keys import Keys
+    client = Redis.from_url(redis.url)
+    try:
+        for _ in range(500):
+            if await client.zcard(Keys().base("s", model) + "q"):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the waiter never queued")
+    finally:
+        await client.aclose()
