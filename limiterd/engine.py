@@ -40,6 +40,15 @@ class Superseded(Exception):
     """A newer Acquire with the same request_id took over this wait (ABORTED)."""
 
 
+class ShuttingDown(Exception):
+    """The daemon is stopping: a wait ends at once, to be retried elsewhere or after the
+    restart (UNAVAILABLE with a retry-after)."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("the daemon is shutting down; try again shortly")
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True, slots=True)
 class WaitStatus:
     """Where a waiting caller stands (AcquireStream's Queued event)."""
@@ -77,6 +86,7 @@ class Engine:
         self._write_backoff = WRITE_RETRY_MIN_S
         self._listeners: list[ChangeListener] = []
         self._stopping = False
+        self._draining: ShuttingDown | None = None  # set: waits end at once with this
         self._detached: dict[Waiter, Timer] = {}  # lost streams keeping their place
         self._watchers: set[asyncio.Event] = set()  # streams to nudge when queues move
 
@@ -116,6 +126,27 @@ class Engine:
             if not fut.done():
                 fut.set_result(False)
         await self.journal.close()
+
+    def end_waits(self, retry_after_s: float) -> int:
+        """The daemon is stopping: every waiting caller hears ShuttingDown now, instead of
+        being held through the grace and cut off; a wait that starts later ends the same
+        way. Grants that need no wait still go through. Returns how many waits ended."""
+        self._draining = ShuttingDown(retry_after_s)
+        now = self.clock.now()
+        ended = 0
+        for w, fut in list(self._waiting.items()):
+            if not fut.done() and w.result is None:
+                self.ledger.cancel_wait(w, now)
+                fut.set_exception(ShuttingDown(retry_after_s))
+                del self._waiting[w]
+                ended += 1
+        for w, timer in list(self._detached.items()):
+            timer.cancel()
+            self.ledger.cancel_wait(w, now)
+        self._detached.clear()
+        self._nudge()
+        self._after()
+        return ended
 
     def add_listener(self, listener: ChangeListener) -> None:
         """Called with every batch of changes (metrics observe the ledger this way)."""
@@ -164,6 +195,10 @@ class Engine:
         return result
 
     async def _wait(self, w: Waiter, on_status: StatusCallback | None) -> Granted | Rejected:
+        if self._draining is not None:
+            self.ledger.cancel_wait(w, self.clock.now())
+            self._after()
+            raise ShuttingDown(self._draining.retry_after_s)
         fut: asyncio.Future[Granted | Rejected] = asyncio.get_running_loop().create_future()
         previous = self._waiting.get(w)
         if previous is not None and not previous.done():

@@ -15,22 +15,13 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from limiterd.address import dial_target
 from limiterd.defaults import DEFAULT_LISTEN, ENV_PREFIX
-
-# A daemon bound to every address is reached over loopback from inside its namespace.
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 
 
 def probe_target(listen: str) -> str:
     """The address to dial for a daemon started with `--listen listen`."""
-    if listen.startswith(("/", "./")):  # a unix socket path, as `serve --listen` takes it
-        return f"unix:{listen}"
-    if listen.startswith("unix:"):
-        return listen
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT or a unix socket, got {listen!r}")
-    return f"{_WILDCARDS.get(host, host)}:{port}"
+    return dial_target(listen)
 
 
 def check(target: str, timeout_s: float, service: str = "") -> tuple[bool, str]:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from limiterd.address import dial_target
 from limiterd.defaults import ADMIN_TOKEN_KEY
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
@@ -35,9 +36,7 @@ class Target:
     timeout_s: float = 5.0
 
     def channel(self) -> grpc.Channel:
-        address = self.address
-        if address.startswith("/"):
-            address = f"unix:{address}"
+        address = dial_target(self.address)
         if not (self.tls_ca or self.tls_cert):
             return grpc.insecure_channel(address)
         creds = grpc.ssl_channel_credentials(

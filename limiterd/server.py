@@ -12,7 +12,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from limiterd.address import bind_target, is_socket_path
 from limiterd.api.interceptors import AdminToken, Calls
 from limiterd.api.service import AdminService, LimiterService
 from limiterd.backend import Backend
@@ -44,6 +45,7 @@ log = logging.getLogger("limiterd")
 LIMITER = pb.DESCRIPTOR.services_by_name["Limiter"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVICE_NAMES = (LIMITER, ADMIN)
+DRAIN_RETRY_AFTER_S = 1.0  # what a wait ended by shutdown is told: a restart is quick
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 
 
@@ -89,13 +91,6 @@ class ServeOptions:
     security: Security = field(default_factory=Security)
     ledger: str | None = None  # redis:// URL of a shared ledger (overrides the config's)
     redis_password_file: str | None = None
-
-
-def grpc_address(listen: str) -> str:
-    """`host:port`, `unix:/path`, or a bare filesystem path (taken as a unix socket)."""
-    if listen.startswith("/") or listen.startswith("./"):
-        return f"unix:{listen}"
-    return listen
 
 
 class Reloader:
@@ -165,11 +160,22 @@ class RunningServer:
     def server(self) -> grpc.aio.Server:
         return self.servers[0]
 
+    def cut_short(self) -> None:
+        """During stop(): cancel the calls still in flight now instead of after the grace.
+        (A second stop with no grace ends a pending graceful one.)"""
+        for s in self.servers:
+            self.tasks.append(asyncio.ensure_future(s.stop(0)))
+
     async def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
-        """Stop accepting, let in-flight calls finish within the grace, flush the journal."""
+        """Stop accepting, end waits at once (UNAVAILABLE with a retry-after: the wait would
+        outlast the grace), let other in-flight calls finish within the grace, flush the
+        journal."""
         for task in self.tasks:
             task.cancel()
         await self.health.enter_graceful_shutdown()
+        ended = self.engine.end_waits(DRAIN_RETRY_AFTER_S)
+        if ended:
+            log.info("stopping: told %d waiting callers to retry", ended)
         await asyncio.gather(*(s.stop(grace_s) for s in self.servers))
         await self.errors.stop()
         await self.engine.stop()
@@ -179,8 +185,20 @@ class RunningServer:
             server.server_close()
 
 
+@contextlib.contextmanager
+def _umask(mode: int | None) -> Iterator[None]:
+    if mode is None:
+        yield
+        return
+    old = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def _bind(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> str:
-    address = grpc_address(listen)
+    address = bind_target(listen)
     try:
         if creds is None:
             port = server.add_insecure_port(address)
@@ -244,17 +262,21 @@ async def start_server(
             (*served, health.SERVICE_NAME, reflection.SERVICE_NAME), s
         )
     try:
-        target = _bind(main, listen, creds)
-        admin_target = _bind(admin, admin_listen, creds) if admin is not main else target
+        # A socket is created with the umask's mode: never more open than asked, not even
+        # for the moment before a chmod.
+        with _umask(unix_socket_mode if any(map(is_socket_path, (listen, admin_listen)))
+                    else None):
+            target = _bind(main, listen, creds)
+            admin_target = _bind(admin, admin_listen, creds) if admin is not main else target
+            for s in servers:
+                await s.start()
     except ListenError:
         await errors.stop()
         await engine.stop()
         raise
-    for s in servers:
-        await s.start()
-    for t in (target, admin_target):
+    for t in {target, admin_target}:
         if t.startswith("unix:"):
-            os.chmod(t.removeprefix("unix:"), unix_socket_mode)
+            os.chmod(t.removeprefix("unix:"), unix_socket_mode)  # the exact mode asked for
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     srv = RunningServer(servers, engine, health_servicer, target, admin_target, observer,
@@ -341,9 +363,16 @@ async def serve(options: ServeOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, srv.reloader.reload)
+    def again() -> None:
+        log.warning("second signal: cancelling the calls still in flight now")
+        srv.cut_short()
+
     try:
         await stop.wait()
-        log.info("stopping: draining in-flight calls for up to %.1f s", options.grace_s)
+        log.info("stopping: draining in-flight calls for up to %.1f s (signal again to cut "
+                 "it short)", options.grace_s)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, again)
         await srv.stop(options.grace_s)
         log.info("stopped cleanly")
     finally:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from limiterd.clock import FakeClock
-from limiterd.engine import Engine, Superseded
+from limiterd.engine import Engine, ShuttingDown, Superseded
 from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, Outcome, State
 from limiterd.storage.memory import MemoryJournal
@@ -138,3 +138,23 @@ async def test_rate_limit_pause_holds_waiters_until_it_ends(
     clock.advance(0.2)
     await settle()
     assert isinstance(task.result(), Granted)
+
+
+async def test_stopping_ends_waits_now_and_refuses_new_ones(
+    engine_clock: tuple[Engine, FakeClock],
+) -> None:
+    engine, clock = engine_clock
+    assert isinstance(await engine.acquire(req(1000), 0), Granted)
+    task = asyncio.create_task(engine.acquire(req(100), 60))
+    await settle()
+    assert engine.stats().waiting == 1
+    assert engine.end_waits(1.0) == 1
+    with pytest.raises(ShuttingDown) as err:
+        await task
+    assert err.value.retry_after_s == 1.0
+    assert engine.stats().waiting == 0
+    with pytest.raises(ShuttingDown):  # a wait that starts later ends the same way
+        await engine.acquire(req(100), 60)
+    assert engine.stats().waiting == 0
+    clock.advance(60)  # refilled: a grant that needs no wait still goes through
+    assert isinstance(await engine.acquire(req(100), 60), Granted)

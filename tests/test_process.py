@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -58,11 +59,12 @@ def config_file(tmp_path: Path) -> Path:
     return p
 
 
-@pytest.fixture
-def daemon_proc(tmp_path: Path, config_file: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+@contextmanager
+def running_daemon(config_file: Path, grace_s: int = 5
+                   ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     target = f"127.0.0.1:{free_port()}"
     proc = limiterd("serve", "--listen", target, "--config", str(config_file),
-                    "--db", ":memory:", "--grace", "5")
+                    "--db", ":memory:", "--grace", str(grace_s))
     try:
         wait_serving(target, proc)
         yield proc, target
@@ -72,7 +74,26 @@ def daemon_proc(tmp_path: Path, config_file: Path) -> Iterator[tuple[subprocess.
             proc.communicate()
 
 
-def test_sigterm_lets_in_flight_calls_finish_and_exits_zero(
+@pytest.fixture
+def daemon_proc(config_file: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    with running_daemon(config_file) as (proc, target):
+        yield proc, target
+
+
+def queue_depth(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        buckets = pb_grpc.AdminStub(ch).GetBuckets(pb.GetBucketsRequest(), timeout=5).buckets
+    return sum(b.queue_depth for b in buckets)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_sigterm_ends_waits_at_once_with_a_retry_after_and_exits_zero(
     daemon_proc: tuple[subprocess.Popen[str], str],
 ) -> None:
     proc, target = daemon_proc
@@ -80,16 +101,37 @@ def test_sigterm_lets_in_flight_calls_finish_and_exits_zero(
         stub = pb_grpc.LimiterStub(ch)
         stub.Acquire(pb.AcquireRequest(scope="s", model="tiny", input_tokens=1000))
         waiting = stub.Acquire.future(pb.AcquireRequest(
-            scope="s", model="tiny", input_tokens=100, max_wait_ms=1500))
-        time.sleep(0.2)
+            scope="s", model="tiny", input_tokens=100, max_wait_ms=30_000))
+        streaming = stub.AcquireStream(pb.AcquireRequest(
+            scope="s", model="tiny", input_tokens=100, max_wait_ms=30_000))
+        assert next(streaming).HasField("queued")
+        wait_for(lambda: queue_depth(target) == 2)
         proc.send_signal(signal.SIGTERM)
-        # The waiting call is not cut off: it runs to its own deadline and gets its answer.
-        with pytest.raises(grpc.RpcError) as err:
-            waiting.result(timeout=10)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Not held through the grace (5 s) and then cut off without advice: told at once
+        # when to come back (the wait would have outlasted the daemon anyway).
+        for call in (waiting, streaming):
+            with pytest.raises(grpc.RpcError) as err:
+                waiting.result(timeout=10) if call is waiting else list(streaming)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in err.value.details()
+            assert dict(err.value.trailing_metadata())["retry-after-ms"] == "1000"
     out, errs = proc.communicate(timeout=10)
     assert proc.returncode == 0, errs
     assert "stopped cleanly" in errs
+
+
+def test_a_second_signal_cuts_the_drain_short(config_file: Path) -> None:
+    with running_daemon(config_file, grace_s=60) as (proc, target), \
+            grpc.insecure_channel(target) as ch:
+        # A health watch stays open until the grace ends (60 s here): the drain holds.
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGINT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        proc.send_signal(signal.SIGINT)
+        out, errs = proc.communicate(timeout=20)  # well inside the 60 s grace
+    assert proc.returncode == 0, errs
+    assert "second signal" in errs and "stopped cleanly" in errs
 
 
 def test_invalid_config_is_one_clear_error(tmp_path: Path) -> None:

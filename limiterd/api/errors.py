@@ -7,9 +7,10 @@ import math
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status  # type: ignore[import-untyped]  # no stubs in dev deps
 
-from limiterd.engine import PersistenceFailing, Superseded
+from limiterd.engine import PersistenceFailing, ShuttingDown, Superseded
 from limiterd.ledger.errors import (
     AlreadySettled,
     InvalidRequest,
@@ -28,7 +29,6 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NeverFits, grpc.StatusCode.FAILED_PRECONDITION),
     (AlreadySettled, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFound, grpc.StatusCode.NOT_FOUND),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PersistenceFailing, grpc.StatusCode.UNAVAILABLE),
     (Superseded, grpc.StatusCode.ABORTED),
 ]
@@ -49,20 +49,20 @@ class RpcFailure(Exception):
 
 def exhausted(message: str, retry_after_s: float) -> RpcFailure:
     """RESOURCE_EXHAUSTED with `retry-after-ms` metadata and a google.rpc.RetryInfo."""
+    return with_retry(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s)
+
+
+def with_retry(code: grpc.StatusCode, message: str, retry_after_s: float) -> RpcFailure:
+    """`code` with when to try again, as plain metadata and as a rich status's RetryInfo."""
     retry_ms = max(1, math.ceil(retry_after_s * 1000))
-    info = error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(seconds=retry_ms // 1000, nanos=(retry_ms % 1000) * 10**6)
-    )
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(retry_ms)
     detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(
-        code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail]
-    )
-    return RpcFailure(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        message,
-        ((RETRY_AFTER_KEY, str(retry_ms)), ("grpc-status-details-bin", status.SerializeToString())),
-    )
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    rich = rpc_status.to_status(status_pb2.Status(
+        code=code.value[0], message=message, details=[detail]))
+    return RpcFailure(code, message, ((RETRY_AFTER_KEY, str(retry_ms)),
+                                      *rich.trailing_metadata))
 
 
 def to_failure(exc: Exception) -> RpcFailure:
@@ -70,6 +70,8 @@ def to_failure(exc: Exception) -> RpcFailure:
         return exc
     if isinstance(exc, QueueFull):
         return exhausted(str(exc), exc.retry_after_s)
+    if isinstance(exc, ShuttingDown):
+        return with_retry(grpc.StatusCode.UNAVAILABLE, str(exc), exc.retry_after_s)
     for kind, code in _CODES:
         if isinstance(exc, kind):
             return RpcFailure(code, str(exc))
