@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from limiterd.clock import Clock
 from limiterd.config.model import Config, Limits
-from limiterd.engine import PersistenceFailing, StatusCallback, WaitStatus
+from limiterd.engine import PersistenceFailing, ShuttingDown, StatusCallback, WaitStatus
 from limiterd.ledger.buckets import RATE_DIMS, capacities
 from limiterd.ledger.errors import (
     AlreadySettled,
@@ -167,6 +167,7 @@ class SharedEngine:
         self._listeners: list[ChangeListener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._draining: ShuttingDown | None = None  # set: waits end at once with this
         self.journal = None  # no local journal: ErrorLog keeps its entries in memory
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -192,6 +193,13 @@ class SharedEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.client.aclose()
+
+    def end_waits(self, retry_after_s: float) -> int:
+        """The daemon is stopping: waiting callers leave their queues and hear ShuttingDown
+        now (limiterd.engine.Engine.end_waits)."""
+        self._draining = ShuttingDown(retry_after_s)
+        self._wake_all()
+        return self._waiting
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -351,7 +359,10 @@ class SharedEngine:
                     at = min(at, now + refill_s)
                 if on_status is not None:
                     at = min(at, last_sent + interval)
-                await self._sleep(wake, at)
+                if self._draining is None:
+                    await self._sleep(wake, at)
+                if self._draining is not None:  # leaves the queue below
+                    raise ShuttingDown(self._draining.retry_after_s)
                 if self.clock.now() >= deadline:  # never granted late
                     await self._leave(plan, ticket)
                     ticket = 0
