@@ -199,14 +199,14 @@ async def test_deadline_is_honored_and_the_place_given_up(redis_url: str) -> Non
 
 
 async def test_redis_unreachable_fails_closed_then_recovers(tmp_path: Path) -> None:
-    with redis_server(tmp_path / "r") as server:
+    with redis_server(tmp_path / "r", aof=True) as server:
         async with sidecar(server.url) as a:
             await granted(a, req())
             server.stop()
             with pytest.raises(PersistenceFailing, match="unreachable"):
                 await a.acquire(req(), 0.0)
             assert not a.healthy
-            again = RedisServer(tmp_path / "r", port=server.port).start()
+            again = RedisServer(tmp_path / "r", aof=True, port=server.port).start()
             try:
                 await until(lambda: _grants(a))
                 assert a.healthy
@@ -263,3 +263,77 @@ async def test_an_operator_reset_refills_the_shared_bucket_for_every_sidecar(
         [view] = await a.reset_buckets(None, "tiny")
         assert {d.name: d.level for d in view.dimensions}["input_tokens"] == 1000
         await granted(b, req(inp=10))
+
+
+async def test_redis_restarted_empty_gives_no_fresh_budget_to_any_sidecar(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "r").start()  # no persistence at all
+    try:
+        async with sidecar(server.url) as a, sidecar(server.url) as b:
+            for _ in range(10):
+                await granted(a, req())  # the whole budget
+            server.kill()
+            server = RedisServer(tmp_path / "r", port=server.port).start()
+            await until(lambda: _noticed(a))
+            async with sidecar(server.url) as fresh:  # started after the loss
+                for e in (a, b, fresh):
+                    refused = await e.acquire(req(), 0.0)
+                    assert isinstance(refused, Rejected), "a sidecar got a fresh budget"
+                    assert refused.retry_after_s <= 6  # empty and refilling
+    finally:
+        server.stop()
+
+
+async def _noticed(e: SharedEngine) -> bool:
+    try:
+        return await e.check_epoch() or await e.client.exists(e.keys.lost_mark) == 1
+    except Exception:  # noqa: BLE001 - Redis is coming back
+        return False
+
+
+async def test_redis_killed_under_load_with_aof_keeps_every_acknowledged_grant(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "r", aof=True).start()
+    config = parse_config(FAST, "<fast>")
+    acked: dict[str, str] = {}  # request_id -> reservation id
+    try:
+        async with sidecar(server.url, config) as a, sidecar(server.url, config) as b:
+            stop = asyncio.Event()
+
+            async def racer(e: SharedEngine, n: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    rid = f"{n}-{i}"
+                    try:
+                        g = await e.acquire(req("fast", inp=10, out=0, rid=rid), 0.0)
+                    except PersistenceFailing:
+                        continue
+                    if isinstance(g, Granted):
+                        acked[rid] = g.reservation.id
+                        i += 1
+                    await asyncio.sleep(0)
+
+            racers = [asyncio.ensure_future(racer((a, b)[n % 2], n)) for n in range(20)]
+            await until(lambda: _at_least(acked, 200))
+            server.kill()
+            server = RedisServer(tmp_path / "r", aof=True, port=server.port).start()
+            target = len(acked) + 50
+            await until(lambda: _at_least(acked, target))
+            stop.set()
+            await asyncio.gather(*racers)
+            # Every acknowledged grant is there, open, once; a retry gets the same one.
+            for rid, res_id in acked.items():
+                again = await b.acquire(req("fast", inp=10, out=0, rid=rid), 0.0)
+                assert isinstance(again, Granted) and again.replayed
+                assert again.reservation.id == res_id
+            await a.refresh()
+            [bucket] = a.buckets(model="fast")
+            assert bucket.open_reservations == len(acked)
+    finally:
+        server.stop()
+
+
+async def _at_least(d: dict[str, str], n: int) -> bool:
+    return len(d) >= n

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -26,6 +27,8 @@ from typing import Any
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from limiterd.clock import Clock
 from limiterd.config.model import Config, Limits
@@ -65,6 +68,8 @@ log = logging.getLogger("limiterd.shared")
 UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError)
 REMEMBERED = 100_000  # reservation id -> base, and bases seen, kept per sidecar (LRU)
 RESUBSCRIBE_S = 0.5
+MIRROR_REFRESH_S = 5.0  # how stale the bucket gauges of /metrics may be
+LOST_DATA_SAFE_S = 60.0  # one refill period: after it, an empty bucket would be full anyway
 
 ChangeListener = Callable[[Sequence[Change]], None]
 
@@ -154,11 +159,18 @@ class SharedEngine:
         self._marks = _OverloadMarks()
         self._mirror = _Mirror()
         self.keys = Keys(shared.key_prefix)
+        # A pooled connection found dead (Redis restarted) is retried once on a new one:
+        # every script is idempotent (acquire by its reservation id), so a retry after a
+        # lost reply answers the same, never twice.
         self.client = client or Redis.from_url(
             shared.url, password=shared.password(), socket_timeout=shared.timeout_s,
             socket_connect_timeout=shared.timeout_s, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            retry_on_error=[rx.ConnectionError, rx.TimeoutError],
         )
         self.scripts = Scripts.register(self.client)
+        self._epoch: str | None = None  # see check_epoch
+        self._safe_until = -math.inf
         self._where: OrderedDict[str, str] = OrderedDict()  # reservation id -> base
         self._known: OrderedDict[str, None] = OrderedDict()  # bases this sidecar has used
         self._wakes: dict[str, set[asyncio.Event]] = {}
@@ -176,6 +188,7 @@ class SharedEngine:
         """Check that Redis answers (a clear error if not), then sweep and listen for wakes."""
         try:
             await self.client.ping()
+            await self.check_epoch()
         except UNREACHABLE as exc:
             if self.shared.when_unavailable.value == "fail_closed":
                 log.error("the shared ledger is unreachable at start: %s", exc)
@@ -321,9 +334,11 @@ class SharedEngine:
         try:
             while True:
                 args = self._acquire_args(req, plan, rid, lease_s, ticket, max_wait_s <= 0)
+                make_args = functools.partial(self._acquire_args, req, plan, rid, lease_s, 0,
+                                              max_wait_s <= 0)
                 wake.clear()
                 reply = await self._shielded(
-                    self._first_acquire(plan.base, rid, lease_s, args) if ticket == 0
+                    self._first_acquire(plan.base, rid, lease_s, make_args) if ticket == 0
                     else self._run(self.scripts.acquire, plan.base, args),
                     lambda r: self._undo(r, req, plan),
                 )
@@ -454,7 +469,8 @@ class SharedEngine:
             rid, req.request_id, req.scope, req.model, req.user, req.input_tokens,
             req.max_output_tokens, repr(lease_s), ticket, int(try_once),
             repr(self.shared.queue_entry_ttl_s), s.max_waiters_per_queue,
-            int(plan.base in self._known), *_caps(plan.limits),
+            int(plan.base in self._known or self.clock.now() < self._safe_until),
+            *_caps(plan.limits),
             plan.user_bucket, *user_caps, plan.budget,
         ]
 
@@ -479,22 +495,28 @@ class SharedEngine:
         return list(reply)
 
     async def _first_acquire(self, base: str, rid: str, lease_s: float,
-                             args: Sequence[Any]) -> list[Any]:
+                             args: Callable[[], Sequence[Any]]) -> list[Any]:
         """The first try also indexes the reservation id (any sidecar may settle it) and the
-        tag (any sidecar may sweep it); both are plain keys outside the tag's slot."""
+        tag (any sidecar may sweep it), plain keys outside the tag's slot, and reads the
+        epoch in the same round trip, so a Redis that lost its data is noticed before the
+        script decides whether a missing bucket starts full."""
         retention = self._config.settings.settlement_retention_s
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(self.keys.reservation_index(rid), base,
                          px=math.ceil((lease_s + retention) * 1000))
                 pipe.zadd(self.keys.sweep_index, {base: self.clock.now() + lease_s}, lt=True)
-                await pipe.execute()
+                pipe.set(self.keys.epoch, os.urandom(8).hex(), nx=True)
+                pipe.get(self.keys.epoch)
+                pipe.pttl(self.keys.lost_mark)
+                *_, epoch, left_ms = await pipe.execute()
+            await self._note_epoch(text(epoch), int(left_ms))
         except UNREACHABLE as exc:
             self._unhealthy(exc)
             raise PersistenceFailing(
                 f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
             ) from None
-        return await self._run(self.scripts.acquire, base, args)
+        return await self._run(self.scripts.acquire, base, args())
 
     async def _settle(self, reservation_id: str, op: str, *args: Any) -> tuple[
             Reservation, bool, list[Any]]:
@@ -590,11 +612,42 @@ class SharedEngine:
                 wake.set()
 
     async def _sweep_loop(self) -> None:
+        last_refresh = -math.inf
         while not self._stopping:
             with contextlib.suppress(*UNREACHABLE, PersistenceFailing):
+                await self.check_epoch()
                 await self.sweep()
-                await self.refresh()
+                if self.clock.now() - last_refresh >= MIRROR_REFRESH_S:  # metrics' gauges
+                    await self.refresh()
+                    last_refresh = self.clock.now()
             await asyncio.sleep(self.shared.sweep_interval_s)
+
+    async def check_epoch(self) -> bool:
+        """Notice that Redis lost its data (a restart without persistence, a failover to an
+        empty replica): the epoch key this sidecar saw is gone or different. Then, for one
+        refill period, every bucket that has to be created starts empty rather than full,
+        on every sidecar (they read the mark), so the key never gets a fresh budget at once.
+        Returns whether a loss was noticed now."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.epoch, os.urandom(8).hex(), nx=True)
+            pipe.get(self.keys.epoch)
+            pipe.pttl(self.keys.lost_mark)
+            _, epoch, left_ms = await pipe.execute()
+        return await self._note_epoch(text(epoch), int(left_ms))
+
+    async def _note_epoch(self, epoch: str, lost_mark_left_ms: int) -> bool:
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        if lost:
+            log.warning("the shared ledger's Redis lost its data: buckets start empty for %d s",
+                        LOST_DATA_SAFE_S)
+            await self.client.set(self.keys.lost_mark, "1", nx=True,
+                                  px=int(LOST_DATA_SAFE_S * 1000))
+            lost_mark_left_ms = int(LOST_DATA_SAFE_S * 1000)
+        if lost_mark_left_ms > 0:
+            self._safe_until = max(self._safe_until,
+                                   self.clock.now() + lost_mark_left_ms / 1000)
+        return lost
 
     async def sweep(self) -> int:
         """Settle lapsed leases and drop dead queue entries of every tag that is due. Any

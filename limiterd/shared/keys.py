@@ -2,10 +2,10 @@
 
 Every key of one scope x model starts with the same base, "<prefix>:{<n>:<scope>:<model>}:",
 whose braces are a Cluster hash tag: a script touches one slot. The length prefix keeps
-("a:b", "c") and ("a", "b:c") apart. Outside the tags there are only three keys, read and
+("a:b", "c") and ("a", "b:c") apart. Outside the tags there are only a few keys, read and
 written by the sidecars directly and never inside a script: the reservation index
 (reservation id -> base, so any sidecar can settle any reservation), the sweep index (base ->
-when it next needs a sweep) and the wake channel.
+when it next needs a sweep), the epoch and lost-data mark, and the wake channel.
 """
 
 from __future__ import annotations
@@ -39,6 +39,16 @@ class Keys:
     @property
     def sweep_index(self) -> str:
         return f"{self.prefix}:tags"
+
+    @property
+    def epoch(self) -> str:
+        """A random value set once: when it changes or vanishes, Redis lost its data."""
+        return f"{self.prefix}:epoch"
+
+    @property
+    def lost_mark(self) -> str:
+        """Set for one refill period after a loss: buckets created meanwhile start empty."""
+        return f"{self.prefix}:lost"
 
     @property
     def channel(self) -> str:

@@ -19,6 +19,10 @@ if has_user then table.insert(caps, parse_caps(ARGV[22], ARGV[23], ARGV[24], ARG
 local now = now_s()
 sweep_lapsed(now, 20)
 
+-- The same call again (the client library retried after a lost reply): the same answer.
+local mine = hash(BASE .. 'r:' .. id)
+if mine.st ~= nil then return res_reply('G', id, mine, false) end
+
 -- A repeated request_id gets the original grant back (or is refused if it asks otherwise).
 if rid ~= '' then
   local prior = redis.call('GET', BASE .. 'rq:' .. rid)
