@@ -351,3 +351,40 @@ def test_every_flag_exists_in_serve_help(
     for where, flags in used.items():
         missing = flags - help_words
         assert not missing, f"{where} uses flags `limiterd serve` lacks: {sorted(missing)}"
+
+
+# --- Kubernetes, shared ledger ---------------------------------------------------------------
+
+K8S_SHARED = DEPLOY / "kubernetes" / "limiterd-shared.yaml"
+
+
+def test_k8s_shared_manifest_matches_the_api_schema() -> None:
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(K8S_SHARED.read_text()):
+        if doc is not None:
+            kubernetes_validate.validate(doc, OLDEST_KUBERNETES, strict=True)
+
+
+def test_k8s_shared_sidecars_use_one_redis_without_a_password_in_args(tmp_path: Path) -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d
+            for d in yaml.safe_load_all(K8S_SHARED.read_text()) if d is not None}
+    app = docs[("Deployment", "your-app")]["spec"]
+    assert app["replicas"] > 1
+    [sidecar] = app["template"]["spec"]["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert "--db" not in sidecar["args"], "a shared-ledger sidecar keeps nothing on disk"
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert env["LIMITERD_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "limiterd-redis"
+    config = docs[("ConfigMap", "limiterd-shared-config")]["data"]["limiterd.toml"]
+    ledger = tomllib.loads(config)["ledger"]
+    service = docs[("Service", "limiterd-redis")]["spec"]
+    assert ledger["url"] == f"redis://limiterd-redis:{service['ports'][0]['port']}/0"
+    path = tmp_path / "limiterd.toml"
+    path.write_text(config)
+    done = run_limiterd("check-config", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ledger: shared on Redis at redis://limiterd-redis:6379/0" in done.stdout
+    redis_args = " ".join(docs[("StatefulSet", "limiterd-redis")]["spec"]["template"]["spec"]
+                          ["containers"][0]["args"])
+    assert "--appendonly yes --appendfsync everysec" in redis_args
