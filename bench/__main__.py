@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [--quick] [--only floor,scale,restart,goodput]`."""
+"""`make bench` / `python -m bench [--quick] [--only floor,scale,restart,goodput,streams]`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def fmt(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-PARTS = ("floor", "scale", "restart", "goodput")
+PARTS = ("floor", "scale", "restart", "goodput", "streams")
 ALIASES = {"cost": "floor"}  # the part's earlier name
 
 
@@ -107,6 +107,21 @@ def main() -> None:
         rows = goodput.run_all(quick=a.quick, out=OUT)
         raw["goodput"] = rows
         report += goodput.report(rows)
+    if "streams" in parts:
+        from bench import streams
+
+        n = 2_000 if a.quick else 10_000
+        print(f"probe latency with {n:,} waiting streams", flush=True)
+        r = streams.measure(n, seconds, runs)
+        raw["streams"] = r
+        report += ["## Waiting streams", "",
+                   f"Acquire+Report probes (4 in flight, {seconds:.0f} s) on an idle memory "
+                   f"daemon, then while {n:,} AcquireStream callers wait on {streams.SCOPES} "
+                   "scopes whose queues move (one grant a second each) and get their "
+                   f"keepalives: p99 **{r['streams_p99_ms']:.2f} ms** against "
+                   f"{r['idle_p99_ms']:.2f} ms idle ({r['p99_ratio']:.2f}x); the streams heard "
+                   f"{r['events']:,} events, {r['granted']:,} grants, {r['failed']} failures.",
+                   ""]
     verdicts = targets.check(raw)
     raw["targets"] = [vars(v) for v in verdicts]
     report += targets.table(verdicts)

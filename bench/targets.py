@@ -14,6 +14,7 @@ P99_VS_FLOOR_MAX = 1.5  # durable p99 at most this multiple of the floor's
 SCALE_COST_MAX = 1.2  # per-call cost at the largest case / at the smallest, at most
 RSS_100K_SCOPES_MAX_MB = 300.0
 RESTART_MAX_S = 3.0
+STREAMS_P99_VS_IDLE_MAX = 3.0  # probe p99 with 10,000 waiting streams / idle, at most
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,13 @@ def check(raw: dict[str, Any]) -> list[Verdict]:
         held = int(restart["open_reservations"])
         out.append(Verdict(f"restart with {held:,} open reservations < {RESTART_MAX_S:.0f} s",
                            f"{restart['restart_s']:.2f} s", restart["restart_s"] < RESTART_MAX_S))
+    streams = raw.get("streams")
+    if streams:
+        n, ratio = int(streams["streams"]), float(streams["p99_ratio"])
+        out.append(Verdict(f"probe p99 with {n:,} waiting streams <= "
+                           f"{STREAMS_P99_VS_IDLE_MAX:.0f}x idle, no stream failing",
+                           f"{ratio:.2f}x, {streams['failed']} failed",
+                           ratio <= STREAMS_P99_VS_IDLE_MAX and not streams["failed"]))
     return out
 
 

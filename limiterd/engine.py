@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from limiterd.clock import Clock, Timer
 from limiterd.config.model import Config
 from limiterd.ledger.buckets import RATE_DIMS
+from limiterd.ledger.errors import QueueFull
 from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Ledger, Rejected, Waiter
 from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, Reservation
 from limiterd.storage.base import Journal, StorageError
+from limiterd.streams import Streams
 from limiterd.views import BucketView, DimensionView, Stats, lease_order, resolve_scope
 
 log = logging.getLogger("limiterd.engine")
@@ -88,7 +90,7 @@ class Engine:
         self._stopping = False
         self._draining: ShuttingDown | None = None  # set: waits end at once with this
         self._detached: dict[Waiter, Timer] = {}  # lost streams keeping their place
-        self._watchers: set[asyncio.Event] = set()  # streams to nudge when queues move
+        self._streams = Streams(self.ledger, clock)  # waiting AcquireStream callers
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -105,6 +107,7 @@ class Engine:
     async def stop(self) -> None:
         """Flush everything pending, then close the journal."""
         self._stopping = True
+        self._streams.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -144,7 +147,6 @@ class Engine:
             timer.cancel()
             self.ledger.cancel_wait(w, now)
         self._detached.clear()
-        self._nudge()
         self._after()
         return ended
 
@@ -177,6 +179,8 @@ class Engine:
         now = self.clock.now()
         result = self.ledger.acquire(req, now, now + max_wait_s)
         if isinstance(result, Waiter):
+            if on_status is not None:
+                self._check_streams(result, now)
             result = await self._wait(result, on_status)
         else:
             self._after()
@@ -221,52 +225,55 @@ class Engine:
                     )
                 elif w.result is None:
                     self.ledger.cancel_wait(w, self.clock.now())
-                    self._nudge()
                     self._after()
                 elif isinstance(w.result, Granted):
                     self._abandon(w.result)
             raise
 
+    def _check_streams(self, w: Waiter, now: float) -> None:
+        """Refuse a new waiting stream beyond daemon.max_streams (a re-attach keeps its
+        place): each holds a stream open, so their number is capped in total."""
+        cap = self.ledger.config.settings.max_streams
+        if len(self._streams) < cap or w in self._detached or w in self._waiting:
+            return
+        retry_after = self.ledger.wait_status(w, now)[1]
+        self.ledger.cancel_wait(w, now)
+        self._after()
+        raise QueueFull(len(self._streams), retry_after,
+                        "as streams (daemon.max_streams); wait with Acquire instead")
+
     async def _report_status(
         self, w: Waiter, fut: asyncio.Future[Granted | Rejected], on_status: StatusCallback
     ) -> None:
-        """Send WaitStatus until `fut` is done: at once, every interval as a keepalive, and
-        when the position or the estimate (to the second) changes."""
+        """Send WaitStatus until `fut` is done: at once, when there is news (limiterd.streams
+        decides), and every interval as a keepalive."""
         interval = self.ledger.config.settings.stream_update_interval_s
-        wake = asyncio.Event()
-        fut.add_done_callback(lambda _: wake.set())
-        self._watchers.add(wake)
-        last: tuple[int, int] | None = None
-        last_sent = -math.inf
+        watch = self._streams.add(w)
+        fut.add_done_callback(lambda _: watch.wake.set())
         try:
             while not fut.done():
+                self._streams.refresh(watch)  # may find news for this very stream
+                watch.wake.clear()
                 now = self.clock.now()
-                position, estimate, depth = self.ledger.wait_status(w, now)
-                key = (position, round(estimate))
-                if key != last or now - last_sent >= interval:
-                    overloaded = self.ledger.overloaded_until(w.queue[0].budget, now) > 0
-                    await on_status(WaitStatus(position, estimate, depth,
-                                               now - w.enqueued_at, overloaded))
-                    last, last_sent = key, now
-                    if fut.done():
-                        break
-                wake.clear()
-                timer = self.clock.call_at(
-                    min(last_sent + interval, now + max(1.0, interval / 5)), wake.set
-                )
+                overloaded = self.ledger.overloaded_until(w.queue[0].budget, now) > 0
+                await on_status(WaitStatus(watch.position, watch.estimate_at(now), watch.depth,
+                                           now - w.enqueued_at, overloaded))
+                watch.sent(now)
+                if fut.done():
+                    break
+                timer = self.clock.call_at(now + interval, watch.wake.set)
                 try:
-                    await wake.wait()
+                    await watch.wake.wait()
                 finally:
                     timer.cancel()
         finally:
-            self._watchers.discard(wake)
+            self._streams.remove(watch)
 
     def _give_up(self, w: Waiter) -> None:
         """The re-attach grace of a lost stream ran out: its place is given up."""
         self._detached.pop(w, None)
         if w not in self._waiting and w.result is None:
             self.ledger.cancel_wait(w, self.clock.now())
-            self._nudge()
             self._after()
 
     def _abandon(self, granted: Granted) -> None:
@@ -473,18 +480,14 @@ class Engine:
             if fut is not None and not fut.done():
                 assert w.result is not None
                 fut.set_result(w.result)
-        if ended:
-            self._nudge()
+        moved = self.ledger.take_moved()  # always taken: it must not pile up
+        if moved and len(self._streams):
+            self._streams.moved(moved)
         self._arm()
         if self._record:
             self._wake.set()
         else:
             self.ledger.discard_changes()
-
-    def _nudge(self) -> None:
-        """Queues moved: waiting streams recompute where they stand."""
-        for wake in self._watchers:
-            wake.set()
 
     def _arm(self) -> None:
         if self._stopping:

@@ -143,6 +143,18 @@ class Reloader:
                 self.reload()
 
 
+# gRPC core cancels calls that arrive faster than the server takes them (1,000 pending by
+# default, 3,000 at most): a burst of a few thousand AcquireStream callers joining at once
+# was answered CANCELLED. Callers waiting is limiterd's business, capped by its own settings
+# (max_waiters, max_streams), so let them all in.
+MAX_PENDING_CALLS = 100_000
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+]
+
+
 @dataclass
 class RunningServer:
     servers: list[grpc.aio.Server]
@@ -246,10 +258,10 @@ async def start_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [Calls(observer)]
     if security.admin_token:
         interceptors.insert(0, AdminToken(security.admin_token, ADMIN))
-    main = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+    main = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     admin = main
     if admin_listen:
-        admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+        admin = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     servers = [main] if admin is main else [main, admin]
     health_servicer = health.aio.HealthServicer()
     pb_grpc.add_LimiterServicer_to_server(LimiterService(engine, observer, errors), main)

@@ -54,3 +54,12 @@ def test_only_accepts_part_names_and_the_old_alias() -> None:
         parse_parts("floor,nope")
     with pytest.raises(ValueError, match="none given"):
         parse_parts(",")
+
+
+@pytest.mark.parametrize(("ratio", "failed", "met"),
+                         [(2.9, 0, True), (3.1, 0, False), (1.0, 4, False)])
+def test_waiting_streams_verdict(ratio: float, failed: int, met: bool) -> None:
+    raw = {"streams": {"streams": 10000, "p99_ratio": ratio, "failed": failed}}
+    [verdict] = targets.check(raw)
+    assert verdict.target == "probe p99 with 10,000 waiting streams <= 3x idle, no stream failing"
+    assert verdict.measured == f"{ratio:.2f}x, {failed} failed" and verdict.met is met

@@ -7,6 +7,8 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
     max_lease_ms = 3600000             # must be >= default_lease_ms
     max_wait_ms = 600000               # longest Acquire wait accepted
     max_waiters_per_queue = 1000
+    max_waiters = 20000                # waiting callers over all queues
+    max_streams = 10000                # of them, waiting AcquireStream calls
     settlement_retention_s = 86400     # how long settled reservations answer duplicates
     max_settlements = 100000
     idle_sweep_interval_s = 10
@@ -80,6 +82,8 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
     "max_lease_ms": ("max_lease_s", 1000),
     "max_wait_ms": ("max_wait_s", 1000),
     "max_waiters_per_queue": ("max_waiters_per_queue", None),
+    "max_waiters": ("max_waiters", None),
+    "max_streams": ("max_streams", None),
     "settlement_retention_s": ("settlement_retention_s", 1),
     "max_settlements": ("max_settlements", None),
     "idle_sweep_interval_s": ("idle_sweep_interval_s", 1),
@@ -170,7 +174,8 @@ def check_config(path: str | os.PathLike[str] | None) -> str:
                  + (f": {aliases}" if aliases else ""))
     lines.append("  ledger: " + (cfg.ledger.describe() if cfg.ledger else "local (SQLite journal)"))
     lines.append(f"  leases {s.default_lease_s:.10g}s default, {s.max_lease_s:.10g}s max; "
-                 f"waits up to {s.max_wait_s:.10g}s, {s.max_waiters_per_queue} per queue")
+                 f"waits up to {s.max_wait_s:.10g}s, {s.max_waiters_per_queue} per queue, "
+                 f"{s.max_waiters} in all ({s.max_streams} streams)")
     return "\n".join(lines)
 
 

@@ -83,6 +83,8 @@ class Settings:
     max_lease_s: float = 3600.0
     max_wait_s: float = 600.0
     max_waiters_per_queue: int = 1000
+    max_waiters: int = 20_000  # over every queue: memory and the loop stay bounded
+    max_streams: int = 10_000  # AcquireStream callers waiting at once
     settlement_retention_s: float = 86400.0
     max_settlements: int = 100_000
     idle_sweep_interval_s: float = 10.0

@@ -51,6 +51,9 @@ class Bucket:
     as_of: float
     in_flight: int = 0  # open reservations holding a concurrency slot here
     queues: set[tuple[BucketKey, ...]] = field(default_factory=set)  # queues with waiters
+    # What every waiter on those queues asks for, summed (per RATE_DIMS): a newcomer's wait
+    # estimate without walking the queues.
+    queued: list[int] = field(default_factory=lambda: [0, 0, 0])
 
     @classmethod
     def full(cls, key: BucketKey, limits: Limits, now: float) -> Bucket:

@@ -32,10 +32,12 @@ class NeverFits(LedgerError):
 
 
 class QueueFull(LedgerError):
-    """Too many callers already wait on this bucket set (RESOURCE_EXHAUSTED at once)."""
+    """Too many callers already wait (RESOURCE_EXHAUSTED at once): on this bucket set, in
+    total, or as streams; `where` says which, naming the setting that caps it."""
 
-    def __init__(self, limit: int, retry_after_s: float) -> None:
-        super().__init__(f"{limit} callers already wait for this scope and model; try later")
+    def __init__(self, limit: int, retry_after_s: float,
+                 where: str = "for this scope and model") -> None:
+        super().__init__(f"{limit} callers already wait {where}; try later")
         self.retry_after_s = retry_after_s
 
 

@@ -112,6 +112,10 @@ class Ledger:
         self._overload_events: dict[str, deque[float]] = {}
         self._overloaded: dict[str, float] = {}
         self._learned: dict[BucketKey, Limits] = {}  # capacities learned from the provider
+        self._waiting = 0  # waiters on every queue
+        # Buckets whose waiters' positions or estimates may have changed (a waiter left, a
+        # level rose), for the engine to tell the streams watching them: take_moved().
+        self._moved: set[BucketKey] = set()
 
     # ---- outboxes -------------------------------------------------------------------------
 
@@ -131,6 +135,17 @@ class Ledger:
         """Nobody records them (in-memory mode): drop them without building snapshots."""
         self._changes.clear()
         self._dirty.clear()
+
+    def take_moved(self) -> set[QueueKey]:
+        """Queues whose waiters may stand elsewhere since the last call: someone left, or
+        a level they wait on rose. A newcomer at the tail moves nobody."""
+        moved: set[QueueKey] = set()
+        for key in self._moved:
+            b = self._buckets.get(key)
+            if b is not None:
+                moved |= b.queues
+        self._moved.clear()
+        return moved
 
     def take_ended(self) -> list[Waiter]:
         ended, self._ended = self._ended, []
@@ -167,8 +182,13 @@ class Ledger:
             return Granted(self._grant(req, keys, buckets, amounts, now, now))
 
         queue = self._queues.get(keys)
-        if queue is not None and len(queue) >= self._config.settings.max_waiters_per_queue:
-            raise QueueFull(len(queue), self._estimate(None, keys, amounts, now))
+        s = self._config.settings
+        if queue is not None and len(queue) >= s.max_waiters_per_queue:
+            raise QueueFull(len(queue), self._estimate(None, keys, amounts, now),
+                            "for this scope and model (daemon.max_waiters_per_queue)")
+        if self._waiting >= s.max_waiters:
+            raise QueueFull(self._waiting, self._estimate(None, keys, amounts, now),
+                            "in total (daemon.max_waiters)")
         self._seq += 1
         w = Waiter(self._seq, req, keys, amounts, now, deadline)
         self._enqueue(w)
@@ -270,6 +290,7 @@ class Ledger:
             return False
         b.reset(now)
         self._dirty.add(key)
+        self._moved.add(key)
         self._drain([b], now)
         return True
 
@@ -307,6 +328,8 @@ class Ledger:
             b.give(give)
             b.in_flight -= 1
             self._dirty.add(key)
+            if b.queues:
+                self._moved.add(key)
             touched.append(b)
         self._drain(touched, now)
         return settled
@@ -414,6 +437,7 @@ class Ledger:
             for k in w.queue:
                 self._buckets[k].queues.add(w.queue)
         q.append(w)
+        self._count(w, 1)
         heapq.heappush(self._deadlines, (w.deadline, w.seq, w))
         if len(self._leases) + len(self._deadlines) > self._heap_limit:
             self._compact_heaps()
@@ -429,6 +453,7 @@ class Ledger:
             q.popleft()
         else:
             q.remove(w)
+        self._count(w, -1)
         if not q:
             del self._queues[w.queue]
             self._retry_at.pop(w.queue, None)
@@ -476,6 +501,7 @@ class Ledger:
                     self._plan_retry(w, bs, paused, now)
                     continue
                 q.popleft()
+                self._count(w, -1)
                 self._retry_at.pop(qk, None)
                 w.result = Granted(self._grant(w.request, qk, bs, w.amounts, now, w.enqueued_at))
                 self._ended.append(w)
@@ -486,6 +512,20 @@ class Ledger:
             q = self._queues.get(qk)
             if q:
                 heapq.heappush(heads, (q[0].seq, qk))
+
+    def _count(self, w: Waiter, sign: int) -> None:
+        """`w` joined (1) or left (-1) its queue: keep the totals the estimates read."""
+        self._waiting += sign
+        a = w.amounts
+        for k in w.queue:
+            b = self._buckets.get(k)
+            if b is not None:
+                q = b.queued
+                q[0] += sign * a[0]
+                q[1] += sign * a[1]
+                q[2] += sign * a[2]
+                if sign < 0:
+                    self._moved.add(k)
 
     def _plan_retry(self, w: Waiter, bs: list[Bucket], paused_until: float, now: float) -> None:
         wait = max(b.seconds_until(w.amounts) for b in bs)
@@ -503,29 +543,58 @@ class Ledger:
         self, w: Waiter | None, keys: QueueKey, amounts: tuple[int, int, int], now: float
     ) -> float:
         """Seconds until this request could be granted: refill for the demand queued ahead of
-        it (and its own), or the end of a pause; a bare concurrency wait gets a short retry."""
-        seq = w.seq if w is not None else self._seq + 1
+        it (and its own), or the end of a pause; a bare concurrency wait gets a short retry.
+        `w` None: a newcomer not queued yet. A caller last in line (the usual case: it just
+        came) is answered from the buckets' totals, without walking the queues."""
+        tail = w is None or self._is_last(w)
         worst = 0.0
         for k in keys:
             b = self._buckets.get(k)
             if b is None:
                 continue
             b.refill(now)
-            demand = list(map(float, amounts))
-            ahead = 0
-            for qk in b.queues:
-                for other in self._queues.get(qk, ()):
-                    if other.seq >= seq:
+            if tail:
+                own = amounts if w is None else (0, 0, 0)
+                demand = [float(b.queued[i] + own[i]) for i in range(3)]
+                ahead = self._depth(b.queues) - (w is not None)
+            else:
+                assert w is not None
+                demand, ahead = list(map(float, amounts)), 0
+                for other in _by_seq([self._queues[qk] for qk in b.queues]):
+                    if other.seq >= w.seq:
                         break
                     ahead += 1
                     for i in range(3):
                         demand[i] += other.amounts[i]
-            worst = max(worst, b.seconds_until((demand[0], demand[1], demand[2])))
-            mc = b.limits.max_concurrent
-            if mc is not None and b.in_flight + ahead >= mc:
-                worst = max(worst, CONCURRENCY_RETRY_S)
+            worst = max(worst, self._eta(b, demand, ahead))
+        return max(worst, self._pause_wait(keys, now))
+
+    def _eta(self, b: Bucket, demand: list[float], ahead: int) -> float:
+        """Seconds until `demand` (what waits ahead on `b`, plus the caller's own) fits `b`."""
+        wait = b.seconds_until((demand[0], demand[1], demand[2]))
+        mc = b.limits.max_concurrent
+        if mc is not None and b.in_flight + ahead >= mc:
+            wait = max(wait, CONCURRENCY_RETRY_S)
+        return wait
+
+    def _pause_wait(self, keys: QueueKey, now: float) -> float:
         paused = self._paused_until(keys[0].scope, keys[0].budget, now)
-        return max(worst, paused - now if paused else 0.0)
+        return paused - now if paused else 0.0
+
+    def _related(self, qk: QueueKey) -> set[QueueKey]:
+        """The queues that share a bucket with `qk` (itself included)."""
+        related: set[QueueKey] = set()
+        for k in qk:
+            if (b := self._buckets.get(k)) is not None:
+                related |= b.queues
+        return related
+
+    def _depth(self, queues: Iterable[QueueKey]) -> int:
+        return sum(len(self._queues[qk]) for qk in queues)
+
+    def _is_last(self, w: Waiter) -> bool:
+        """Nobody waiting on any of w's buckets came after it."""
+        return all(self._queues[qk][-1].seq <= w.seq for qk in self._related(w.queue))
 
     # ---- grants and buckets ----------------------------------------------------------------
 
@@ -640,6 +709,8 @@ class Ledger:
                 b.refill(now)
                 b.set_limits(limits)
                 self._dirty.add(b.key)
+                if b.queues:
+                    self._moved.add(b.key)
         self._drain(list(self._buckets.values()), now)
 
     def _limits_for_key(self, key: BucketKey) -> Limits | None:
@@ -718,6 +789,7 @@ class Ledger:
                              f"{remaining}: the provider reports less remaining")
                 b.levels[i] = float(remaining)
                 self._dirty.add(key)
+                self._moved.add(key)
         return notes
 
     def learned_fields(self, key: BucketKey) -> frozenset[str]:
@@ -728,19 +800,65 @@ class Ledger:
 
     def wait_status(self, w: Waiter, now: float) -> tuple[int, float, int]:
         """(position, estimated seconds, queue depth) of a waiting caller. Position 1 is
-        next in line among everyone waiting on any of its buckets."""
-        ahead = depth = 0
-        seen: set[QueueKey] = set()
-        for k in w.queue:
+        next in line among everyone waiting on any of its buckets. A caller last in line is
+        answered without walking the queues; one further up costs one queue_statuses."""
+        if self._is_last(w):
+            depth = self._depth(self._related(w.queue))
+            return depth, self._estimate(w, w.queue, w.amounts, now), depth
+        depth, rows = self.queue_statuses(w.queue, now)
+        return next((pos, est, depth) for other, pos, est in rows if other is w)
+
+    def queue_statuses(
+        self, qk: QueueKey, now: float
+    ) -> tuple[int, list[tuple[Waiter, int, float]]]:
+        """Where every waiter on queue `qk` stands, in one pass over the queues sharing its
+        buckets: (depth, [(waiter, position, estimated seconds)]) in line order. The same
+        figures as wait_status for each, for the cost of one."""
+        q = self._queues.get(qk)
+        if not q:
+            return 0, []
+        pause = self._pause_wait(qk, now)
+        b = self._buckets.get(qk[0])
+        if len(qk) == 1 and b is not None and len(b.queues) == 1:
+            return len(q), self._alone_statuses(q, b, pause, now)
+        estimates = [pause] * len(q)
+        for k in qk:
             b = self._buckets.get(k)
             if b is None:
                 continue
-            for qk in b.queues - seen:
-                seen.add(qk)
-                for other in self._queues.get(qk, ()):
-                    depth += 1
-                    ahead += other.seq < w.seq
-        return ahead + 1, self._estimate(w, w.queue, w.amounts, now), depth
+            b.refill(now)
+            demand, ahead, i = [0.0, 0.0, 0.0], 0, 0
+            for other in _by_seq([self._queues[r] for r in b.queues]):
+                a = other.amounts
+                demand[0] += a[0]
+                demand[1] += a[1]
+                demand[2] += a[2]
+                if other.queue == qk:
+                    estimates[i] = max(estimates[i], self._eta(b, demand, ahead))
+                    i += 1
+                ahead += 1
+        positions, depth = [], 0
+        for other in _by_seq([self._queues[r] for r in self._related(qk)]):
+            depth += 1
+            if other.queue == qk:
+                positions.append(depth)
+        return depth, list(zip(q, positions, estimates, strict=True))
+
+    def _alone_statuses(
+        self, q: deque[Waiter], b: Bucket, pause: float, now: float
+    ) -> list[tuple[Waiter, int, float]]:
+        """queue_statuses for a queue alone on its one bucket (the usual case): positions
+        are places in line, and one running sum gives every estimate."""
+        b.refill(now)
+        demand = [0.0, 0.0, 0.0]
+        rows = []
+        for ahead, w in enumerate(q):
+            a = w.amounts
+            demand[0] += a[0]
+            demand[1] += a[1]
+            demand[2] += a[2]
+            rows.append((w, ahead + 1, max(pause, self._eta(b, demand, ahead))))
+        return rows
 
     # ---- inspection ---------------------------------------------------------------------------
 
@@ -778,7 +896,14 @@ class Ledger:
 
     @property
     def waiting_count(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._waiting
+
+
+def _by_seq(queues: list[deque[Waiter]]) -> Iterable[Waiter]:
+    """Waiters of several queues, oldest first (each queue is in arrival order already)."""
+    if len(queues) == 1:
+        return queues[0]
+    return heapq.merge(*queues, key=lambda w: w.seq)
 
 
 def check_model_name(model: str) -> None:
