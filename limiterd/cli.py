@@ -9,10 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
 import grpc
+from click.core import ParameterSource
 
 from limiterd import __version__
 from limiterd.config.loader import ConfigError, check_config
@@ -41,7 +43,51 @@ def main() -> None:
     """limiterd: a rate-limiter sidecar for LLM provider calls, over gRPC."""
 
 
-@main.command("serve")
+TOKEN_ENV = f"{ENV_PREFIX}_ADMIN_TOKEN"
+
+
+def _warn_on_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and ctx.get_parameter_source(param.name or "") is ParameterSource.COMMANDLINE:
+        click.echo(f"limiterd: warning: --admin-token on the command line is visible to "
+                   f"every user (ps); set ${TOKEN_ENV} or use --admin-token-file", err=True)
+    return value
+
+
+def admin_token_options(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The admin token, for the daemon and the operator commands alike: from $LIMITERD_ADMIN_
+    TOKEN or a file (--admin-token-file); --admin-token still works, with a warning."""
+
+    def add(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--admin-token-file", type=click.Path(dir_okay=False), default=None,
+                         envvar=f"{TOKEN_ENV}_FILE",
+                         help=f"File holding the admin token (${TOKEN_ENV}_FILE).")(f)
+        return click.option("--admin-token", default=None, envvar=TOKEN_ENV,
+                            callback=_warn_on_argv, show_envvar=True,
+                            help=f"{help_text} Prefer ${TOKEN_ENV} or --admin-token-file: "
+                                 "arguments show in ps.")(f)
+
+    return add
+
+
+def read_admin_token(token: str | None, path: str | None) -> str | None:
+    if token and path:
+        raise click.UsageError("give the admin token one way: --admin-token or "
+                               "--admin-token-file")
+    if not path:
+        return token or None
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror or exc}",
+                                 param_hint="--admin-token-file") from None
+    if not text:
+        raise click.BadParameter(f"{path} is empty", param_hint="--admin-token-file")
+    return text
+
+
+# Each `serve` option also comes from LIMITERD_<OPTION> (without this, click would read
+# LIMITERD_SERVE_<OPTION>, and the health probe's $LIMITERD_LISTEN would not match).
+@main.command("serve", context_settings={"auto_envvar_prefix": ENV_PREFIX})
 @click.option("--listen", default=DEFAULT_LISTEN,
               help="host:port, or a unix socket path (/path or unix:/path).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -67,8 +113,8 @@ def main() -> None:
               help="host:port to serve Prometheus /metrics on (off when empty).")
 @click.option("--admin-listen", default="",
               help="Serve the Admin service only on this address (host:port or socket path).")
-@click.option("--admin-token", default=None,
-              help="Require this token (metadata x-limiterd-admin-token) on Admin calls.")
+@admin_token_options("Require this token (metadata x-limiterd-admin-token) on Admin calls "
+                     "and reflection.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="Server certificate (PEM): serve TLS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
@@ -83,8 +129,9 @@ def main() -> None:
 def serve_cmd(listen: str, config_path: str | None, db: str | None, ledger: str | None,
               redis_password_file: str | None, synchronous: str,
               grace_s: float, unix_socket_mode: str, metrics_listen: str, admin_listen: str,
-              admin_token: str | None, tls_cert: str | None, tls_key: str | None,
-              tls_client_ca: str | None, watch_config_s: float, log_level: str) -> None:
+              admin_token: str | None, admin_token_file: str | None, tls_cert: str | None,
+              tls_key: str | None, tls_client_ca: str | None, watch_config_s: float,
+              log_level: str) -> None:
     """Run the daemon."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -101,7 +148,7 @@ def serve_cmd(listen: str, config_path: str | None, db: str | None, ledger: str 
         metrics_listen=metrics_listen, admin_listen=admin_listen,
         watch_config_s=watch_config_s,
         security=Security(tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
-                          admin_token=admin_token),
+                          admin_token=read_admin_token(admin_token, admin_token_file)),
     )
     try:
         asyncio.run(serve(options))
@@ -130,25 +177,27 @@ def check_config_cmd(file: str) -> None:
 
 
 def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed([
-        click.option("--target", default=DEFAULT_LISTEN,
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        click.option("--target", default=DEFAULT_LISTEN, envvar=f"{ENV_PREFIX}_TARGET",
+                     show_envvar=True,
                      help="The daemon's address (host:port or unix socket path)."),
-        click.option("--admin-token", default=None, help="Token for Admin calls."),
+        admin_token_options("Token for Admin calls."),
         click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
                      help="CA (PEM) to trust: connect with TLS."),
         click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
                      help="Client certificate (PEM), for mutual TLS."),
         click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
                      help="Client private key (PEM)."),
-    ]):
+    ]
+    for option in reversed(options):
         f = option(f)
     return f
 
 
-def _target(target: str, admin_token: str | None, tls_ca: str | None, tls_cert: str | None,
-            tls_key: str | None) -> Target:
-    return Target(target, admin_token=admin_token, tls_ca=tls_ca, tls_cert=tls_cert,
-                  tls_key=tls_key)
+def _target(target: str, admin_token: str | None, admin_token_file: str | None,
+            tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> Target:
+    return Target(target, admin_token=read_admin_token(admin_token, admin_token_file),
+                  tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @contextmanager
