@@ -252,4 +252,9 @@ class _LedgerCollector(Collector):
             overloaded.add_metric([name], 1)
         healthy = GaugeMetricFamily("limiterd_persistence_healthy",
                                     "1 while the journal writes.", value=int(stats.healthy))
-        return [level, capacity, queue, open_res, waiting, pauses, overloaded, healthy]
+        local_share = GaugeMetricFamily(
+            "limiterd_ledger_local_share",
+            "1 while a shared-ledger sidecar grants from its local share (Redis away).",
+            value=int(stats.local_share))
+        return [level, capacity, queue, open_res, waiting, pauses, overloaded, healthy,
+                local_share]

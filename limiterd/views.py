@@ -43,6 +43,7 @@ class Stats:
     healthy: bool
     active_pauses: int = 0
     overloaded: tuple[tuple[str, float], ...] = ()  # (model, until) while marked
+    local_share: bool = False  # a shared ledger's sidecar grants from its local share now
 
 
 def lease_order(r: Reservation) -> tuple[float, str]:

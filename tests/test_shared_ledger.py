@@ -23,7 +23,7 @@ from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, Amounts, Outcome, State
 from limiterd.shared.engine import SharedEngine
 from limiterd.shared.keys import Keys
-from limiterd.shared.settings import SharedLedger
+from limiterd.shared.settings import SharedLedger, WhenUnavailable
 from tests.conftest import TEST_CONFIG_TOML, make_test_config
 from tests.redis_server import RedisServer, redis_server
 
@@ -236,6 +236,8 @@ def test_config_selects_the_shared_ledger(tmp_path: Path) -> None:
     ('url = "http://h:6379"', "ledger.url: 'http://h:6379': expected redis://"),
     ('password_env = "X"', "ledger.url: missing"),
     ('url = "redis://h/0"\nwhen_unavailable = "open"', "ledger.when_unavailable: must be"),
+    ('url = "redis://h/0"\nwhen_unavailable = "local_share"', "ledger.local_share: missing"),
+    ('url = "redis://h/0"\nlocal_share = 1.5', "ledger.local_share: must be a number in"),
     ('url = "redis://h/0"\nsweep_interval = 3', 'ledger.sweep_interval: unknown key'),
 ])
 def test_bad_ledger_config_is_named(table: str, problem: str) -> None:
@@ -337,3 +339,45 @@ async def test_redis_killed_under_load_with_aof_keeps_every_acknowledged_grant(
 
 async def _at_least(d: dict[str, str], n: int) -> bool:
     return len(d) >= n
+
+
+async def test_local_share_while_redis_is_away_then_back_with_nothing_lost(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "r", aof=True).start()
+    try:
+        async with sidecar(server.url, when_unavailable=WhenUnavailable.LOCAL_SHARE,
+                           local_share=0.3, sweep_interval_s=0.05) as a:
+            g = await granted(a, req(inp=300, out=400))  # shared
+            server.stop()
+            # Redis away: a local ledger at 0.3 of "tiny" (10 requests/min -> 3).
+            local = [await a.acquire(req(scope="s2"), 0.0) for _ in range(4)]
+            assert [isinstance(x, Granted) for x in local] == [True, True, True, False]
+            assert a.falling_back and a.stats().local_share and not a.healthy
+            # A Report of the shared reservation is answered now and kept for later.
+            r, replayed = await a.report(g.reservation.id, 100, 100, Outcome.OK, 0.0)
+            assert r.state is State.REPORTED and not replayed
+            assert r.settlement is not None and r.settlement.refunded.input_tokens == 200
+            again, replayed = await a.report(g.reservation.id, 100, 100, Outcome.OK, 0.0)
+            assert replayed and again.settlement == r.settlement
+            # Local grants settle locally.
+            held = local[0]
+            assert isinstance(held, Granted)
+            assert (await a.release(held.reservation.id))[0].state is State.RELEASED
+            server = RedisServer(tmp_path / "r", aof=True, port=server.port).start()
+            base = Keys().base("s1", "tiny")
+
+            async def delivered() -> bool:
+                st = await a.client.hget(base + "r:" + g.reservation.id, "st")
+                return st == b"reported"
+
+            await until(delivered)
+            assert a.healthy and not a.falling_back
+            await a.refresh()
+            [bucket] = a.buckets(scopes=frozenset({"s1"}))
+            levels = {d.name: d.level for d in bucket.dimensions}
+            assert 900 <= levels["input_tokens"] < 950  # 300 taken, 200 back, some refill
+            shared = await granted(a, req(scope="s1"))
+            assert await a.client.exists(base + "r:" + shared.reservation.id)
+    finally:
+        server.stop()

@@ -30,7 +30,8 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
     [ledger]                           # optional: share the ledger with other sidecars
     url = "redis://redis:6379/0"       # or rediss://; `limiterd serve --ledger URL` overrides
     password_env = "LIMITERD_REDIS_PASSWORD"  # or password_file = "/run/secrets/redis"
-    when_unavailable = "fail_closed"   # the only policy so far: UNAVAILABLE until Redis answers
+    when_unavailable = "fail_closed"   # UNAVAILABLE until Redis answers; or "local_share":
+    local_share = 0.34                 #   a local ledger at this share of the limits meanwhile
     key_prefix = "limiterd"
     queue_entry_ttl_ms = 10000         # a dead sidecar's waiters stop blocking after this
     sweep_interval_ms = 1000
@@ -96,8 +97,8 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
 }
 _DAEMON_FLAGS = ("learn_limits",)
 _TOP_KEYS = ("daemon", "models", "user_limits", "scopes", "ledger")
-_LEDGER_KEYS = ("url", "password_env", "password_file", "when_unavailable", "key_prefix",
-                "queue_entry_ttl_ms", "sweep_interval_ms")
+_LEDGER_KEYS = ("url", "password_env", "password_file", "when_unavailable", "local_share",
+                "key_prefix", "queue_entry_ttl_ms", "sweep_interval_ms")
 _SCOPE_KEYS = ("scope", "alias", "models", "user_limits")
 
 
@@ -253,9 +254,22 @@ def _ledger(value: Any, p: _Problems) -> SharedLedger | None:
         if key in table and (n := p.integer(table[key], _key("ledger", key))) is not None:
             values[name] = n / 1000
     if "when_unavailable" in table:
-        if table["when_unavailable"] != WhenUnavailable.FAIL_CLOSED.value:
-            p.add("ledger.when_unavailable", 'must be "fail_closed" (the only policy built so '
-                  f"far), got {_show(table['when_unavailable'])}")
+        policies = [w.value for w in WhenUnavailable]
+        if table["when_unavailable"] in policies:
+            values["when_unavailable"] = WhenUnavailable(table["when_unavailable"])
+        else:
+            p.add("ledger.when_unavailable", f"must be one of {', '.join(policies)}, got "
+                  f"{_show(table['when_unavailable'])}")
+    if "local_share" in table:
+        share = table["local_share"]
+        if isinstance(share, int | float) and not isinstance(share, bool) and 0 < share <= 1:
+            values["local_share"] = float(share)
+        else:
+            p.add("ledger.local_share", "must be a number in (0, 1], e.g. 0.34 for 3 "
+                  f"replicas, got {_show(share)}")
+    elif values.get("when_unavailable") is WhenUnavailable.LOCAL_SHARE:
+        p.add("ledger.local_share", "missing: the share of the limits each sidecar may "
+              "grant alone while Redis is away, e.g. 0.34 for 3 replicas")
     if "url" not in values:
         if "url" not in table:
             p.add("ledger.url", "missing; e.g. \"redis://redis:6379/0\"")

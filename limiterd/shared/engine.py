@@ -32,7 +32,7 @@ from redis.backoff import ExponentialBackoff
 
 from limiterd.clock import Clock
 from limiterd.config.model import Config, Limits
-from limiterd.engine import PersistenceFailing, ShuttingDown, StatusCallback, WaitStatus
+from limiterd.engine import Engine, PersistenceFailing, ShuttingDown, StatusCallback, WaitStatus
 from limiterd.ledger.buckets import RATE_DIMS, capacities
 from limiterd.ledger.errors import (
     AlreadySettled,
@@ -56,10 +56,12 @@ from limiterd.ledger.model import (
     Settlement,
     State,
 )
+from limiterd.shared.fallback import Outbox, Pending, scaled, settle_locally
 from limiterd.shared.keys import Keys
 from limiterd.shared.scripts import Scripts, text
-from limiterd.shared.settings import SharedLedger
+from limiterd.shared.settings import SharedLedger, WhenUnavailable
 from limiterd.storage.base import StartupError
+from limiterd.storage.memory import MemoryJournal
 from limiterd.views import BucketView, DimensionView, Stats, lease_order, resolve_scope
 
 log = logging.getLogger("limiterd.shared")
@@ -180,6 +182,11 @@ class SharedEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._draining: ShuttingDown | None = None  # set: waits end at once with this
+        self._local: Engine | None = None  # local_share: the ledger used while Redis is away
+        if shared.when_unavailable is WhenUnavailable.LOCAL_SHARE:
+            self._local = Engine(scaled(config, shared.local_share), MemoryJournal(), clock)
+        self._mine: OrderedDict[str, Reservation] = OrderedDict()  # granted here, still open
+        self._outbox = Outbox()
         self.journal = None  # no local journal: ErrorLog keeps its entries in memory
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -195,6 +202,8 @@ class SharedEngine:
             self._unhealthy(exc)
         except rx.AuthenticationError as exc:
             raise StartupError(f"redis {self.shared.describe()}: {exc}") from None
+        if self._local is not None:
+            await self._local.start()
         self._tasks.append(asyncio.create_task(self._listen(), name="limiterd-shared-wake"))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="limiterd-shared-sweep"))
 
@@ -205,6 +214,8 @@ class SharedEngine:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._local is not None:
+            await self._local.stop()
         await self.client.aclose()
 
     def end_waits(self, retry_after_s: float) -> int:
@@ -219,6 +230,8 @@ class SharedEngine:
 
     def set_config(self, config: Config) -> None:
         self._config = config
+        if self._local is not None:
+            self._local.set_config(scaled(config, self.shared.local_share))
 
     def describe(self) -> str:
         return self.shared.describe()
@@ -243,7 +256,8 @@ class SharedEngine:
         m = self._mirror
         return Stats(len(m.leases), self._waiting, self._healthy,
                      sum(1 for v in m.buckets.values() if v.paused_until > now),
-                     tuple(sorted(self._marks.models(now).items())))
+                     tuple(sorted(self._marks.models(now).items())),
+                     local_share=self.falling_back)
 
     def overloaded_until(self, model: str) -> float:
         return self._marks.until(model, self.clock.now())
@@ -313,6 +327,104 @@ class SharedEngine:
     # ---- calls -------------------------------------------------------------------------------
 
     async def acquire(
+        self,
+        req: AcquireRequest,
+        max_wait_s: float,
+        on_status: StatusCallback | None = None,
+    ) -> Granted | Rejected:
+        local = self._local
+        if local is not None and not self._healthy:
+            return await local.acquire(req, max_wait_s, on_status)
+        try:
+            result = await self._acquire_shared(req, max_wait_s, on_status)
+        except PersistenceFailing:
+            if local is None:
+                raise
+            return await local.acquire(req, max_wait_s, on_status)
+        if isinstance(result, Granted) and not result.replayed:
+            self._mine[result.reservation.id] = result.reservation
+            if len(self._mine) > REMEMBERED:
+                self._mine.popitem(last=False)
+        return result
+
+    async def report(
+        self,
+        reservation_id: str,
+        actual_input: int,
+        actual_output: int,
+        outcome: Outcome,
+        retry_after_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[Reservation, bool]:
+        if self._local is not None and self._local.ledger.get(reservation_id) is not None:
+            return await self._local.report(reservation_id, actual_input, actual_output,
+                                            outcome, retry_after_s, headers)
+        try:
+            return await self._report_shared(reservation_id, actual_input, actual_output,
+                                             outcome, retry_after_s, headers)
+        except PersistenceFailing:
+            return self._keep("report", reservation_id,
+                              (actual_input, actual_output, outcome.value, retry_after_s))
+
+    async def release(self, reservation_id: str) -> tuple[Reservation, bool]:
+        if self._local is not None and self._local.ledger.get(reservation_id) is not None:
+            return await self._local.release(reservation_id)
+        try:
+            return await self._release_shared(reservation_id)
+        except PersistenceFailing:
+            return self._keep("release", reservation_id, ())
+
+    async def keep_alive(self, reservation_id: str, lease_s: float | None) -> Reservation:
+        if self._local is not None and self._local.ledger.get(reservation_id) is not None:
+            return await self._local.keep_alive(reservation_id, lease_s)
+        lease = lease_s if lease_s is not None else self._config.settings.default_lease_s
+        try:
+            return await self._keep_alive_shared(reservation_id, lease)
+        except PersistenceFailing:
+            return self._keep("keepalive", reservation_id, (lease,))[0]
+
+    def _keep(self, op: str, reservation_id: str, args: tuple[Any, ...]) -> tuple[
+            Reservation, bool]:
+        """Redis is away: answer a settlement of a shared reservation this sidecar granted
+        from what it knows, and keep it for delivery (local_share only; else re-raise)."""
+        unreachable = PersistenceFailing("the shared ledger on Redis is unreachable; try "
+                                         "again shortly")
+        if self._local is None:
+            raise unreachable
+        done = self._outbox.settled(reservation_id)
+        if done is not None:
+            if op == "keepalive" or done.state is not {"report": State.REPORTED,
+                                                       "release": State.RELEASED}[op]:
+                raise AlreadySettled(done, op)
+            return done, True
+        r = self._mine.get(reservation_id)
+        if r is None or self._outbox.full():
+            raise unreachable
+        answer = settle_locally(r, op, args, self.clock.now())
+        self._outbox.add(reservation_id, Pending(op, args, answer))
+        if answer.settlement is None:
+            self._mine[reservation_id] = answer
+        else:
+            self._mine.pop(reservation_id, None)
+            self._emit([ReservationSettled(answer.id, answer.settlement)])
+        return answer, False
+
+    async def _deliver(self) -> None:
+        """Redis answers again: send what was kept, in order. What Redis refuses (the lease
+        lapsed meanwhile, the data was lost) is logged and dropped."""
+        for rid, p in self._outbox.take():
+            try:
+                if p.op == "report":
+                    await self._report_shared(rid, p.args[0], p.args[1], Outcome(p.args[2]),
+                                              p.args[3], None)
+                elif p.op == "release":
+                    await self._release_shared(rid)
+                else:
+                    await self._keep_alive_shared(rid, p.args[0])
+            except LedgerError as exc:
+                log.warning("a %s kept while Redis was away was refused: %s", p.op, exc)
+
+    async def _acquire_shared(
         self,
         req: AcquireRequest,
         max_wait_s: float,
@@ -394,7 +506,7 @@ class SharedEngine:
                 if not waiters:
                     del self._wakes[plan.base]
 
-    async def report(
+    async def _report_shared(
         self,
         reservation_id: str,
         actual_input: int,
@@ -423,14 +535,13 @@ class SharedEngine:
                          text(reply[22]), r.model)
         return r, replayed
 
-    async def release(self, reservation_id: str) -> tuple[Reservation, bool]:
+    async def _release_shared(self, reservation_id: str) -> tuple[Reservation, bool]:
         r, replayed, _ = await self._settle(reservation_id, "release")
         if not replayed:
             self._emit([ReservationSettled(r.id, r.settlement)])  # type: ignore[arg-type]
         return r, replayed
 
-    async def keep_alive(self, reservation_id: str, lease_s: float | None) -> Reservation:
-        lease = lease_s if lease_s is not None else self._config.settings.default_lease_s
+    async def _keep_alive_shared(self, reservation_id: str, lease: float) -> Reservation:
         r, _, _ = await self._settle(reservation_id, "keepalive", lease)
         return r
 
@@ -616,6 +727,7 @@ class SharedEngine:
         while not self._stopping:
             with contextlib.suppress(*UNREACHABLE, PersistenceFailing):
                 await self.check_epoch()
+                self._healthy_again()  # Redis answers: back to the shared ledger
                 await self.sweep()
                 if self.clock.now() - last_refresh >= MIRROR_REFRESH_S:  # metrics' gauges
                     await self.refresh()
@@ -673,15 +785,30 @@ class SharedEngine:
 
     def _unhealthy(self, exc: BaseException) -> None:
         if self._healthy:
-            log.error("the shared ledger on Redis is unreachable, refusing grants until it "
-                      "answers (%s): %s", self.shared.when_unavailable.value, exc)
+            if self._local is not None:
+                log.error("the shared ledger on Redis is unreachable: granting from a local "
+                          "ledger at %.3g of the limits until it answers: %s",
+                          self.shared.local_share, exc)
+            else:
+                log.error("the shared ledger on Redis is unreachable, refusing grants until "
+                          "it answers (fail_closed): %s", exc)
         self._healthy = False
 
     def _healthy_again(self) -> None:
         if not self._healthy:
-            log.warning("the shared ledger on Redis answers again")
+            log.warning("the shared ledger on Redis answers again%s",
+                        f"; delivering {len(self._outbox)} kept settlements" if self._outbox
+                        else "")
+            self._healthy = True
             self._wake_all()
+            if self._outbox:
+                self._background(self._deliver())
         self._healthy = True
+
+    @property
+    def falling_back(self) -> bool:
+        """Granting from the local share while Redis is away (metric and health detail)."""
+        return self._local is not None and not self._healthy
 
     def _emit(self, changes: list[Change]) -> None:
         for listener in self._listeners:

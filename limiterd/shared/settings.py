@@ -60,4 +60,7 @@ class SharedLedger:
     def describe(self) -> str:
         parts = urlsplit(self.url)
         where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
-        return f"shared on Redis at {where} ({self.when_unavailable.value} when unreachable)"
+        policy = self.when_unavailable.value
+        if self.when_unavailable is WhenUnavailable.LOCAL_SHARE:
+            policy += f" {self.local_share:.3g}"
+        return f"shared on Redis at {where} ({policy} when unreachable)"
