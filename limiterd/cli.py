@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from limiterd import __version__
 from limiterd.config.loader import ConfigError, check_config
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN, ENV_PREFIX
+from limiterd.gateway.command import gateway_cmd
 from limiterd.inspect import (
     EXIT_FAILED,
     EXIT_UNREACHABLE,
@@ -42,6 +43,8 @@ from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 def main() -> None:
     """limiterd: a rate-limiter sidecar for LLM provider calls, over gRPC."""
 
+
+main.add_command(gateway_cmd)  # the HTTP gateway: limiterd/gateway/ (LIMITERD_GATEWAY_*)
 
 TOKEN_ENV = f"{ENV_PREFIX}_ADMIN_TOKEN"
 

@@ -43,6 +43,11 @@ class Reply:
     hard_reset: bool = False  # reset_mid_stream: TCP RST instead of a truncated body
     # answer only once this is set (a test acts while the provider "works"; no sleeps)
     hold: threading.Event | None = field(default=None, compare=False)
+    thinking: str = ""  # a thinking block (with its signature) before the text
+    tool_use: tuple[str, str] | None = None  # (name, input JSON): a tool_use block after it
+    # streams: after `pause_after` text deltas, wait for `pause` (a caller hangs up meanwhile)
+    pause: threading.Event | None = field(default=None, compare=False)
+    pause_after: int = 1
 
     @staticmethod
     def ok(text: str = "Hello from the fake provider, one word at a time.",
@@ -182,6 +187,20 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away (e.g. its timeout): fine
 
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        self.fake.requests.append(Recorded(path, {k.lower(): v
+                                                  for k, v in self.headers.items()}, {}))
+        if path == "/v1/models":
+            self._json(200, {"data": [{"type": "model", "id": "claude-sonnet-4-5",
+                                       "display_name": "Claude Sonnet 4.5",
+                                       "created_at": "2025-09-29T00:00:00Z"}],
+                             "has_more": False, "first_id": "claude-sonnet-4-5",
+                             "last_id": "claude-sonnet-4-5"}, [])
+            return
+        self._json(404, {"type": "error", "error": {"type": "not_found_error",
+                                                    "message": path}}, [])
+
     def _post(self) -> None:
         length = int(self.headers.get("content-length", "0"))
         try:
@@ -193,6 +212,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.requests.append(rec)
         if path == "/v1/messages/count_tokens":
             self._json(200, {"input_tokens": _estimate_input(body)}, [])
+            return
+        if path.startswith("/v1/messages/batches"):
+            self._json(200, {"id": "msgbatch_fake", "type": "message_batch",
+                             "processing_status": "in_progress"}, [])
             return
         if path != "/v1/messages":
             self._json(404, {"type": "error", "error": {"type": "not_found_error",
@@ -225,9 +248,17 @@ class _Handler(BaseHTTPRequestHandler):
                 "cache_read_input_tokens": reply.cache_read_input_tokens}
 
     def _message(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}]
+        if reply.thinking:
+            content.insert(0, {"type": "thinking", "thinking": reply.thinking,
+                               "signature": "sig-fake"})
+        if reply.tool_use:
+            content.append({"type": "tool_use", "id": "toolu_fake", "name": reply.tool_use[0],
+                            "input": json.loads(reply.tool_use[1])})
         return {"id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
-                "model": body.get("model", ""), "content": [{"type": "text", "text": reply.text}],
-                "stop_reason": "end_turn", "stop_sequence": None,
+                "model": body.get("model", ""), "content": content,
+                "stop_reason": "tool_use" if reply.tool_use else "end_turn",
+                "stop_sequence": None,
                 "usage": self._usage(body, reply, len(_chunks(reply.text)))}
 
     def _json(self, status: int, payload: dict[str, Any], headers: list[tuple[str, str]]
@@ -263,12 +294,20 @@ class _Handler(BaseHTTPRequestHandler):
         start["content"], start["stop_reason"] = [], None
         start["usage"] = {**usage, "output_tokens": 1}
         self._event("message_start", {"type": "message_start", "message": start})
-        self._event("content_block_start", {"type": "content_block_start", "index": 0,
+        index = 0
+        if reply.thinking:
+            self._block(0, {"type": "thinking", "thinking": "", "signature": ""},
+                        [{"type": "thinking_delta", "thinking": reply.thinking},
+                         {"type": "signature_delta", "signature": "sig-fake"}])
+            index = 1
+        self._event("content_block_start", {"type": "content_block_start", "index": index,
                                             "content_block": {"type": "text", "text": ""}})
         for i, piece in enumerate(chunks):
             if reply.kind in ("reset_mid_stream", "stream_error") and i == reply.after_chunks:
                 break
-            self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
+            if reply.pause is not None and i == reply.pause_after:
+                reply.pause.wait(30)
+            self._event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                 "delta": {"type": "text_delta", "text": piece}})
         if reply.kind == "reset_mid_stream":
             self._reset(reply.hard_reset)
@@ -279,13 +318,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
             return
-        self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        self._event("content_block_stop", {"type": "content_block_stop", "index": index})
+        if reply.tool_use:
+            name, args = reply.tool_use
+            half = len(args) // 2
+            self._block(index + 1, {"type": "tool_use", "id": "toolu_fake", "name": name,
+                                    "input": {}},
+                        [{"type": "input_json_delta", "partial_json": args[:half]},
+                         {"type": "input_json_delta", "partial_json": args[half:]}])
+        stop = "tool_use" if reply.tool_use else "end_turn"
         self._event("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                      "delta": {"stop_reason": stop, "stop_sequence": None},
                                       "usage": {"output_tokens": usage["output_tokens"]}})
         self._event("message_stop", {"type": "message_stop"})
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _block(self, index: int, start: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
+        self._event("content_block_start", {"type": "content_block_start", "index": index,
+                                            "content_block": start})
+        for delta in deltas:
+            self._event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                "delta": delta})
+        self._event("content_block_stop", {"type": "content_block_stop", "index": index})
 
     def _reset(self, hard: bool) -> None:
         """Cut the connection mid chunked body. Soft: FIN, so the client reads every delta
