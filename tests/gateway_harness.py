@@ -41,10 +41,17 @@ input_tokens_per_minute = 1000000
 output_tokens_per_minute = 1000000
 max_concurrent = 1
 
+# Fallback tests: each model its own rule, so a pause on one leaves the other free.
+[models."claude-big-1"]
+requests_per_minute = 1000
+
+[models."claude-small-1"]
+requests_per_minute = 1000
+
 [models."claude-*"]
 requests_per_minute = 10000
-input_tokens_per_minute = 10000000
-output_tokens_per_minute = 10000000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 1000000
 """
 
 

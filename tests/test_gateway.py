@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from tests.gateway_harness import (
     Gateway,
     actual,
     start_gateway,
-    wait_for,
 )
 
 MODEL = "claude-gw-test-1"  # any name the daemon knows (claude-*) that the SDK does not deprecate
@@ -178,4 +178,300 @@ async def test_the_api_key_is_never_logged(gateway: Gateway, daemon: DaemonView)
     assert scope_for_api_key(key) not in gateway.log_text()
 
 
-_ = (asyncio, wait_for)
+# ---- streams under stress: many at once, a caller hanging up, the upstream breaking --------
+
+
+async def test_fifty_concurrent_streams_all_complete_and_settle(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    text = "one two three four five six seven eight"
+
+    async def one(client: anthropic.AsyncAnthropic) -> str:
+        async with client.messages.stream(model=MODEL, max_tokens=64,
+                                          messages=MESSAGES) as stream:  # type: ignore[arg-type]
+            return "".join([t async for t in stream.text_stream])
+
+    provider.default = Reply.ok(text)
+    async with sdk(gateway, "sk-fifty", max_retries=0) as client:
+        texts = await asyncio.gather(*(one(client) for _ in range(50)))
+    assert texts == [text] * 50
+    settled = await daemon.wait_settled("sk-fifty", 50)
+    assert all(r.settlement and r.settlement.outcome is Outcome.OK for r in settled)
+    assert {actual(r)[1] for r in settled} == {8}  # one token per word, from message_delta
+    assert await daemon.open_leases() == []
+
+
+async def test_a_caller_hanging_up_mid_stream_is_reported_with_the_usage_so_far(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    hold = threading.Event()
+    provider.script(MODEL, Reply.ok("alpha beta gamma delta epsilon", input_tokens=77,
+                                    output_tokens=5, hold=hold, hold_after=2))
+    try:
+        async with sdk(gateway, "sk-hangup") as client:
+            async with client.messages.stream(model=MODEL, max_tokens=400,
+                                              messages=MESSAGES) as stream:  # type: ignore[arg-type]
+                got = ""
+                async for t in stream.text_stream:
+                    got += t
+                    if got == "alpha beta":
+                        break  # leaving the block closes the connection
+        [r] = await daemon.wait_settled("sk-hangup", 1)
+    finally:
+        hold.set()
+    assert r.settlement is not None and r.settlement.outcome is Outcome.CANCELLED
+    # input as the provider said in message_start; output estimated from the text delivered
+    assert actual(r) == (77, 3)
+    assert await daemon.open_leases() == []
+
+
+async def test_an_upstream_break_mid_stream_reaches_the_caller_as_an_error_event(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    provider.script(MODEL, Reply.reset_mid_stream(after_chunks=2, input_tokens=50,
+                                                  text="red green blue yellow"))
+    got = ""
+    async with sdk(gateway, "sk-break", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError, match="mid-stream") as info:
+            async with client.messages.stream(model=MODEL, max_tokens=400,
+                                              messages=MESSAGES) as stream:  # type: ignore[arg-type]
+                async for t in stream.text_stream:
+                    got += t
+    assert got == "red green"
+    assert info.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    [r] = await daemon.wait_settled("sk-break", 1)
+    assert r.settlement is not None and r.settlement.outcome is Outcome.ERROR
+    assert actual(r) == (50, 3)  # 9 characters delivered
+
+
+# ---- refusals: passed through unchanged by default, reported, costing nothing --------------
+
+
+async def test_a_429_passes_through_is_reported_and_pauses_the_other_callers(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url,
+                             "[gateway]\nmax_wait_s = 0.3\n")
+    provider.script(MODEL, Reply.rate_limited(retry_after="20"))
+    try:
+        async with sdk(gw, "sk-429", max_retries=0) as first:
+            with pytest.raises(anthropic.RateLimitError) as info:
+                await first.messages.create(model=MODEL, max_tokens=100,
+                                            messages=MESSAGES)  # type: ignore[arg-type]
+        assert info.value.response.headers["retry-after"] == "20"
+        assert info.value.response.headers["anthropic-ratelimit-requests-remaining"] == "49"
+        assert info.value.body["error"]["message"] == "rate limited"  # type: ignore[index]
+        [r] = await daemon.wait_settled("sk-429", 1)
+        assert r.settlement is not None and r.settlement.outcome is Outcome.RATE_LIMITED
+        assert actual(r) == (0, 0)  # a refused attempt costs no tokens
+        assert (await daemon.bucket("sk-429", MODEL)).paused_until_ms > 0
+        # Another app with the same key: held by the pause, answered by the gateway itself
+        # (max_wait_s is shorter than the pause), and never sent to the provider.
+        async with sdk(gw, "sk-429", max_retries=0) as second:
+            with pytest.raises(anthropic.RateLimitError, match="limiterd") as again:
+                await second.messages.create(model=MODEL, max_tokens=100,
+                                             messages=MESSAGES)  # type: ignore[arg-type]
+        assert int(again.value.response.headers["retry-after"]) >= 1
+        assert len(provider.requests) == 1
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_a_529_passes_through_unchanged_and_is_reported_overloaded(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    provider.script(MODEL, Reply.overloaded())
+    async with sdk(gateway, "sk-529", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as info:
+            await client.messages.create(model=MODEL, max_tokens=100,
+                                         messages=MESSAGES)  # type: ignore[arg-type]
+    assert info.value.status_code == 529
+    assert info.value.body == {"type": "error", "error": {"type": "overloaded_error",
+                                                          "message": "Overloaded"}}
+    [r] = await daemon.wait_settled("sk-529", 1)
+    assert r.settlement is not None and r.settlement.outcome is Outcome.OVERLOADED
+    assert actual(r) == (0, 0)
+
+
+async def test_rate_limit_headers_reach_the_daemon(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    """The provider says 29,000 input tokens remain (the fake's headers); the daemon's bucket
+    (1,000,000 a minute) is lowered to match, which it only learns from Report."""
+    async with sdk(gateway, "sk-sync") as client:
+        await client.messages.create(model=MODEL, max_tokens=100,
+                                     messages=MESSAGES)  # type: ignore[arg-type]
+    await daemon.wait_settled("sk-sync", 1)
+    bucket = await daemon.bucket("sk-sync", MODEL)
+    [level] = [d.level for d in bucket.dimensions if d.name == "input_tokens"]
+    assert level < 500_000  # refills 16,667/s from 29,000; untouched it would be ~1,000,000
+
+
+# ---- waits: bounded, kept alive for streams when asked -------------------------------------
+
+
+async def _stream_raw(gw: Gateway, session: aiohttp.ClientSession, key: str
+                      ) -> aiohttp.ClientResponse:
+    body = {"model": "claude-one-1", "max_tokens": 50, "messages": MESSAGES, "stream": True}
+    return await session.post(gw.base_url + "/v1/messages", json=body,
+                              headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+
+
+async def _hold_the_only_slot(gw: Gateway, provider: FakeProvider, hold: threading.Event,
+                              session: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+    """A first stream on claude-one-1 (max_concurrent = 1) that stays open until `hold`."""
+    provider.script("claude-one-1", Reply.ok("first holds the slot", hold=hold))
+    first = await _stream_raw(gw, session, "sk-wait")
+    await first.content.readuntil(b"event: content_block_delta")  # granted and streaming
+    return first
+
+
+async def test_a_waiting_stream_gets_200_and_pings_until_granted(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url,
+                             "[gateway]\nstream_keepalive_after_s = 0.05\n"
+                             "ping_interval_s = 0.05\n")
+    hold = threading.Event()
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = await _hold_the_only_slot(gw, provider, hold, session)
+            second = await _stream_raw(gw, session, "sk-wait")
+            assert second.status == 200  # answered while still queued
+            assert await second.content.readuntil(b"\n\n") == \
+                b'event: ping\ndata: {"type": "ping"}\n\n'
+            hold.set()
+            await first.read()
+            rest = (await second.read()).decode()
+        assert rest.index("event: message_start") > rest.rfind("event: ping")
+        assert rest.rstrip().endswith('data: {"type": "message_stop"}')
+        settled = await daemon.wait_settled("sk-wait", 2)
+        assert all(r.settlement and r.settlement.outcome is Outcome.OK for r in settled)
+        assert settled[1].waited_s > 0
+    finally:
+        hold.set()
+        assert gw.stop() == 0
+
+
+async def test_a_wait_that_fails_after_pings_ends_in_an_error_event(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url,
+                             "[gateway]\nstream_keepalive_after_s = 0.05\n"
+                             "ping_interval_s = 0.05\nmax_wait_s = 0.5\n")
+    hold = threading.Event()
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = await _hold_the_only_slot(gw, provider, hold, session)
+            second = await _stream_raw(gw, session, "sk-wait")
+            assert second.status == 200
+            events = (await second.read()).decode().strip().split("\n\n")
+            assert events[0].startswith("event: ping")
+            name, data = events[-1].split("\n")
+            assert name == "event: error"
+            assert json.loads(data.removeprefix("data: "))["error"]["type"] == \
+                "rate_limit_error"
+            # a caller that does not stream is told 429 with a retry-after, in the same time
+            async with sdk(gw, "sk-wait", max_retries=0) as client:
+                with pytest.raises(anthropic.RateLimitError, match="limiterd") as info:
+                    await client.messages.create(model="claude-one-1", max_tokens=10,
+                                                 messages=MESSAGES)  # type: ignore[arg-type]
+            assert int(info.value.response.headers["retry-after"]) >= 1
+            hold.set()
+            await first.read()
+        assert len(provider.requests) == 1  # neither waiter reached the provider
+    finally:
+        hold.set()
+        assert gw.stop() == 0
+
+
+# ---- everything else is proxied, not counted -------------------------------------------------
+
+
+async def test_other_routes_are_proxied_unchanged_and_not_counted(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    async with sdk(gateway, "sk-other") as client:
+        counted = await client.messages.count_tokens(model=MODEL,
+                                                     messages=MESSAGES)  # type: ignore[arg-type]
+        models = await client.models.list()
+    assert counted.input_tokens > 0
+    assert [m.id for m in models.data] == ["claude-sonnet-4-5"]
+    status, _, body = await post(gateway, json.dumps({"requests": []}).encode(),
+                                 {"x-api-key": "sk-other"})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gateway.base_url + "/v1/messages/batches", json={"requests": []},
+                          headers={"x-api-key": "sk-other"}) as resp:
+            batch = await resp.json()
+    assert batch["type"] == "message_batch"
+    assert status == 400  # /v1/messages itself still validates
+    assert [r.path for r in provider.requests] == [
+        "/v1/messages/count_tokens", "/v1/models", "/v1/messages/batches"]
+    assert daemon.settled() == [] and await daemon.open_leases() == []
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gateway.base_url + "/limiterd/metrics") as resp:
+            metrics = await resp.text()
+    assert 'limiterd_gateway_requests_total{model="other",route="batches"} 1.0' in metrics
+    assert 'limiterd_gateway_requests_total{model="other",route="count_tokens"} 1.0' in metrics
+
+
+# ---- policy: retries and fallback inside the gateway, when configured ------------------------
+
+POLICY = """
+[models."claude-big-1"]
+retries = 1
+max_retry_after_s = 5
+fallback = ["claude-small-1"]
+
+[models."claude-small-1"]
+max_tokens = 100
+"""
+
+
+async def test_overloads_are_retried_then_fall_back_with_headers_saying_so(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url, POLICY)
+    provider.script("claude-big-1", Reply.overloaded(), Reply.overloaded())
+    provider.script("claude-small-1", Reply.ok("from the small one"))
+    try:
+        async with sdk(gw, "sk-fall", max_retries=0) as client:
+            raw = await client.messages.with_raw_response.create(
+                model="claude-big-1", max_tokens=1000, messages=MESSAGES)  # type: ignore[arg-type]
+            msg = await raw.parse()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.base_url + "/limiterd/metrics") as resp:
+                metrics = await resp.text()
+    finally:
+        assert gw.stop() == 0
+    assert msg.content[0].text == "from the small one"  # type: ignore[union-attr]
+    assert raw.headers["x-limiterd-served-by"] == "claude-small-1"
+    assert "claude-big-1: overloaded_error (529)" in raw.headers["x-limiterd-fallback"]
+    assert provider.models_called() == ["claude-big-1", "claude-big-1", "claude-small-1"]
+    assert provider.requests[-1].body["max_tokens"] == 100
+    settled = await daemon.wait_settled("sk-fall", 3)
+    assert [r.settlement.outcome for r in settled if r.settlement] == [
+        Outcome.OVERLOADED, Outcome.OVERLOADED, Outcome.OK]
+    assert [r.model for r in settled] == ["claude-big-1", "claude-big-1", "claude-small-1"]
+    assert 'limiterd_gateway_retries_total{model="claude-big-1",status="529"} 1.0' in metrics
+    assert 'limiterd_gateway_fallbacks_total{model="claude-big-1",reason="529"} 1.0' in metrics
+
+
+async def test_a_retry_after_beyond_the_bound_is_not_waited_for(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url, POLICY)
+    provider.script("claude-big-1", Reply.rate_limited(retry_after="1"),
+                    Reply.rate_limited(retry_after="60"))
+    provider.script("claude-small-1", Reply.ok("small"))
+    try:
+        async with sdk(gw, "sk-bound", max_retries=0) as client:
+            raw = await client.messages.with_raw_response.create(
+                model="claude-big-1", max_tokens=50, messages=MESSAGES)  # type: ignore[arg-type]
+    finally:
+        assert gw.stop() == 0
+    # 429 after 1 s: retried once; 429 asking for 60 s (> max_retry_after_s): fall back
+    assert provider.models_called() == ["claude-big-1", "claude-big-1", "claude-small-1"]
+    assert raw.headers["x-limiterd-retries"] == "1"
+    assert raw.headers["x-limiterd-fallback"] == "claude-big-1: rate_limit_error (429)"
+    assert raw.headers["x-limiterd-served-by"] == "claude-small-1"
+    assert provider.requests[-1].body["max_tokens"] == 50  # already under the cap
+
+
+async def test_without_a_policy_nothing_is_retried_in_the_gateway(
+        gateway: Gateway, provider: FakeProvider) -> None:
+    provider.script("claude-big-1", Reply.overloaded(), Reply.ok("second"))
+    async with sdk(gateway, "sk-nopolicy", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError):
+            await client.messages.create(model="claude-big-1", max_tokens=10,
+                                         messages=MESSAGES)  # type: ignore[arg-type]
+    assert provider.models_called() == ["claude-big-1"]

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from limiterd.gateway.config import GatewayConfig
 from limiterd.gateway.messages import Messages
@@ -30,6 +30,7 @@ from limiterd_client import FailClosed, FailOpen, Limiter
 log = logging.getLogger("limiterd.gateway")
 
 HEALTH_PATH = "/limiterd/health"
+METRICS_PATH = "/limiterd/metrics"  # also on --metrics-listen, as the daemon serves them
 
 
 def configured_models(cfg: GatewayConfig) -> set[str]:
@@ -51,7 +52,12 @@ def build_app(cfg: GatewayConfig, limiter: Limiter, session: aiohttp.ClientSessi
         return web.Response(text=json.dumps({"status": "serving"}),
                             content_type="application/json")
 
+    async def scrape(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry),
+                            headers={"content-type": CONTENT_TYPE_LATEST})
+
     app.router.add_get(HEALTH_PATH, health)
+    app.router.add_get(METRICS_PATH, scrape)
     app.router.add_post("/v1/messages", messages.handle)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

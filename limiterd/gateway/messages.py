@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -166,16 +166,12 @@ class Messages:
         chain = (call.model, *self.cfg.policy(call.model).fallback)
         last: Attempt | None = None
         why: list[str] = []
+        retried = 0
         for i, model in enumerate(chain):
             this = call if i == 0 else call.for_model(model, self.cfg.policy(model).max_tokens)
-            if i > 0:
-                down.extra = [("x-limiterd-served-by", model),
-                              ("x-limiterd-fallback", "; ".join(why))]
             policy = self.cfg.policy(model)
             for attempt in range(policy.retries + 1):
-                if attempt:
-                    down.extra = [h for h in down.extra if h[0] != "x-limiterd-retries"]
-                    down.extra.append(("x-limiterd-retries", str(attempt)))
+                down.extra = _our_headers(model, why, retried)
                 reservation = self.limiter.reserve(
                     call.scope, model, input_tokens=estimated,
                     max_output_tokens=this.max_tokens, max_wait=self.cfg.max_wait_s,
@@ -202,6 +198,7 @@ class Messages:
                 if delay is None:
                     break
                 self.metrics.retries.labels(self.metrics.model(model), str(last.status)).inc()
+                retried += 1
                 await asyncio.sleep(delay)
             assert last is not None
             why.append(f"{model}: {last.error.code or last.status} ({last.status})")
@@ -264,6 +261,9 @@ class Messages:
             if not enter.done():
                 enter.cancel()
                 await asyncio.gather(enter, return_exceptions=True)
+            elif not enter.cancelled() and enter.exception() is None:
+                # granted just as the caller left: give it back (never called -> Release)
+                await _settle(reservation.__aexit__(type(e), e, e.__traceback__))
             if isinstance(e, ClientGone | asyncio.CancelledError):
                 self._wait_result(call.model, "client_gone")
             raise
@@ -293,8 +293,8 @@ class Messages:
                 upstream = await upstream_cm.__aenter__()
             except (aiohttp.ClientError, TimeoutError) as e:
                 self.metrics.upstream.labels("messages", label, "error").inc()
-                await r.report_error(connection_error(PROVIDER, type(e).__name__,
-                                                      usage=Usage(0, 0)))
+                await _settle(r.report_error(connection_error(PROVIDER, type(e).__name__,
+                                                      usage=Usage(0, 0))))
                 await down.error(502, "api_error", f"upstream unreachable: {type(e).__name__}")
                 return None
             try:
@@ -323,18 +323,18 @@ class Messages:
         try:
             body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            await r.report_error(connection_error(PROVIDER, type(e).__name__,
-                                                  usage=Usage(estimated, 0)))
+            await _settle(r.report_error(connection_error(PROVIDER, type(e).__name__,
+                                                  usage=Usage(estimated, 0))))
             await down.error(502, "api_error", f"upstream broke: {type(e).__name__}")
             return None
         if status == 200:
             usage = json_usage(body) or Usage(estimated, call.max_tokens)
-            await r.report(usage.input_tokens, usage.output_tokens, provider=meta)
+            await _settle(r.report(usage.input_tokens, usage.output_tokens, provider=meta))
             await self._send(down, status, headers, body)
             return None
         err = _http_error(status, upstream.headers, body, self.wall())
         err.usage = Usage(0, 0)  # a refused or failed answer consumed nothing
-        await r.report_error(err)
+        await _settle(r.report_error(err))
         attempt = Attempt(status, headers, body, err)
         if status in REFUSED:
             return attempt
@@ -384,19 +384,20 @@ class Messages:
                                     headers=upstream.headers, code=tap.error.kind,
                                     message=tap.error.message, now=self.wall())
                 err.usage = tap.usage(estimated)
-                await r.report_error(err)
+                await _settle(r.report_error(err))
             elif not tap.finished:
                 end = "upstream_broke"  # ended cleanly but without message_stop
-                await r.report_error(connection_error(PROVIDER, "stream ended early",
-                                                      usage=tap.usage(estimated)))
+                await _settle(r.report_error(connection_error(PROVIDER, "stream ended early",
+                                                      usage=tap.usage(estimated))))
             else:
                 usage = tap.usage(estimated)
-                await r.report(usage.input_tokens, usage.output_tokens, provider=meta)
+                await _settle(r.report(usage.input_tokens, usage.output_tokens, provider=meta))
         except (ClientGone, asyncio.CancelledError):
             end = "client_gone"
             usage = tap.usage(estimated)
-            await asyncio.shield(r.report(usage.input_tokens, usage.output_tokens,
-                                          outcome=pb.CANCELLED, provider=meta))
+            if not r.settled:  # (the hang-up may come while the OK report is on its way)
+                await _settle(r.report(usage.input_tokens, usage.output_tokens,
+                                       outcome=pb.CANCELLED, provider=meta))
             raise
         finally:
             self.metrics.stream_ends.labels(label, end).inc()
@@ -407,14 +408,31 @@ class Messages:
         `error` event (as the API sends for a failure mid-stream), the attempt is reported
         as an error with the usage seen so far."""
         usage = tap.usage(estimated)
-        await r.report_error(connection_error(PROVIDER, f"stream broke: {type(e).__name__}",
-                                              usage=usage))
+        await _settle(r.report_error(connection_error(
+            PROVIDER, f"stream broke: {type(e).__name__}", usage=usage)))
         await down.write(error_event(json.dumps({
             "type": "error",
             "error": {"type": "api_error",
                       "message": f"upstream connection broke mid-stream ({type(e).__name__})"},
         }).encode()))
         await down.finish()
+
+
+def _our_headers(model: str, why: list[str], retried: int) -> list[tuple[str, str]]:
+    """What the gateway tells the caller about its own retries and fallbacks (nothing when
+    it made none): the model that served, why each earlier one was left, retries made."""
+    headers = []
+    if why:
+        headers += [("x-limiterd-served-by", model), ("x-limiterd-fallback", "; ".join(why))]
+    if retried:
+        headers.append(("x-limiterd-retries", str(retried)))
+    return headers
+
+
+async def _settle(report: Awaitable[object]) -> None:
+    """Report even if the caller hangs up meanwhile: aiohttp then cancels the handler, and a
+    Report cut off mid-call would leave the reservation open until its lease lapsed."""
+    await asyncio.shield(report)
 
 
 def _quiet(_update: object) -> None:

@@ -26,10 +26,11 @@ class Proxy:
         try:
             async with self.session.request(
                     request.method, self.base + request.raw_path, data=body,
-                    headers=forward_headers(request.headers.items()),
+                    headers=forward_headers(request.headers.items(), same_body=True),
                     allow_redirects=False) as upstream:
                 self.metrics.upstream.labels(route, "other", status_class(upstream.status)).inc()
-                await down.start(upstream.status, forward_headers(upstream.headers.items()))
+                await down.start(upstream.status,
+                                 forward_headers(upstream.headers.items(), same_body=True))
                 async for chunk in upstream.content.iter_any():
                     await down.write(chunk)
                 await down.finish()

@@ -19,20 +19,24 @@ from limiterd_client import Usage
 CHARS_PER_TOKEN = 3.5
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded;
-# content-length and host are set again for the next leg.
+# host is set again for the next leg, and so is content-length unless the body passes
+# through byte for byte (then it keeps the sender's framing).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-                        "host", "content-length"})
+                        "host"})
 # Our own request headers (x-limiterd-*) stop at the gateway.
 OWN_PREFIX = "x-limiterd-"
 
 PING_EVENT = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
-def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The headers to send on to the next leg (request or response), order and repeats kept."""
+def forward_headers(headers: Iterable[tuple[str, str]], *, same_body: bool = False
+                    ) -> list[tuple[str, str]]:
+    """The headers to send on to the next leg (request or response), order and repeats kept.
+    `same_body`: the body is passed on unchanged, so its content-length still holds."""
     return [(k, v) for k, v in headers
-            if k.lower() not in HOP_BY_HOP and not k.lower().startswith(OWN_PREFIX)]
+            if k.lower() not in HOP_BY_HOP and not k.lower().startswith(OWN_PREFIX)
+            and (same_body or k.lower() != "content-length")]
 
 
 def api_key(headers: Mapping[str, str]) -> str:
