@@ -204,7 +204,7 @@ async def test_a_caller_hanging_up_mid_stream_is_reported_with_the_usage_so_far(
         gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
     hold = threading.Event()
     provider.script(MODEL, Reply.ok("alpha beta gamma delta epsilon", input_tokens=77,
-                                    output_tokens=5, hold=hold, hold_after=2))
+                                    output_tokens=5, pause=hold, pause_after=2))
     try:
         async with sdk(gateway, "sk-hangup") as client:
             async with client.messages.stream(model=MODEL, max_tokens=400,
@@ -314,7 +314,7 @@ async def _stream_raw(gw: Gateway, session: aiohttp.ClientSession, key: str
 async def _hold_the_only_slot(gw: Gateway, provider: FakeProvider, hold: threading.Event,
                               session: aiohttp.ClientSession) -> aiohttp.ClientResponse:
     """A first stream on claude-one-1 (max_concurrent = 1) that stays open until `hold`."""
-    provider.script("claude-one-1", Reply.ok("first holds the slot", hold=hold))
+    provider.script("claude-one-1", Reply.ok("first holds the slot", pause=hold))
     first = await _stream_raw(gw, session, "sk-wait")
     await first.content.readuntil(b"event: content_block_delta")  # granted and streaming
     return first
