@@ -35,7 +35,7 @@ def fmt(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-PARTS = ("floor", "scale", "restart", "goodput", "streams")
+PARTS = ("floor", "scale", "restart", "goodput", "streams", "gateway")
 ALIASES = {"cost": "floor"}  # the part's earlier name
 
 
@@ -122,6 +122,13 @@ def main() -> None:
                    f"{r['idle_p99_ms']:.2f} ms idle ({r['p99_ratio']:.2f}x); the streams heard "
                    f"{r['events']:,} events, {r['granted']:,} grants, {r['failed']} failures.",
                    ""]
+    if "gateway" in parts:
+        from bench import gateway
+
+        print("the gateway against direct calls", flush=True)
+        rows = gateway.run_all(runs, seconds, 8)
+        raw["gateway"] = rows
+        report += gateway.report(rows, 8, seconds)
     verdicts = targets.check(raw)
     raw["targets"] = [vars(v) for v in verdicts]
     report += targets.table(verdicts)

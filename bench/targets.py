@@ -15,6 +15,7 @@ SCALE_COST_MAX = 1.2  # per-call cost at the largest case / at the smallest, at 
 RSS_100K_SCOPES_MAX_MB = 300.0
 RESTART_MAX_S = 3.0
 STREAMS_P99_VS_IDLE_MAX = 3.0  # probe p99 with 10,000 waiting streams / idle, at most
+GATEWAY_TTFB_MAX = 1.1  # time to first byte through the gateway / direct, streamed, p50
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ def check(raw: dict[str, Any]) -> list[Verdict]:
                            f"{STREAMS_P99_VS_IDLE_MAX:.0f}x idle, no stream failing",
                            f"{ratio:.2f}x, {streams['failed']} failed",
                            ratio <= STREAMS_P99_VS_IDLE_MAX and not streams["failed"]))
+    for r in raw.get("gateway", []):
+        if r["case"] == "stream":
+            ratio = float(r["ratio_ttfb_p50_ms"])
+            out.append(Verdict(f"gateway stream TTFB p50 <= {GATEWAY_TTFB_MAX}x direct",
+                               f"{ratio:.3f}x (+{r['added_ttfb_p50_ms']:.1f} ms)",
+                               ratio <= GATEWAY_TTFB_MAX))
     return out
 
 

@@ -63,3 +63,15 @@ def test_waiting_streams_verdict(ratio: float, failed: int, met: bool) -> None:
     [verdict] = targets.check(raw)
     assert verdict.target == "probe p99 with 10,000 waiting streams <= 3x idle, no stream failing"
     assert verdict.measured == f"{ratio:.2f}x, {failed} failed" and verdict.met is met
+
+
+def test_gateway_verdict_is_the_streamed_ttfb_ratio() -> None:
+    raw = {"gateway": [
+        {"case": "stream", "ratio_ttfb_p50_ms": 1.04, "added_ttfb_p50_ms": 4.2},
+        {"case": "json", "ratio_ttfb_p50_ms": 2.0, "added_ttfb_p50_ms": 9.0},
+    ]}
+    assert [(v.target, v.measured, v.met) for v in targets.check(raw)] == [
+        ("gateway stream TTFB p50 <= 1.1x direct", "1.040x (+4.2 ms)", True)]
+    raw["gateway"][0]["ratio_ttfb_p50_ms"] = 1.2
+    assert [v.met for v in targets.check(raw)] == [False]
+    assert parse_parts("gateway") == {"gateway"}

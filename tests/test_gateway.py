@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,17 +16,20 @@ import anthropic
 import grpc
 import pytest
 
-from client.tests.fake_provider import FakeProvider, Reply
+from client.tests.fake_provider import FakeProvider, Reply, _estimate_input
 from limiterd.config.loader import parse_config
 from limiterd.ledger.model import Outcome
 from limiterd.server import running_server
-from limiterd_client import scope_for_api_key
+from limiterd_client import estimate_chars, scope_for_api_key
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.gateway_harness import (
     DAEMON_CONFIG,
     DaemonView,
     Gateway,
     actual,
     start_gateway,
+    wait_for,
 )
 
 MODEL = "claude-gw-test-1"  # any name the daemon knows (claude-*) that the SDK does not deprecate
@@ -475,3 +479,150 @@ async def test_without_a_policy_nothing_is_retried_in_the_gateway(
             await client.messages.create(model="claude-big-1", max_tokens=10,
                                          messages=MESSAGES)  # type: ignore[arg-type]
     assert provider.models_called() == ["claude-big-1"]
+
+
+# ---- the input estimate, and a daemon that cannot be reached -----------------------------
+
+
+async def test_count_tokens_estimate_reserves_the_upstream_count(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url,
+                             '[gateway]\nestimate = "count_tokens"\n')
+    try:
+        async with sdk(gw, "sk-count") as client:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=MESSAGES,
+                                         system="x" * 400)  # type: ignore[arg-type]
+    finally:
+        assert gw.stop() == 0
+    count, call = provider.requests
+    assert (count.path, call.path) == ("/v1/messages/count_tokens", "/v1/messages")
+    assert count.body == {"model": MODEL, "messages": MESSAGES, "system": "x" * 400}
+    [r] = await daemon.wait_settled("sk-count", 1)
+    # the fake counts len(JSON) / 4, where the default estimate counts characters / 3.5
+    assert r.reserved.input_tokens == _estimate_input(count.body)
+    assert r.reserved.input_tokens != estimate_chars(count.body)
+
+
+@pytest.mark.parametrize(("mode", "status"), [("closed", 503), ("open", 200)])
+async def test_an_unreachable_daemon_fails_closed_or_open_as_configured(
+        tmp_path: Path, provider: FakeProvider, mode: str, status: int) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    gw = await start_gateway(tmp_path, dead, provider.base_url,
+                             f'[gateway]\non_unavailable = "{mode}"\n')
+    try:
+        got, _, body = await post(gw, json.dumps({"model": MODEL, "max_tokens": 5,
+                                                  "messages": MESSAGES}).encode())
+    finally:
+        assert gw.stop() == 0
+    assert got == status, body
+    if mode == "closed":
+        assert json.loads(body)["error"]["type"] == "api_error"
+        assert provider.requests == []
+    else:
+        assert provider.models_called() == [MODEL]
+
+
+# ---- more endings: an overload inside a stream, a caller leaving the queue, SIGTERM ----------
+
+
+async def test_an_overload_event_inside_a_stream_passes_through_and_reports_overloaded(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    provider.script(MODEL, Reply.overload_in_stream(after_chunks=1, input_tokens=10,
+                                                    text="partial answer"))
+    async with sdk(gateway, "sk-ovl", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError, match="Overloaded") as info:
+            async with client.messages.stream(model=MODEL, max_tokens=100,
+                                              messages=MESSAGES) as stream:  # type: ignore[arg-type]
+                async for _ in stream:
+                    pass
+    assert info.value.body == {"type": "error", "error": {"type": "overloaded_error",
+                                                          "message": "Overloaded"}}
+    [r] = await daemon.wait_settled("sk-ovl", 1)
+    assert r.settlement is not None and r.settlement.outcome is Outcome.OVERLOADED
+    assert actual(r) == (10, 2)  # "partial" delivered: 7 characters
+
+
+async def test_a_caller_leaving_the_queue_leaves_no_place_and_no_reservation(
+        tmp_path: Path, daemon: DaemonView, provider: FakeProvider) -> None:
+    gw = await start_gateway(tmp_path, daemon.target, provider.base_url,
+                             "[gateway]\nstream_keepalive_after_s = 0.05\n"
+                             "ping_interval_s = 0.05\n")
+    hold = threading.Event()
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = await _hold_the_only_slot(gw, provider, hold, session)
+            second = await _stream_raw(gw, session, "sk-wait")
+            await second.content.readuntil(b"event: ping")
+            assert (await daemon.bucket("sk-wait", "claude-one-1")).queue_depth == 1
+            second.close()  # hang up while queued
+
+            depth = [1]
+
+            async def poll() -> None:
+                while depth[0]:
+                    depth[0] = (await daemon.bucket("sk-wait", "claude-one-1")).queue_depth
+            await asyncio.wait_for(poll(), 15)
+            hold.set()
+            await first.read()
+        settled = await daemon.wait_settled("sk-wait", 1)
+        assert len(settled) == 1 and await daemon.open_leases() == []
+        assert len(provider.requests) == 1
+    finally:
+        hold.set()
+        assert gw.stop() == 0
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    hold = threading.Event()
+    provider.script(MODEL, Reply.ok("finish what you started", pause=hold, pause_after=1))
+    async with aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "max_tokens": 50, "messages": MESSAGES, "stream": True}
+        resp = await session.post(gateway.base_url + "/v1/messages", json=body,
+                                  headers={"x-api-key": "sk-term"})
+        await resp.content.readuntil(b"event: content_block_delta")
+        gateway.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: "stopping" in gateway.log_text(), "the gateway to stop")
+        hold.set()
+        rest = (await resp.read()).decode()
+    assert rest.rstrip().endswith('data: {"type": "message_stop"}')
+    [r] = await daemon.wait_settled("sk-term", 1)
+    assert r.settlement is not None and r.settlement.outcome is Outcome.OK
+    await asyncio.to_thread(gateway.proc.wait, 15)
+    assert gateway.proc.returncode == 0
+
+
+async def test_every_part_its_own_process(tmp_path: Path, provider: FakeProvider) -> None:
+    """`limiterd serve` and `limiterd gateway` as the operator starts them, the SDK as an app."""
+    from tests.test_process import free_port, limiterd, wait_serving
+
+    config = tmp_path / "limiterd.toml"
+    config.write_text(DAEMON_CONFIG)
+    target = f"127.0.0.1:{free_port()}"
+    daemon = limiterd("serve", "--listen", target, "--config", str(config), "--db",
+                      str(tmp_path / "state.sqlite3"))
+    try:
+        await asyncio.to_thread(wait_serving, target, daemon)
+        gw = await start_gateway(tmp_path, target, provider.base_url)
+        try:
+            async with sdk(gw, "sk-procs") as client:
+                msg = await client.messages.create(model=MODEL, max_tokens=20,
+                                                   messages=MESSAGES)  # type: ignore[arg-type]
+        finally:
+            assert gw.stop() == 0
+        assert msg.usage.output_tokens > 0
+        async with grpc.aio.insecure_channel(target) as ch:
+            admin = pb_grpc.AdminStub(ch)
+            leases = (await admin.ListLeases(pb.ListLeasesRequest())).leases
+            [bucket] = (await admin.GetBuckets(pb.GetBucketsRequest(
+                scope=scope_for_api_key("sk-procs")))).buckets
+        assert list(leases) == []
+        [requests] = [d for d in bucket.dimensions if d.name == "requests"]
+        assert requests.level < requests.capacity  # the call was counted
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=20)
