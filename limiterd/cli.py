@@ -34,7 +34,7 @@ from limiterd.inspect import (
 )
 from limiterd.server import ListenError, Security, ServeOptions, serve
 from limiterd.storage.base import StartupError
-from limiterd.storage.sqlite import default_db_path
+from limiterd.storage.factory import default_db_path
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 
 

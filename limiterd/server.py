@@ -30,13 +30,13 @@ from limiterd.config.loader import DEFAULTS_SOURCE, ConfigError, load_config
 from limiterd.config.model import Config
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN
 from limiterd.engine import Engine
-from limiterd.errorlog import ErrorLog, ErrorStore
+from limiterd.errorlog import ErrorLog
 from limiterd.metrics import Metrics
 from limiterd.shared.engine import SharedEngine
 from limiterd.shared.settings import SharedLedger
 from limiterd.storage.base import Journal, StartupError
+from limiterd.storage.factory import open_journal
 from limiterd.storage.memory import MemoryJournal
-from limiterd.storage.sqlite import open_journal
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 
@@ -253,7 +253,7 @@ async def start_server(
     await engine.start()
     observer = Metrics(engine) if metrics or metrics_listen else None
     reloader = Reloader(engine, config_path, observer)
-    errors = ErrorLog(engine.clock, journal if isinstance(journal, ErrorStore) else None)
+    errors = ErrorLog(engine.clock, journal.error_store())
     await errors.start()
     interceptors: list[grpc.aio.ServerInterceptor] = [Calls(observer)]
     if security.admin_token:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import aiosqlite
 import pytest
 
 from limiterd.clock import FakeClock
@@ -35,13 +34,17 @@ from limiterd.ledger.model import (
     Snapshot,
     State,
 )
-from limiterd.storage import MemoryJournal, StartupError, StorageError
-from limiterd.storage.sqlite import (
-    SCHEMA_VERSION,
-    SqliteJournal,
+from limiterd.storage import (
+    MemoryJournal,
+    StartupError,
+    StorageError,
     default_db_path,
     open_journal,
 )
+from limiterd.storage.sqlite import MIGRATIONS, SqliteJournal
+from limiterd.storage.sqlite import schema as schema_module
+
+SCHEMA_VERSION = len(MIGRATIONS)
 
 T0 = 1_700_000_000.0
 B_MODEL = BucketKey("team", "claude")
@@ -612,8 +615,7 @@ async def test_a_value_sqlite_cannot_hold_fails_the_whole_batch(tmp_path: Path) 
 async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import limiterd.storage.sqlite as mod
-
+    mod = schema_module
     path = tmp_path / "db.sqlite3"
     base = len(mod.MIGRATIONS)
     j = SqliteJournal(path)
@@ -621,9 +623,9 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     await j.write([ReservationOpened(res("a"))])
     await j.close()
 
-    async def v2_broken(conn: aiosqlite.Connection) -> None:
-        await conn.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
-        await conn.execute("THIS IS NOT SQL")
+    def v2_broken(db: sqlite3.Connection) -> None:
+        db.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
+        db.execute("THIS IS NOT SQL")
 
     monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS, v2_broken])
     with pytest.raises(StartupError, match="cannot open"):
@@ -634,8 +636,8 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     con.close()
     assert "note" not in cols
 
-    async def v2(conn: aiosqlite.Connection) -> None:
-        await conn.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
+    def v2(db: sqlite3.Connection) -> None:
+        db.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
 
     monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS[:base], v2])
     assert set(by_id(await reopen(path))) == {"a"}
@@ -647,8 +649,7 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
 async def test_a_version_1_database_migrates_forward_keeping_its_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import limiterd.storage.sqlite as mod
-
+    mod = schema_module
     path = tmp_path / "db.sqlite3"
     full = list(mod.MIGRATIONS)
     monkeypatch.setattr(mod, "MIGRATIONS", full[:1])  # written by the first release

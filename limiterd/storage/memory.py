@@ -20,5 +20,8 @@ class MemoryJournal(Journal):
     async def close(self) -> None:
         return None
 
+    def name(self) -> str:
+        return ":memory:"
+
     def describe(self) -> str:
         return ":memory: (nothing survives a restart)"

@@ -1,0 +1,108 @@
+"""Loading: rows -> the Snapshot the ledger restores from."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from limiterd.ledger.model import (
+    Amounts,
+    BucketKey,
+    BucketLevels,
+    Outcome,
+    PauseSet,
+    Reservation,
+    Settlement,
+    Snapshot,
+    State,
+)
+
+_OPEN_COLUMNS = (
+    "id, scope, model, user, request_id, reserved_requests, reserved_input, reserved_output,"
+    " buckets, granted_at, expires_at, waited_s"
+)
+# Open rows are most of a big file: reading them without the NULL settlement columns is
+# markedly cheaper (Python builds one object per value fetched).
+_SELECT_OPEN = f"SELECT {_OPEN_COLUMNS} FROM reservations WHERE settled_at IS NULL"
+_SELECT_SETTLED = (
+    f"SELECT {_OPEN_COLUMNS}, state, settled_at, refunded_requests, refunded_input,"
+    " refunded_output, overrun_requests, overrun_input, overrun_output, outcome"
+    " FROM reservations WHERE settled_at IS NOT NULL"
+)
+
+
+def load(db: sqlite3.Connection) -> Snapshot:
+    """Everything saved."""
+    reader = _RowReader()
+    reservations = reader.open_rows(db.execute(_SELECT_OPEN))
+    reservations += reader.settled_rows(db.execute(_SELECT_SETTLED))
+    buckets = tuple(
+        BucketLevels(BucketKey(s, m, u), rq, it, ot, as_of)
+        for s, m, u, rq, it, ot, as_of in db.execute("SELECT * FROM buckets")
+    )
+    pauses = tuple(PauseSet(s, m, until) for s, m, until in db.execute("SELECT * FROM pauses"))
+    return Snapshot(reservations=tuple(reservations), buckets=buckets, pauses=pauses)
+
+
+def _bucket_keys(text: str) -> tuple[BucketKey, ...]:
+    return tuple(BucketKey(*k) for k in json.loads(text))
+
+
+class _RowReader:
+    """Rows -> Reservations, sharing equal frozen parts (bucket tuples, Amounts)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[BucketKey, ...]] = {}  # most rows share a few bucket sets
+        self.amounts: dict[tuple[int, int, int], Amounts] = {}
+        self.states = {s.value: s for s in State}
+        self.outcomes = {o.value: o for o in Outcome}
+
+    def open_rows(self, rows: Iterable[Sequence[Any]]) -> list[Reservation]:
+        keys_cache, amounts_cache = self.keys, self.amounts
+        out: list[Reservation] = []
+        append = out.append
+        for (
+            rid,
+            scope,
+            model,
+            user,
+            request_id,
+            rq,
+            ri,
+            ro,
+            bjson,
+            granted,
+            expires,
+            waited,
+        ) in rows:
+            keys = keys_cache.get(bjson)
+            if keys is None:
+                keys = keys_cache[bjson] = _bucket_keys(bjson)
+            reserved = amounts_cache.get((rq, ri, ro))
+            if reserved is None:
+                reserved = amounts_cache[(rq, ri, ro)] = Amounts(rq, ri, ro)
+            append(
+                Reservation(
+                    rid, scope, model, user, request_id, reserved, keys, granted, expires, waited
+                )
+            )
+        return out
+
+    def settled_rows(self, rows: Iterable[Sequence[Any]]) -> list[Reservation]:
+        rows = list(rows)
+        out = self.open_rows(r[:12] for r in rows)
+        for i, (state, settled_at, fq, fi, fo, oq, oi, oo, outcome) in enumerate(
+            r[12:] for r in rows
+        ):
+            settlement = Settlement(
+                state=self.states[state],
+                settled_at=settled_at,
+                refunded=Amounts(fq, fi, fo),
+                overrun=Amounts(oq, oi, oo),
+                outcome=self.outcomes[outcome] if outcome is not None else None,
+            )
+            out[i] = replace(out[i], settlement=settlement)
+        return out

@@ -1,0 +1,138 @@
+"""The database's shape: pragmas, migrations, and the check that the rows are readable.
+
+MIGRATIONS[i] takes the database from version i to i + 1; a new version is one function
+appended here. All of them run in one transaction at open: every step or none.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Literal
+
+from limiterd.storage.base import StartupError
+from limiterd.storage.sqlite.connection import transaction
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+BUSY_TIMEOUT_MS = 5000
+# The WAL is bounded: SQLite checkpoints it into the database after WAL_AUTOCHECKPOINT
+# pages (this journal is the file's only connection, so nothing holds a checkpoint back),
+# starts writing it again from the top, and cuts the file back to JOURNAL_SIZE_LIMIT. The WAL
+# therefore stays under about 1 MiB plus the largest single batch (README: disk space).
+WAL_AUTOCHECKPOINT = 256  # pages; 1 MiB at the default 4 KiB page size
+JOURNAL_SIZE_LIMIT = 1024 * 1024
+
+
+class NotOurs(Exception):
+    """The file is SQLite, but not a limiterd database limiterd can read. The message, if
+    any, says what is wrong with it."""
+
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    # No index on (scope, request_id): the ledger answers idempotency lookups from memory,
+    # so such an index would only slow every insert.
+    for sql in (
+        """CREATE TABLE reservations (
+            id TEXT PRIMARY KEY NOT NULL,
+            scope TEXT NOT NULL, model TEXT NOT NULL, user TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            reserved_requests INTEGER NOT NULL, reserved_input INTEGER NOT NULL,
+            reserved_output INTEGER NOT NULL,
+            buckets TEXT NOT NULL,            -- JSON [[scope, model, user], ...]
+            granted_at REAL NOT NULL, expires_at REAL NOT NULL, waited_s REAL NOT NULL,
+            state TEXT NOT NULL,              -- limiterd.ledger.model.State values
+            settled_at REAL,                  -- NULL while open
+            refunded_requests INTEGER, refunded_input INTEGER, refunded_output INTEGER,
+            overrun_requests INTEGER, overrun_input INTEGER, overrun_output INTEGER,
+            outcome TEXT
+        ) WITHOUT ROWID""",
+        "CREATE INDEX reservations_settled_at ON reservations (settled_at)"
+        " WHERE settled_at IS NOT NULL",
+        """CREATE TABLE buckets (
+            scope TEXT NOT NULL, model TEXT NOT NULL, user TEXT NOT NULL,
+            requests REAL, input_tokens REAL, output_tokens REAL,  -- NULL = unlimited
+            as_of REAL NOT NULL,
+            PRIMARY KEY (scope, model, user)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE pauses (
+            scope TEXT NOT NULL, model TEXT NOT NULL, until REAL NOT NULL,
+            PRIMARY KEY (scope, model)
+        ) WITHOUT ROWID""",
+    ):
+        db.execute(sql)
+
+
+def _v2(db: sqlite3.Connection) -> None:
+    # The error log (limiterd.errorlog): failed provider outcomes, bounded by age and rows.
+    db.execute(
+        """CREATE TABLE errors (
+            at REAL NOT NULL, scope TEXT NOT NULL, model TEXT NOT NULL, outcome TEXT NOT NULL,
+            http_status INTEGER NOT NULL, error_type TEXT NOT NULL, error_code TEXT NOT NULL,
+            provider_request_id TEXT NOT NULL, fell_back INTEGER NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX errors_at ON errors (at)")
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2]
+
+
+def set_pragmas(db: sqlite3.Connection, synchronous: Synchronous, max_bytes: int | None) -> None:
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    # A garbage file fails here with SQLITE_NOTADB: this is the first read of the header.
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchall()
+    if not mode or str(mode[0][0]).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
+    db.execute(f"PRAGMA synchronous = {synchronous}")
+    db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+    db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    db.execute("PRAGMA foreign_keys = OFF")
+    if max_bytes is not None:
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
+
+
+def quick_check(db: sqlite3.Connection) -> None:
+    rows = db.execute("PRAGMA quick_check").fetchall()
+    if [tuple(r) for r in rows] != [("ok",)]:
+        raise NotOurs("; ".join(str(r[0]) for r in rows[:3]))
+
+
+def migrate(db: sqlite3.Connection, where: str, now: float) -> None:
+    """Bring the file to the newest schema; drop pauses that ran out while we were down."""
+    latest = len(MIGRATIONS)
+    with transaction(db):
+        version = _version(db)
+        if version > latest:
+            raise StartupError(
+                f"{where} was written by a newer limiterd (schema {version}, "
+                f"this build knows up to {latest}): upgrade limiterd or point --db elsewhere"
+            )
+        if version == 0:
+            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        for migration in MIGRATIONS[version:]:
+            migration(db)
+        if version < latest:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(latest),))
+        db.execute("DELETE FROM pauses WHERE until < ?", (now,))
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _version(db: sqlite3.Connection) -> int:
+    tables = _tables(db)
+    if not tables:
+        return 0
+    if "meta" not in tables:
+        raise NotOurs
+    rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+    try:
+        return int(rows[0][0])
+    except (IndexError, TypeError, ValueError):
+        raise NotOurs from None
