@@ -290,7 +290,7 @@ async def test_missing_folders_are_created(tmp_path: Path) -> None:
     await j.open()
     await j.close()
     assert path.is_file()
-    assert path.with_name("db.sqlite3.lock").is_file()
+    assert not path.with_name("db.sqlite3.lock").exists()  # the database itself is locked
 
 
 async def test_folder_under_a_regular_file_is_refused(tmp_path: Path) -> None:
@@ -663,3 +663,47 @@ async def test_a_version_1_database_migrates_forward_keeping_its_rows(
     assert con.execute("SELECT value FROM meta").fetchall() == [(str(len(full)),)]
     assert con.execute("SELECT count(*) FROM errors").fetchone() == (0,)
     con.close()
+
+
+# ---- one daemon per database, whatever the path (issue 10, item 6)
+
+
+def test_symlink_and_hard_link_meet_the_same_lock(tmp_path: Path) -> None:
+    # Three real daemons on one file, through its path, a symlink and a hard link: each once
+    # took its own lock and granted nearly the whole bucket. Only the first may start.
+    from tests.test_process import free_port, limiterd, wait_serving
+
+    db = tmp_path / "a" / "limiterd.sqlite3"
+    db.parent.mkdir()
+    sqlite3.connect(db).close()
+    (tmp_path / "link.sqlite3").symlink_to(db)
+    (tmp_path / "b").mkdir()
+    os.link(db, tmp_path / "b" / "hard.sqlite3")
+    target = f"127.0.0.1:{free_port()}"
+    first = limiterd("serve", "--listen", target, "--db", str(db))
+    try:
+        wait_serving(target, first)
+        for other in (tmp_path / "link.sqlite3", tmp_path / "b" / "hard.sqlite3"):
+            proc = limiterd("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(other))
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 1, err
+            assert err.strip() == (
+                f"limiterd: cannot start: {other} is in use by another limiterd "
+                f"(pid {first.pid}); stop it or use another --db"
+            )
+    finally:
+        first.kill()
+        first.communicate()
+
+
+async def test_a_hard_link_is_refused_in_process_too(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    first = SqliteJournal(path)
+    await first.open()
+    try:
+        os.link(path, tmp_path / "other.sqlite3")
+        with pytest.raises(StartupError, match=f"in use by another limiterd .pid {os.getpid()}"):
+            await SqliteJournal(tmp_path / "other.sqlite3").open()
+        await first.write([PauseSet("s", "m", T0 + 1)])  # the refusal took nothing away
+    finally:
+        await first.close()
