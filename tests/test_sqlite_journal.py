@@ -707,3 +707,57 @@ async def test_a_hard_link_is_refused_in_process_too(tmp_path: Path) -> None:
         await first.write([PauseSet("s", "m", T0 + 1)])  # the refusal took nothing away
     finally:
         await first.close()
+
+
+# ---- readable SQLite, unreadable rows (issue 10, item 12)
+
+BAD_ROWS = {
+    "unknown state": "UPDATE reservations SET state = 'vanished' WHERE id = 'settled'",
+    "open row with a state": "UPDATE reservations SET state = 'reported' WHERE id = 'open'",
+    "broken JSON": "UPDATE reservations SET buckets = '[[\"team\", \"cla' WHERE id = 'open'",
+    "JSON of the wrong shape": "UPDATE reservations SET buckets = '[1, 2]' WHERE id = 'open'",
+    "JSON object": """UPDATE reservations SET buckets = '{"abc": 1}' WHERE id = 'open'""",
+    "text for a number": "UPDATE reservations SET reserved_input = 'lots' WHERE id = 'open'",
+    "unknown outcome": "UPDATE reservations SET outcome = 'meh' WHERE id = 'settled'",
+    "bucket level as text": "UPDATE buckets SET requests = 'full'",
+    "pause without a time": "INSERT INTO pauses VALUES ('s', 'm', 'soon')",
+    "error row with a text status": (
+        "INSERT INTO errors VALUES (1, 's', 'm', 'error', 'five hundred', '', '', '', 0)"),
+}
+
+
+async def database_with(path: Path, sql: str) -> None:
+    j = SqliteJournal(path, clock=FakeClock(T0))
+    await j.open()
+    await j.write([ReservationOpened(res("open")), ReservationOpened(res("settled")),
+                   ReservationSettled("settled", reported(T0 + 1)),
+                   BucketLevels(B_MODEL, 1.0, 2.0, 3.0, T0)])
+    await j.close()
+    con = sqlite3.connect(path)
+    con.execute(sql)
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+async def test_unreadable_rows_stop_the_start_with_one_line(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "db.sqlite3"
+    await database_with(path, BAD_ROWS[case])
+    with pytest.raises(StartupError) as err:
+        await SqliteJournal(path, clock=FakeClock(T0)).open()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{path} is not a limiterd database or is corrupt")
+    assert msg.endswith(f"(mv {path} {path}.bad) and start again; state in it is lost")
+
+
+@pytest.mark.parametrize("case", ["unknown state", "broken JSON"])
+async def test_the_daemon_says_so_in_one_line_not_a_traceback(tmp_path: Path, case: str) -> None:
+    from tests.test_process import free_port, limiterd
+
+    path = tmp_path / "db.sqlite3"
+    await database_with(path, BAD_ROWS[case])
+    proc = limiterd("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(path))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"limiterd: cannot start: {path} is not a limiterd database or is")

@@ -89,6 +89,7 @@ class SqliteJournal(Journal):
         schema.set_pragmas(db, self.synchronous, self.max_size_bytes)
         schema.quick_check(db)
         schema.migrate(db, str(self.path), self._clock.now())
+        schema.check_rows(db)
         return rows.load(db)
 
     async def _abandon(self) -> None:

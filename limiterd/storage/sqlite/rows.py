@@ -19,6 +19,7 @@ from limiterd.ledger.model import (
     Snapshot,
     State,
 )
+from limiterd.storage.sqlite.schema import NotOurs
 
 _OPEN_COLUMNS = (
     "id, scope, model, user, request_id, reserved_requests, reserved_input, reserved_output,"
@@ -35,10 +36,14 @@ _SELECT_SETTLED = (
 
 
 def load(db: sqlite3.Connection) -> Snapshot:
-    """Everything saved."""
+    """Everything saved. Rows passed schema.check_rows (types, states, outcomes); the JSON
+    bucket lists are checked here, where they are parsed, and raise NotOurs."""
     reader = _RowReader()
-    reservations = reader.open_rows(db.execute(_SELECT_OPEN))
-    reservations += reader.settled_rows(db.execute(_SELECT_SETTLED))
+    try:
+        reservations = reader.open_rows(db.execute(_SELECT_OPEN))
+        reservations += reader.settled_rows(db.execute(_SELECT_SETTLED))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise NotOurs(f"a reservation's bucket list cannot be read: {exc}") from None
     buckets = tuple(
         BucketLevels(BucketKey(s, m, u), rq, it, ot, as_of)
         for s, m, u, rq, it, ot, as_of in db.execute("SELECT * FROM buckets")
@@ -48,7 +53,13 @@ def load(db: sqlite3.Connection) -> Snapshot:
 
 
 def _bucket_keys(text: str) -> tuple[BucketKey, ...]:
-    return tuple(BucketKey(*k) for k in json.loads(text))
+    """Parsed once per distinct list (rows share a few), so checking the shape is cheap."""
+    keys = json.loads(text)
+    if not isinstance(keys, list) or not all(
+        isinstance(k, list) and len(k) == 3 and all(isinstance(v, str) for v in k) for k in keys
+    ):
+        raise ValueError(f"not a list of [scope, budget, user]: {text[:80]}")
+    return tuple(BucketKey(*k) for k in keys)
 
 
 class _RowReader:
