@@ -505,6 +505,11 @@ class Engine:
         self.ledger.advance(self.clock.now())
         self._after()
 
+    async def flush(self) -> bool:
+        """Wait until every change made so far is journaled (tests step a fake clock, then
+        wait on this, not on time). False: the write failed and will be retried."""
+        return await self._commit()
+
     async def _commit(self) -> bool:
         """Wait until the changes made so far are durable. False: the write failed."""
         if not self.journal.durable or self._writer is None:

@@ -12,6 +12,8 @@ from limiterd.config.loader import parse_config
 from limiterd.config.model import Config
 from limiterd.server import RunningServer, running_server
 from limiterd.shared.settings import SharedLedger
+from limiterd.storage import Journal, MemoryJournal
+from limiterd.storage.sqlite import SqliteJournal
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.redis_server import redis_server
 
@@ -60,6 +62,14 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 BACKENDS = ("local", "redis")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def any_journal(request: pytest.FixtureRequest, tmp_path: Path) -> Journal:
+    """Each journal the engine runs on (SQLite on a real file): engine tests run over all."""
+    if request.param == "memory":
+        return MemoryJournal()
+    return SqliteJournal(tmp_path / "limiterd.sqlite3")
 
 
 @pytest.fixture

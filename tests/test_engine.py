@@ -1,4 +1,6 @@
-"""The engine on a fake clock: waits, timeouts, lease expiry and cancellation, no sleeping."""
+"""The engine on a fake clock: waits, timeouts, lease expiry and cancellation, no sleeping.
+
+Every test runs over each journal (in memory, and SQLite on a real file)."""
 
 from __future__ import annotations
 
@@ -11,20 +13,25 @@ from limiterd.clock import FakeClock
 from limiterd.engine import Engine, ShuttingDown, Superseded
 from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, Outcome, State
-from limiterd.storage.memory import MemoryJournal
+from limiterd.storage import Journal
 from tests.conftest import make_test_config
 
 
 @pytest.fixture
-async def engine_clock() -> AsyncIterator[tuple[Engine, FakeClock]]:
+async def engine_clock(any_journal: Journal) -> AsyncIterator[tuple[Engine, FakeClock]]:
     clock = FakeClock()
-    engine = Engine(make_test_config(), MemoryJournal(), clock)
+    engine = Engine(make_test_config(), any_journal, clock)
     await engine.start()
     yield engine, clock
     await engine.stop()
 
 
-async def settle() -> None:
+async def settle(engine: Engine) -> None:
+    """Let woken callers run up to their commit, wait for the journal to have it (a real
+    write on SQLite), then let them return."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await engine.flush()
     for _ in range(5):
         await asyncio.sleep(0)
 
@@ -39,12 +46,12 @@ async def test_waiter_granted_exactly_when_refill_allows(
     engine, clock = engine_clock
     assert isinstance(await engine.acquire(req(1000), 0), Granted)
     task = asyncio.create_task(engine.acquire(req(100), 60))
-    await settle()
+    await settle(engine)
     clock.advance(5.9)  # 100 tokens at 1000/min take 6 s
-    await settle()
+    await settle(engine)
     assert not task.done()
     clock.advance(0.11)
-    await settle()
+    await settle(engine)
     result = task.result()
     assert isinstance(result, Granted)
     assert result.reservation.waited_s == pytest.approx(6.0, abs=0.02)
@@ -54,12 +61,12 @@ async def test_waiter_times_out_at_its_deadline(engine_clock: tuple[Engine, Fake
     engine, clock = engine_clock
     await engine.acquire(req(1000), 0)
     task = asyncio.create_task(engine.acquire(req(100), 2))
-    await settle()
+    await settle(engine)
     clock.advance(1.99)
-    await settle()
+    await settle(engine)
     assert not task.done()
     clock.advance(0.02)
-    await settle()
+    await settle(engine)
     result = task.result()
     assert isinstance(result, Rejected)
     assert result.retry_after_s == pytest.approx(6.0 - 2.0, abs=0.05)
@@ -74,12 +81,12 @@ async def test_orphaned_lease_expires_and_frees_capacity(
     await engine.acquire(AcquireRequest("s", "conc", "", 1, 1, lease_s=300), 0)
     assert isinstance(granted, Granted)
     third = asyncio.create_task(engine.acquire(AcquireRequest("s", "conc", "", 1, 1), 120))
-    await settle()
+    await settle(engine)
     clock.advance(29.9)
-    await settle()
+    await settle(engine)
     assert not third.done()
     clock.advance(0.2)  # the first lease lapses: its concurrency slot goes to the waiter
-    await settle()
+    await settle(engine)
     assert isinstance(third.result(), Granted)
     expired = engine.ledger.get(granted.reservation.id)
     assert expired is not None and expired.state is State.EXPIRED
@@ -91,13 +98,13 @@ async def test_cancelled_waiter_leaves_the_queue(engine_clock: tuple[Engine, Fak
     await engine.acquire(req(1000), 0)
     first = asyncio.create_task(engine.acquire(req(500), 60))
     second = asyncio.create_task(engine.acquire(req(100), 60))
-    await settle()
+    await settle(engine)
     assert engine.stats().waiting == 2
     first.cancel()
-    await settle()
+    await settle(engine)
     assert engine.stats().waiting == 1
     clock.advance(6.01)  # enough for the second alone, not for the cancelled first
-    await settle()
+    await settle(engine)
     assert isinstance(second.result(), Granted)
     assert engine.stats().open_reservations == 2
 
@@ -108,14 +115,14 @@ async def test_retry_with_same_request_id_takes_over_the_wait(
     engine, clock = engine_clock
     await engine.acquire(req(1000), 0)
     first = asyncio.create_task(engine.acquire(req(100, request_id="r1"), 60))
-    await settle()
+    await settle(engine)
     second = asyncio.create_task(engine.acquire(req(100, request_id="r1"), 60))
-    await settle()
+    await settle(engine)
     with pytest.raises(Superseded):
         first.result()
     assert engine.stats().waiting == 1
     clock.advance(6.01)
-    await settle()
+    await settle(engine)
     result = second.result()
     assert isinstance(result, Granted)
     replay = await engine.acquire(req(100, request_id="r1"), 0)
@@ -131,12 +138,12 @@ async def test_rate_limit_pause_holds_waiters_until_it_ends(
     assert isinstance(g, Granted)
     await engine.report(g.reservation.id, 0, 0, Outcome.RATE_LIMITED, 10.0)
     task = asyncio.create_task(engine.acquire(req(1), 60))
-    await settle()
+    await settle(engine)
     clock.advance(9.9)
-    await settle()
+    await settle(engine)
     assert not task.done()
     clock.advance(0.2)
-    await settle()
+    await settle(engine)
     assert isinstance(task.result(), Granted)
 
 
@@ -146,7 +153,7 @@ async def test_stopping_ends_waits_now_and_refuses_new_ones(
     engine, clock = engine_clock
     assert isinstance(await engine.acquire(req(1000), 0), Granted)
     task = asyncio.create_task(engine.acquire(req(100), 60))
-    await settle()
+    await settle(engine)
     assert engine.stats().waiting == 1
     assert engine.end_waits(1.0) == 1
     with pytest.raises(ShuttingDown) as err:

@@ -12,14 +12,14 @@ from limiterd.clock import FakeClock
 from limiterd.engine import Engine
 from limiterd.ledger.ledger import Granted
 from limiterd.ledger.model import AcquireRequest, BucketKey, Outcome
-from limiterd.storage.memory import MemoryJournal
+from limiterd.storage import Journal
 from limiterd.views import AmbiguousScope, BucketView, lease_order
 from tests.conftest import make_test_config
 
 
 @pytest.fixture
-async def engine() -> AsyncIterator[Engine]:
-    e = Engine(make_test_config(), MemoryJournal(), FakeClock())
+async def engine(any_journal: Journal) -> AsyncIterator[Engine]:
+    e = Engine(make_test_config(), any_journal, FakeClock())
     await e.start()
     yield e
     await e.stop()
