@@ -1,8 +1,12 @@
 """Time, injected. Nothing else in limiterd reads the time or arms a timer.
 
-Times are unix seconds as floats: they are persisted and survive restarts, so they must be
-wall-clock. The ledger guards against the wall clock stepping backwards (refill uses
-max(0, elapsed)).
+Times are unix seconds as floats: they are persisted (lease expiries, bucket levels as of a
+time) and must mean the same after a restart, so they are wall-clock times. But intervals
+(refill, leases, wait deadlines) must not jump when someone steps the wall clock: a step back
+of 120 s once stopped refills until wall time caught up, and a step forward of 900 s settled
+an open 10-minute lease as consumed. So the wall clock is read once, at start, and from then
+on time moves with the monotonic clock (AnchoredTime). A restart anchors again to the wall
+clock, which is then the only judge of how long the daemon was down.
 """
 
 from __future__ import annotations
@@ -29,13 +33,26 @@ class Clock(Protocol):
         ...
 
 
-class SystemClock:
-    def now(self) -> float:
-        return time.time()
+class AnchoredTime:
+    """Unix seconds that advance with the monotonic clock: the wall clock is read once, here.
+    `wall` and `monotonic` are the sources (injected, so that tests can step them)."""
 
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._monotonic = monotonic
+        self._offset = wall() - monotonic()
+
+    def now(self) -> float:
+        return self._offset + self._monotonic()
+
+
+class SystemClock(AnchoredTime):
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         loop = asyncio.get_running_loop()
-        return loop.call_later(max(0.0, when - time.time()), callback)
+        return loop.call_later(max(0.0, when - self.now()), callback)
 
 
 class _FakeTimer:
@@ -48,16 +65,19 @@ class _FakeTimer:
         self.cancelled = True
 
 
-class FakeClock:
-    """A clock that moves only when told to. Timers run synchronously inside advance()."""
+class FakeClock(AnchoredTime):
+    """A clock that moves only when told to; timers run synchronously inside advance().
+
+    It keeps its own wall and monotonic sources and reads them through AnchoredTime, as the
+    daemon's clock does: `step_wall` moves only the wall clock (an operator or NTP stepping
+    it), which the daemon must not notice while it runs."""
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self._now = start
+        self.wall = start
+        self.monotonic = 1000.0
+        super().__init__(lambda: self.wall, lambda: self.monotonic)
         self._timers: list[tuple[float, int, _FakeTimer, Callable[[], None]]] = []
         self._seq = itertools.count()
-
-    def now(self) -> float:
-        return self._now
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         timer = _FakeTimer()
@@ -68,13 +88,18 @@ class FakeClock:
         """Move time forward, running every timer that comes due, in order."""
         if seconds < 0:
             raise ValueError("time only moves forward")
-        target = self._now + seconds
+        target = self.now() + seconds
         while self._timers and self._timers[0][0] <= target:
             when, _, timer, callback = heapq.heappop(self._timers)
-            self._now = max(self._now, when)
+            self._move(max(0.0, when - self.now()))
             if not timer.cancelled:
                 callback()
-        self._now = target
+        self._move(target - self.now())
 
-    def pending(self) -> int:
-        return sum(1 for t in self._timers if not t[2].cancelled)
+    def _move(self, seconds: float) -> None:
+        self.wall += seconds
+        self.monotonic += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        """The wall clock jumps (either way); monotonic time does not."""
+        self.wall += seconds

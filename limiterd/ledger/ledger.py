@@ -675,7 +675,9 @@ class Ledger:
             limits = self._limits_for_key(bl.key)
             if limits is None:
                 continue
-            b = Bucket.full(bl.key, limits, bl.as_of)
+            # A level "as of" a time still to come: the wall clock was stepped back while the
+            # daemon was down. Counting from then would stop refills until it caught up.
+            b = Bucket.full(bl.key, limits, min(bl.as_of, now))
             b.set_levels((bl.requests, bl.input_tokens, bl.output_tokens))
             b.refill(now)
             self._buckets[bl.key] = b
