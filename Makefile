@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server
+.PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
+	node-deps node-test node-proto node-proto-check
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
 
 setup: $(STAMP)
 
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 run: setup  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
 	$(VENV)/bin/limiterd serve $(ARGS)
 
-test: setup proto-check redis-server  ## everything but the long crash loop
+test: setup proto-check redis-server node-test  ## everything but the long crash loop
 	$(PY) -m pytest -m "not long" $(ARGS)
 
 test-long: setup redis-server  ## the long tests (crash loop of 50+ rounds)
@@ -40,13 +43,37 @@ lint: setup
 typecheck: setup  ## mypy --strict on the daemon and the client
 	$(PY) -m mypy limiterd client/src/limiterd_client
 
-proto: setup  ## regenerate the stubs from proto/
+proto: setup node-proto  ## regenerate the stubs from proto/ (Python and TypeScript)
 	$(PY) scripts/codegen.py
 
 proto-check: setup  ## fail when the committed stubs differ from what proto/ generates
 	@tmp=$$(mktemp -d) && $(PY) scripts/codegen.py $$tmp && \
 	  diff -r -x __pycache__ $$tmp client/src/limiterd_client/proto > /dev/null || \
 	  { echo "stale stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
+	  rm -rf $$tmp
+
+# The Node client (clients/node): its packages from the committed lock, installed again only
+# when the lock changes; its tests run against a real daemon from this venv.
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  { echo "node and npm (Node.js 20+) are needed for the Node client's tests: install them (e.g. apt-get install nodejs npm)"; exit 1; }
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || \
+	  { echo "Node.js 20+ is needed for the Node client, found $$(node --version)"; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+node-test: setup node-deps node-proto-check  ## the Node client's tests (node --test)
+	cd $(NODE_DIR) && npm test --silent
+
+node-proto: setup node-deps  ## regenerate the TypeScript stubs
+	cd $(NODE_DIR) && PYTHON=$(abspath $(PY)) node scripts/codegen.mjs
+
+node-proto-check: setup node-deps  ## fail when the committed TypeScript stubs are stale
+	@tmp=$$(mktemp -d) && cd $(NODE_DIR) && PYTHON=$(abspath $(PY)) node scripts/codegen.mjs $$tmp && \
+	  diff -r $$tmp src/gen > /dev/null || \
+	  { echo "stale TypeScript stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
 	  rm -rf $$tmp
 
 bench: setup  ## never part of `make test`; writes bench/out/results.md and goodput.png
