@@ -94,6 +94,8 @@ export function mapError(err: unknown): LimiterError {
 }
 
 const big = (n: number): bigint => BigInt(Math.trunc(n));
+// grpc-timeout takes whole units of at most 8 digits.
+const ms = (t: number): number => Math.min(99_999_999, Math.max(1, Math.ceil(t)));
 
 function grantOf(r: AcquireResponse): DaemonGrant {
   return {
@@ -141,11 +143,11 @@ export class DaemonApi {
   }
 
   async acquire(a: AcquireArgs, timeoutMs: number): Promise<DaemonGrant> {
-    return grantOf(await this.limiter.acquire(acquireRequest(a), { timeoutMs }));
+    return grantOf(await this.limiter.acquire(acquireRequest(a), { timeoutMs: ms(timeoutMs) }));
   }
 
   async *acquireStream(a: AcquireArgs, timeoutMs: number, signal: AbortSignal): AsyncGenerator<AcquireEvent> {
-    for await (const ev of this.limiter.acquireStream(acquireRequest(a), { timeoutMs, signal })) {
+    for await (const ev of this.limiter.acquireStream(acquireRequest(a), { timeoutMs: ms(timeoutMs), signal })) {
       if (ev.event.case === "granted") {
         yield { granted: grantOf(ev.event.value) };
       } else if (ev.event.case === "queued") {
@@ -175,22 +177,22 @@ export class DaemonApi {
           requestId: p.requestId ?? "", headers: { ...(p.headers ?? {}) }, fellBack: p.fellBack ?? false,
         },
       } : {}),
-    }, { timeoutMs });
+    }, { timeoutMs: ms(timeoutMs) });
     return settlementOf(resp.settlement, resp.replayed);
   }
 
   async release(reservationId: string, timeoutMs: number): Promise<Settlement> {
-    const resp = await this.limiter.release({ reservationId }, { timeoutMs });
+    const resp = await this.limiter.release({ reservationId }, { timeoutMs: ms(timeoutMs) });
     return settlementOf(resp.settlement, resp.replayed);
   }
 
   async keepAlive(reservationId: string, leaseMs: number, timeoutMs: number): Promise<number> {
-    const resp = await this.limiter.keepAlive({ reservationId, leaseMs: big(leaseMs) }, { timeoutMs });
+    const resp = await this.limiter.keepAlive({ reservationId, leaseMs: big(leaseMs) }, { timeoutMs: ms(timeoutMs) });
     return Number(resp.leaseExpiresAtMs);
   }
 
   async serving(timeoutMs: number): Promise<boolean> {
-    const resp = await this.health.check({ service: "" }, { timeoutMs });
+    const resp = await this.health.check({ service: "" }, { timeoutMs: ms(timeoutMs) });
     return resp.status === HealthCheckResponse_ServingStatus.SERVING;
   }
 }

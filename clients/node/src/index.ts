@@ -15,3 +15,14 @@ export {
 export { failClosed, failOpen, safeCapacity, type UnavailablePolicy } from "./local.js";
 export { parseTarget, type Target, type TlsOptions } from "./transport.js";
 export type { WaitUpdate, WaitCallback } from "./wait.js";
+export { RetryPolicy, type RetryPolicyOptions } from "./retry.js";
+export {
+  FallbackPolicy, Planner, DEFAULT_TRIGGERS,
+  type FallbackPolicyOptions, type FallbackTriggers, type Hop, type HopProposal, type HopReason,
+  type CallResult, type AskHook, type AdjustHook, type Params,
+} from "./fallback.js";
+export {
+  runCall, streamCall, StreamCall, attemptLoop, estimateChars,
+  type Attempt, type CallEvent, type CallOptions, type Estimate, type StreamHandle,
+} from "./runner.js";
+export { limitedFetch, usageOf, SseUsage, type Fetch, type LimitedFetchOptions } from "./anthropic.js";

@@ -131,3 +131,13 @@ export { ReservationState };
 let n = 0;
 /** A fresh scope per test, so tests sharing a daemon never see each other's buckets. */
 export const uniqueScope = (name: string): string => `${name}-${process.pid}-${++n}`;
+
+/** Poll a condition (never a fixed sleep), failing after 10 s. */
+export async function waitFor(cond: () => Promise<boolean> | boolean, timeoutMs = 10_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error("condition not met in time");
+    await new Promise((ok) => setTimeout(ok, 20));
+  }
+}
+

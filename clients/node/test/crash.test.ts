@@ -1,0 +1,47 @@
+// The daemon killed (SIGKILL) while a provider call runs: the app keeps its answer, and the
+// Report reaches the daemon once it is back.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import Anthropic from "@anthropic-ai/sdk";
+import { limitedFetch, scopeForApiKey } from "limiterd-client";
+import { FakeProvider } from "./fake-provider.js";
+import { freePort, limiterFor, openLeases, startDaemon, waitFor } from "./harness.js";
+
+test("daemon killed mid-call: the answer is kept, the Report delivered later", async () => {
+  const port = await freePort();
+  const first = await startDaemon({ port });
+  const provider = await new FakeProvider().start();
+  const limiter = limiterFor(first, { transportAttempts: 2, rpcTimeoutMs: 1000, logger: { warn: () => {} } });
+  try {
+    const apiKey = "sk-ant-crash-test";
+    const scope = scopeForApiKey(apiKey);
+    const sdk = new Anthropic({ apiKey, baseURL: provider.url, maxRetries: 0, fetch: limitedFetch(limiter) });
+    provider.queue({ kind: "json", text: "served", input: 15, output: 42, delayMs: 1500 });
+    const call = sdk.messages.create({ model: "claude-test", max_tokens: 500, messages: [{ role: "user", content: "hi" }] });
+    await waitFor(() => provider.seen.length === 1); // the provider call is running
+    assert.equal(await openLeases(first, scope), 1);
+    await first.kill();
+
+    const msg = await call;
+    assert.equal((msg.content[0] as Anthropic.TextBlock).text, "served");
+    assert.equal(limiter.pendingSettlements, 1);
+    assert.equal(limiter.counters.settlementsDeferred, 1);
+
+    const second = await startDaemon({ port, db: first.db }); // same journal, same address
+    try {
+      // The reservation survived the crash (journaled) and is still open until the Report lands.
+      assert.ok(await limiter.flush(30_000), "the deferred Report was delivered");
+      assert.equal(limiter.counters.settlementsDelivered, 1);
+      assert.equal(limiter.pendingSettlements, 0);
+      assert.equal(await openLeases(second, scope), 0);
+      const out = (await second.admin.getBuckets({ scope, model: "claude-test" })).buckets[0]!
+        .dimensions.find((x) => x.name === "output_tokens")!;
+      assert.ok(out.level > 100_000 - 500 + 400, `the 458 unused output tokens came back (level ${out.level})`);
+    } finally {
+      await second.stop();
+    }
+  } finally {
+    await limiter.close({ flushTimeoutMs: 0 });
+    await provider.stop();
+  }
+});
