@@ -62,10 +62,11 @@ export interface ReportArgs {
 
 export type AcquireEvent = { queued: WaitUpdate } | { granted: DaemonGrant };
 
-/** A lost answer to these may still have been applied: retry with the same request. */
+/** A lost answer to these may still have been applied: retry with the same request. A
+ * draining daemon answers CANCELLED to the calls it cuts short: that is the daemon going away. */
 export function isTransient(err: unknown): boolean {
   const code = ConnectError.from(err).code;
-  return code === Code.Unavailable || code === Code.DeadlineExceeded;
+  return code === Code.Unavailable || code === Code.DeadlineExceeded || code === Code.Canceled;
 }
 
 /** gRPC status -> the client's error types; the message names the status and the field. */
@@ -87,6 +88,7 @@ export function mapError(err: unknown): LimiterError {
       return new ReservationNotFound(details || "unknown reservation");
     case Code.Unavailable:
     case Code.DeadlineExceeded:
+    case Code.Canceled:
       return new LimiterUnavailable(`limiter unavailable (${Code[e.code]}): ${details}`, { cause: e });
     default:
       return new LimiterError(`limiter error ${Code[e.code]}: ${details}`, { cause: e });

@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file limiter/v1/limiter.proto.
  */
 export const file_limiter_v1_limiter: GenFile = /*@__PURE__*/
-  fileDesc("ChhsaW1pdGVyL3YxL2xpbWl0ZXIucHJvdG8SCmxpbWl0ZXIudjEiqAEKDkFjcXVpcmVSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEgwKBHVzZXIYAyABKAkSFAoMaW5wdXRfdG9rZW5zGAQgASgDEhkKEW1heF9vdXRwdXRfdG9rZW5zGAUgASgDEhMKC21heF93YWl0X21zGAYgASgDEhAKCGxlYXNlX21zGAcgASgDEhIKCnJlcXVlc3RfaWQYCCABKAkikwIKD0FjcXVpcmVSZXNwb25zZRIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIbChNsZWFzZV9leHBpcmVzX2F0X21zGAIgASgDEhEKCXdhaXRlZF9tcxgDIAEoAxIZChFyZXNlcnZlZF9yZXF1ZXN0cxgEIAEoAxIdChVyZXNlcnZlZF9pbnB1dF90b2tlbnMYBSABKAMSHgoWcmVzZXJ2ZWRfb3V0cHV0X3Rva2VucxgGIAEoAxIVCg1ncmFudGVkX2F0X21zGAcgASgDEhAKCHJlcGxheWVkGAggASgIEhgKEG1vZGVsX292ZXJsb2FkZWQYCSABKAgSGwoTb3ZlcmxvYWRlZF91bnRpbF9tcxgKIAEoAyJtCgxBY3F1aXJlRXZlbnQSJAoGcXVldWVkGAEgASgLMhIubGltaXRlci52MS5RdWV1ZWRIABIuCgdncmFudGVkGAIgASgLMhsubGltaXRlci52MS5BY3F1aXJlUmVzcG9uc2VIAEIHCgVldmVudCJ3CgZRdWV1ZWQSEAoIcG9zaXRpb24YASABKAUSGQoRZXN0aW1hdGVkX3dhaXRfbXMYAiABKAMSEwoLcXVldWVfZGVwdGgYAyABKAUSEQoJd2FpdGVkX21zGAQgASgDEhgKEG1vZGVsX292ZXJsb2FkZWQYBSABKAgi2gEKDFByb3ZpZGVySW5mbxITCgtodHRwX3N0YXR1cxgBIAEoBRISCgplcnJvcl90eXBlGAIgASgJEhIKCmVycm9yX2NvZGUYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCRI2CgdoZWFkZXJzGAUgAygLMiUubGltaXRlci52MS5Qcm92aWRlckluZm8uSGVhZGVyc0VudHJ5EhEKCWZlbGxfYmFjaxgGIAEoCBouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLMAQoNUmVwb3J0UmVxdWVzdBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIbChNhY3R1YWxfaW5wdXRfdG9rZW5zGAIgASgDEhwKFGFjdHVhbF9vdXRwdXRfdG9rZW5zGAMgASgDEiQKB291dGNvbWUYBCABKA4yEy5saW1pdGVyLnYxLk91dGNvbWUSFgoOcmV0cnlfYWZ0ZXJfbXMYBSABKAMSKgoIcHJvdmlkZXIYBiABKAsyGC5saW1pdGVyLnYxLlByb3ZpZGVySW5mbyL/AQoKU2V0dGxlbWVudBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIrCgVzdGF0ZRgCIAEoDjIcLmxpbWl0ZXIudjEuUmVzZXJ2YXRpb25TdGF0ZRIVCg1zZXR0bGVkX2F0X21zGAMgASgDEhkKEXJlZnVuZGVkX3JlcXVlc3RzGAQgASgDEh0KFXJlZnVuZGVkX2lucHV0X3Rva2VucxgFIAEoAxIeChZyZWZ1bmRlZF9vdXRwdXRfdG9rZW5zGAYgASgDEhwKFG92ZXJydW5faW5wdXRfdG9rZW5zGAcgASgDEh0KFW92ZXJydW5fb3V0cHV0X3Rva2VucxgIIAEoAyJOCg5SZXBvcnRSZXNwb25zZRIqCgpzZXR0bGVtZW50GAEgASgLMhYubGltaXRlci52MS5TZXR0bGVtZW50EhAKCHJlcGxheWVkGAIgASgIIigKDlJlbGVhc2VSZXF1ZXN0EhYKDnJlc2VydmF0aW9uX2lkGAEgASgJIk8KD1JlbGVhc2VSZXNwb25zZRIqCgpzZXR0bGVtZW50GAEgASgLMhYubGltaXRlci52MS5TZXR0bGVtZW50EhAKCHJlcGxheWVkGAIgASgIIjwKEEtlZXBBbGl2ZVJlcXVlc3QSFgoOcmVzZXJ2YXRpb25faWQYASABKAkSEAoIbGVhc2VfbXMYAiABKAMiSAoRS2VlcEFsaXZlUmVzcG9uc2USFgoOcmVzZXJ2YXRpb25faWQYASABKAkSGwoTbGVhc2VfZXhwaXJlc19hdF9tcxgCIAEoAyJYChFMaXN0TGVhc2VzUmVxdWVzdBINCgVzY29wZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSKCAgoFTGVhc2USFgoOcmVzZXJ2YXRpb25faWQYASABKAkSDQoFc2NvcGUYAiABKAkSEwoLc2NvcGVfYWxpYXMYAyABKAkSDQoFbW9kZWwYBCABKAkSDAoEdXNlchgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgJEhUKDWdyYW50ZWRfYXRfbXMYByABKAMSGwoTbGVhc2VfZXhwaXJlc19hdF9tcxgIIAEoAxIZChFyZXNlcnZlZF9yZXF1ZXN0cxgJIAEoAxIdChVyZXNlcnZlZF9pbnB1dF90b2tlbnMYCiABKAMSHgoWcmVzZXJ2ZWRfb3V0cHV0X3Rva2VucxgLIAEoAyJQChJMaXN0TGVhc2VzUmVzcG9uc2USIQoGbGVhc2VzGAEgAygLMhEubGltaXRlci52MS5MZWFzZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMQoRR2V0QnVja2V0c1JlcXVlc3QSDQoFc2NvcGUYASABKAkSDQoFbW9kZWwYAiABKAkiYQoJRGltZW5zaW9uEgwKBG5hbWUYASABKAkSDQoFbGV2ZWwYAiABKAESEAoIY2FwYWNpdHkYAyABKAMSFAoMcmVmaWxsX3Blcl9zGAQgASgBEg8KB2xlYXJuZWQYBSABKAgi2gEKBkJ1Y2tldBINCgVzY29wZRgBIAEoCRITCgtzY29wZV9hbGlhcxgCIAEoCRINCgVtb2RlbBgDIAEoCRIMCgR1c2VyGAQgASgJEikKCmRpbWVuc2lvbnMYBSADKAsyFS5saW1pdGVyLnYxLkRpbWVuc2lvbhITCgtxdWV1ZV9kZXB0aBgGIAEoBRIXCg9wYXVzZWRfdW50aWxfbXMYByABKAMSGQoRb3Blbl9yZXNlcnZhdGlvbnMYCCABKAUSGwoTb3ZlcmxvYWRlZF91bnRpbF9tcxgJIAEoAyJJChJHZXRCdWNrZXRzUmVzcG9uc2USIwoHYnVja2V0cxgBIAMoCzISLmxpbWl0ZXIudjEuQnVja2V0Eg4KBm5vd19tcxgCIAEoAyIPCg1SZWxvYWRSZXF1ZXN0Ij0KDlJlbG9hZFJlc3BvbnNlEgoKAm9rGAEgASgIEg8KB21lc3NhZ2UYAiABKAkSDgoGc291cmNlGAMgASgJIlgKEUxpc3RFcnJvcnNSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEhMKC2h0dHBfc3RhdHVzGAIgASgFEhAKCHNpbmNlX21zGAMgASgDEg0KBWxpbWl0GAQgASgFItoBChJQcm92aWRlckVycm9yRW50cnkSDQoFYXRfbXMYASABKAMSEwoLc2NvcGVfYWxpYXMYAiABKAkSDQoFbW9kZWwYAyABKAkSJAoHb3V0Y29tZRgEIAEoDjITLmxpbWl0ZXIudjEuT3V0Y29tZRITCgtodHRwX3N0YXR1cxgFIAEoBRISCgplcnJvcl90eXBlGAYgASgJEhIKCmVycm9yX2NvZGUYByABKAkSGwoTcHJvdmlkZXJfcmVxdWVzdF9pZBgIIAEoCRIRCglmZWxsX2JhY2sYCSABKAgiRAoSTGlzdEVycm9yc1Jlc3BvbnNlEi4KBmVycm9ycxgBIAMoCzIeLmxpbWl0ZXIudjEuUHJvdmlkZXJFcnJvckVudHJ5KmYKB091dGNvbWUSFwoTT1VUQ09NRV9VTlNQRUNJRklFRBAAEgYKAk9LEAESEAoMUkFURV9MSU1JVEVEEAISDgoKT1ZFUkxPQURFRBADEgkKBUVSUk9SEAQSDQoJQ0FOQ0VMTEVEEAUqaAoQUmVzZXJ2YXRpb25TdGF0ZRIhCh1SRVNFUlZBVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEggKBE9QRU4QARIMCghSRVBPUlRFRBACEgwKCFJFTEVBU0VEEAMSCwoHRVhQSVJFRBAEMuUCCgdMaW1pdGVyEkIKB0FjcXVpcmUSGi5saW1pdGVyLnYxLkFjcXVpcmVSZXF1ZXN0GhsubGltaXRlci52MS5BY3F1aXJlUmVzcG9uc2USRwoNQWNxdWlyZVN0cmVhbRIaLmxpbWl0ZXIudjEuQWNxdWlyZVJlcXVlc3QaGC5saW1pdGVyLnYxLkFjcXVpcmVFdmVudDABEj8KBlJlcG9ydBIZLmxpbWl0ZXIudjEuUmVwb3J0UmVxdWVzdBoaLmxpbWl0ZXIudjEuUmVwb3J0UmVzcG9uc2USQgoHUmVsZWFzZRIaLmxpbWl0ZXIudjEuUmVsZWFzZVJlcXVlc3QaGy5saW1pdGVyLnYxLlJlbGVhc2VSZXNwb25zZRJICglLZWVwQWxpdmUSHC5saW1pdGVyLnYxLktlZXBBbGl2ZVJlcXVlc3QaHS5saW1pdGVyLnYxLktlZXBBbGl2ZVJlc3BvbnNlMq8CCgVBZG1pbhJLCgpMaXN0TGVhc2VzEh0ubGltaXRlci52MS5MaXN0TGVhc2VzUmVxdWVzdBoeLmxpbWl0ZXIudjEuTGlzdExlYXNlc1Jlc3BvbnNlEksKCkdldEJ1Y2tldHMSHS5saW1pdGVyLnYxLkdldEJ1Y2tldHNSZXF1ZXN0Gh4ubGltaXRlci52MS5HZXRCdWNrZXRzUmVzcG9uc2USPwoGUmVsb2FkEhkubGltaXRlci52MS5SZWxvYWRSZXF1ZXN0GhoubGltaXRlci52MS5SZWxvYWRSZXNwb25zZRJLCgpMaXN0RXJyb3JzEh0ubGltaXRlci52MS5MaXN0RXJyb3JzUmVxdWVzdBoeLmxpbWl0ZXIudjEuTGlzdEVycm9yc1Jlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChhsaW1pdGVyL3YxL2xpbWl0ZXIucHJvdG8SCmxpbWl0ZXIudjEiqAEKDkFjcXVpcmVSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEgwKBHVzZXIYAyABKAkSFAoMaW5wdXRfdG9rZW5zGAQgASgDEhkKEW1heF9vdXRwdXRfdG9rZW5zGAUgASgDEhMKC21heF93YWl0X21zGAYgASgDEhAKCGxlYXNlX21zGAcgASgDEhIKCnJlcXVlc3RfaWQYCCABKAkikwIKD0FjcXVpcmVSZXNwb25zZRIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIbChNsZWFzZV9leHBpcmVzX2F0X21zGAIgASgDEhEKCXdhaXRlZF9tcxgDIAEoAxIZChFyZXNlcnZlZF9yZXF1ZXN0cxgEIAEoAxIdChVyZXNlcnZlZF9pbnB1dF90b2tlbnMYBSABKAMSHgoWcmVzZXJ2ZWRfb3V0cHV0X3Rva2VucxgGIAEoAxIVCg1ncmFudGVkX2F0X21zGAcgASgDEhAKCHJlcGxheWVkGAggASgIEhgKEG1vZGVsX292ZXJsb2FkZWQYCSABKAgSGwoTb3ZlcmxvYWRlZF91bnRpbF9tcxgKIAEoAyJtCgxBY3F1aXJlRXZlbnQSJAoGcXVldWVkGAEgASgLMhIubGltaXRlci52MS5RdWV1ZWRIABIuCgdncmFudGVkGAIgASgLMhsubGltaXRlci52MS5BY3F1aXJlUmVzcG9uc2VIAEIHCgVldmVudCJ3CgZRdWV1ZWQSEAoIcG9zaXRpb24YASABKAUSGQoRZXN0aW1hdGVkX3dhaXRfbXMYAiABKAMSEwoLcXVldWVfZGVwdGgYAyABKAUSEQoJd2FpdGVkX21zGAQgASgDEhgKEG1vZGVsX292ZXJsb2FkZWQYBSABKAgi2gEKDFByb3ZpZGVySW5mbxITCgtodHRwX3N0YXR1cxgBIAEoBRISCgplcnJvcl90eXBlGAIgASgJEhIKCmVycm9yX2NvZGUYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCRI2CgdoZWFkZXJzGAUgAygLMiUubGltaXRlci52MS5Qcm92aWRlckluZm8uSGVhZGVyc0VudHJ5EhEKCWZlbGxfYmFjaxgGIAEoCBouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLMAQoNUmVwb3J0UmVxdWVzdBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIbChNhY3R1YWxfaW5wdXRfdG9rZW5zGAIgASgDEhwKFGFjdHVhbF9vdXRwdXRfdG9rZW5zGAMgASgDEiQKB291dGNvbWUYBCABKA4yEy5saW1pdGVyLnYxLk91dGNvbWUSFgoOcmV0cnlfYWZ0ZXJfbXMYBSABKAMSKgoIcHJvdmlkZXIYBiABKAsyGC5saW1pdGVyLnYxLlByb3ZpZGVySW5mbyL/AQoKU2V0dGxlbWVudBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIrCgVzdGF0ZRgCIAEoDjIcLmxpbWl0ZXIudjEuUmVzZXJ2YXRpb25TdGF0ZRIVCg1zZXR0bGVkX2F0X21zGAMgASgDEhkKEXJlZnVuZGVkX3JlcXVlc3RzGAQgASgDEh0KFXJlZnVuZGVkX2lucHV0X3Rva2VucxgFIAEoAxIeChZyZWZ1bmRlZF9vdXRwdXRfdG9rZW5zGAYgASgDEhwKFG92ZXJydW5faW5wdXRfdG9rZW5zGAcgASgDEh0KFW92ZXJydW5fb3V0cHV0X3Rva2VucxgIIAEoAyJOCg5SZXBvcnRSZXNwb25zZRIqCgpzZXR0bGVtZW50GAEgASgLMhYubGltaXRlci52MS5TZXR0bGVtZW50EhAKCHJlcGxheWVkGAIgASgIIigKDlJlbGVhc2VSZXF1ZXN0EhYKDnJlc2VydmF0aW9uX2lkGAEgASgJIk8KD1JlbGVhc2VSZXNwb25zZRIqCgpzZXR0bGVtZW50GAEgASgLMhYubGltaXRlci52MS5TZXR0bGVtZW50EhAKCHJlcGxheWVkGAIgASgIIjwKEEtlZXBBbGl2ZVJlcXVlc3QSFgoOcmVzZXJ2YXRpb25faWQYASABKAkSEAoIbGVhc2VfbXMYAiABKAMiSAoRS2VlcEFsaXZlUmVzcG9uc2USFgoOcmVzZXJ2YXRpb25faWQYASABKAkSGwoTbGVhc2VfZXhwaXJlc19hdF9tcxgCIAEoAyJYChFMaXN0TGVhc2VzUmVxdWVzdBINCgVzY29wZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSKCAgoFTGVhc2USFgoOcmVzZXJ2YXRpb25faWQYASABKAkSDQoFc2NvcGUYAiABKAkSEwoLc2NvcGVfYWxpYXMYAyABKAkSDQoFbW9kZWwYBCABKAkSDAoEdXNlchgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgJEhUKDWdyYW50ZWRfYXRfbXMYByABKAMSGwoTbGVhc2VfZXhwaXJlc19hdF9tcxgIIAEoAxIZChFyZXNlcnZlZF9yZXF1ZXN0cxgJIAEoAxIdChVyZXNlcnZlZF9pbnB1dF90b2tlbnMYCiABKAMSHgoWcmVzZXJ2ZWRfb3V0cHV0X3Rva2VucxgLIAEoAyJQChJMaXN0TGVhc2VzUmVzcG9uc2USIQoGbGVhc2VzGAEgAygLMhEubGltaXRlci52MS5MZWFzZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoRR2V0QnVja2V0c1JlcXVlc3QSDQoFc2NvcGUYASABKAkSDQoFbW9kZWwYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiYQoJRGltZW5zaW9uEgwKBG5hbWUYASABKAkSDQoFbGV2ZWwYAiABKAESEAoIY2FwYWNpdHkYAyABKAMSFAoMcmVmaWxsX3Blcl9zGAQgASgBEg8KB2xlYXJuZWQYBSABKAgi2gEKBkJ1Y2tldBINCgVzY29wZRgBIAEoCRITCgtzY29wZV9hbGlhcxgCIAEoCRINCgVtb2RlbBgDIAEoCRIMCgR1c2VyGAQgASgJEikKCmRpbWVuc2lvbnMYBSADKAsyFS5saW1pdGVyLnYxLkRpbWVuc2lvbhITCgtxdWV1ZV9kZXB0aBgGIAEoBRIXCg9wYXVzZWRfdW50aWxfbXMYByABKAMSGQoRb3Blbl9yZXNlcnZhdGlvbnMYCCABKAUSGwoTb3ZlcmxvYWRlZF91bnRpbF9tcxgJIAEoAyJiChJHZXRCdWNrZXRzUmVzcG9uc2USIwoHYnVja2V0cxgBIAMoCzISLmxpbWl0ZXIudjEuQnVja2V0Eg4KBm5vd19tcxgCIAEoAxIXCg9uZXh0X3BhZ2VfdG9rZW4YAyABKAkiQAoSUmVzZXRCdWNrZXRSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEgwKBHVzZXIYAyABKAkiOgoTUmVzZXRCdWNrZXRSZXNwb25zZRIjCgdidWNrZXRzGAEgAygLMhIubGltaXRlci52MS5CdWNrZXQiDwoNUmVsb2FkUmVxdWVzdCI9Cg5SZWxvYWRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdtZXNzYWdlGAIgASgJEg4KBnNvdXJjZRgDIAEoCSJYChFMaXN0RXJyb3JzUmVxdWVzdBINCgVtb2RlbBgBIAEoCRITCgtodHRwX3N0YXR1cxgCIAEoBRIQCghzaW5jZV9tcxgDIAEoAxINCgVsaW1pdBgEIAEoBSLaAQoSUHJvdmlkZXJFcnJvckVudHJ5Eg0KBWF0X21zGAEgASgDEhMKC3Njb3BlX2FsaWFzGAIgASgJEg0KBW1vZGVsGAMgASgJEiQKB291dGNvbWUYBCABKA4yEy5saW1pdGVyLnYxLk91dGNvbWUSEwoLaHR0cF9zdGF0dXMYBSABKAUSEgoKZXJyb3JfdHlwZRgGIAEoCRISCgplcnJvcl9jb2RlGAcgASgJEhsKE3Byb3ZpZGVyX3JlcXVlc3RfaWQYCCABKAkSEQoJZmVsbF9iYWNrGAkgASgIIkQKEkxpc3RFcnJvcnNSZXNwb25zZRIuCgZlcnJvcnMYASADKAsyHi5saW1pdGVyLnYxLlByb3ZpZGVyRXJyb3JFbnRyeSpmCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABIGCgJPSxABEhAKDFJBVEVfTElNSVRFRBACEg4KCk9WRVJMT0FERUQQAxIJCgVFUlJPUhAEEg0KCUNBTkNFTExFRBAFKmgKEFJlc2VydmF0aW9uU3RhdGUSIQodUkVTRVJWQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIICgRPUEVOEAESDAoIUkVQT1JURUQQAhIMCghSRUxFQVNFRBADEgsKB0VYUElSRUQQBDLlAgoHTGltaXRlchJCCgdBY3F1aXJlEhoubGltaXRlci52MS5BY3F1aXJlUmVxdWVzdBobLmxpbWl0ZXIudjEuQWNxdWlyZVJlc3BvbnNlEkcKDUFjcXVpcmVTdHJlYW0SGi5saW1pdGVyLnYxLkFjcXVpcmVSZXF1ZXN0GhgubGltaXRlci52MS5BY3F1aXJlRXZlbnQwARI/CgZSZXBvcnQSGS5saW1pdGVyLnYxLlJlcG9ydFJlcXVlc3QaGi5saW1pdGVyLnYxLlJlcG9ydFJlc3BvbnNlEkIKB1JlbGVhc2USGi5saW1pdGVyLnYxLlJlbGVhc2VSZXF1ZXN0GhsubGltaXRlci52MS5SZWxlYXNlUmVzcG9uc2USSAoJS2VlcEFsaXZlEhwubGltaXRlci52MS5LZWVwQWxpdmVSZXF1ZXN0Gh0ubGltaXRlci52MS5LZWVwQWxpdmVSZXNwb25zZTL/AgoFQWRtaW4SSwoKTGlzdExlYXNlcxIdLmxpbWl0ZXIudjEuTGlzdExlYXNlc1JlcXVlc3QaHi5saW1pdGVyLnYxLkxpc3RMZWFzZXNSZXNwb25zZRJLCgpHZXRCdWNrZXRzEh0ubGltaXRlci52MS5HZXRCdWNrZXRzUmVxdWVzdBoeLmxpbWl0ZXIudjEuR2V0QnVja2V0c1Jlc3BvbnNlEj8KBlJlbG9hZBIZLmxpbWl0ZXIudjEuUmVsb2FkUmVxdWVzdBoaLmxpbWl0ZXIudjEuUmVsb2FkUmVzcG9uc2USSwoKTGlzdEVycm9ycxIdLmxpbWl0ZXIudjEuTGlzdEVycm9yc1JlcXVlc3QaHi5saW1pdGVyLnYxLkxpc3RFcnJvcnNSZXNwb25zZRJOCgtSZXNldEJ1Y2tldBIeLmxpbWl0ZXIudjEuUmVzZXRCdWNrZXRSZXF1ZXN0Gh8ubGltaXRlci52MS5SZXNldEJ1Y2tldFJlc3BvbnNlYgZwcm90bzM");
 
 /**
  * @generated from message limiter.v1.AcquireRequest
@@ -488,7 +488,7 @@ export const KeepAliveResponseSchema: GenMessage<KeepAliveResponse> = /*@__PURE_
  */
 export type ListLeasesRequest = Message<"limiter.v1.ListLeasesRequest"> & {
   /**
-   * scope hash or configured alias; empty = all
+   * scope hash, configured alias or unique hash prefix; empty = all
    *
    * @generated from field: string scope = 1;
    */
@@ -617,18 +617,30 @@ export const ListLeasesResponseSchema: GenMessage<ListLeasesResponse> = /*@__PUR
  */
 export type GetBucketsRequest = Message<"limiter.v1.GetBucketsRequest"> & {
   /**
-   * scope hash or configured alias; empty = all
+   * scope hash, configured alias or unique hash prefix; empty = all
    *
    * @generated from field: string scope = 1;
    */
   scope: string;
 
   /**
-   * empty = all
+   * a budget name, or a model id (its budget); empty = all
    *
    * @generated from field: string model = 2;
    */
   model: string;
+
+  /**
+   * 0 = 100; at most 1000
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
 };
 
 /**
@@ -698,12 +710,15 @@ export type Bucket = Message<"limiter.v1.Bucket"> & {
   scopeAlias: string;
 
   /**
+   * The budget's name: the matched config rule's group or pattern (e.g. "claude-sonnet-4*");
+   * every model id the rule matches spends this one bucket.
+   *
    * @generated from field: string model = 3;
    */
   model: string;
 
   /**
-   * empty for the scope x model bucket
+   * empty for the scope x budget bucket
    *
    * @generated from field: string user = 4;
    */
@@ -734,7 +749,7 @@ export type Bucket = Message<"limiter.v1.Bucket"> & {
   openReservations: number;
 
   /**
-   * the model is marked overloaded until then (0 = not)
+   * the budget's models are marked overloaded (0 = not)
    *
    * @generated from field: int64 overloaded_until_ms = 9;
    */
@@ -753,6 +768,8 @@ export const BucketSchema: GenMessage<Bucket> = /*@__PURE__*/
  */
 export type GetBucketsResponse = Message<"limiter.v1.GetBucketsResponse"> & {
   /**
+   * sorted by scope hash, model, user
+   *
    * @generated from field: repeated limiter.v1.Bucket buckets = 1;
    */
   buckets: Bucket[];
@@ -761,6 +778,11 @@ export type GetBucketsResponse = Message<"limiter.v1.GetBucketsResponse"> & {
    * @generated from field: int64 now_ms = 2;
    */
   nowMs: bigint;
+
+  /**
+   * @generated from field: string next_page_token = 3;
+   */
+  nextPageToken: string;
 };
 
 /**
@@ -769,6 +791,58 @@ export type GetBucketsResponse = Message<"limiter.v1.GetBucketsResponse"> & {
  */
 export const GetBucketsResponseSchema: GenMessage<GetBucketsResponse> = /*@__PURE__*/
   messageDesc(file_limiter_v1_limiter, 18);
+
+/**
+ * @generated from message limiter.v1.ResetBucketRequest
+ */
+export type ResetBucketRequest = Message<"limiter.v1.ResetBucketRequest"> & {
+  /**
+   * required: scope hash, configured alias, or a unique hash prefix
+   *
+   * @generated from field: string scope = 1;
+   */
+  scope: string;
+
+  /**
+   * required: a budget name, or a model id (its budget)
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+
+  /**
+   * empty = the scope x budget bucket; else that user's bucket under it
+   *
+   * @generated from field: string user = 3;
+   */
+  user: string;
+};
+
+/**
+ * Describes the message limiter.v1.ResetBucketRequest.
+ * Use `create(ResetBucketRequestSchema)` to create a new message.
+ */
+export const ResetBucketRequestSchema: GenMessage<ResetBucketRequest> = /*@__PURE__*/
+  messageDesc(file_limiter_v1_limiter, 19);
+
+/**
+ * @generated from message limiter.v1.ResetBucketResponse
+ */
+export type ResetBucketResponse = Message<"limiter.v1.ResetBucketResponse"> & {
+  /**
+   * the buckets reset, as they are now
+   *
+   * @generated from field: repeated limiter.v1.Bucket buckets = 1;
+   */
+  buckets: Bucket[];
+};
+
+/**
+ * Describes the message limiter.v1.ResetBucketResponse.
+ * Use `create(ResetBucketResponseSchema)` to create a new message.
+ */
+export const ResetBucketResponseSchema: GenMessage<ResetBucketResponse> = /*@__PURE__*/
+  messageDesc(file_limiter_v1_limiter, 20);
 
 /**
  * @generated from message limiter.v1.ReloadRequest
@@ -781,7 +855,7 @@ export type ReloadRequest = Message<"limiter.v1.ReloadRequest"> & {
  * Use `create(ReloadRequestSchema)` to create a new message.
  */
 export const ReloadRequestSchema: GenMessage<ReloadRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 19);
+  messageDesc(file_limiter_v1_limiter, 21);
 
 /**
  * @generated from message limiter.v1.ReloadResponse
@@ -812,7 +886,7 @@ export type ReloadResponse = Message<"limiter.v1.ReloadResponse"> & {
  * Use `create(ReloadResponseSchema)` to create a new message.
  */
 export const ReloadResponseSchema: GenMessage<ReloadResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 20);
+  messageDesc(file_limiter_v1_limiter, 22);
 
 /**
  * @generated from message limiter.v1.ListErrorsRequest
@@ -852,7 +926,7 @@ export type ListErrorsRequest = Message<"limiter.v1.ListErrorsRequest"> & {
  * Use `create(ListErrorsRequestSchema)` to create a new message.
  */
 export const ListErrorsRequestSchema: GenMessage<ListErrorsRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 21);
+  messageDesc(file_limiter_v1_limiter, 23);
 
 /**
  * @generated from message limiter.v1.ProviderErrorEntry
@@ -911,7 +985,7 @@ export type ProviderErrorEntry = Message<"limiter.v1.ProviderErrorEntry"> & {
  * Use `create(ProviderErrorEntrySchema)` to create a new message.
  */
 export const ProviderErrorEntrySchema: GenMessage<ProviderErrorEntry> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 22);
+  messageDesc(file_limiter_v1_limiter, 24);
 
 /**
  * @generated from message limiter.v1.ListErrorsResponse
@@ -928,7 +1002,7 @@ export type ListErrorsResponse = Message<"limiter.v1.ListErrorsResponse"> & {
  * Use `create(ListErrorsResponseSchema)` to create a new message.
  */
 export const ListErrorsResponseSchema: GenMessage<ListErrorsResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 23);
+  messageDesc(file_limiter_v1_limiter, 25);
 
 /**
  * @generated from enum limiter.v1.Outcome
@@ -947,7 +1021,7 @@ export enum Outcome {
   OK = 1,
 
   /**
-   * HTTP 429; retry_after_ms pauses the scope x model
+   * HTTP 429; retry_after_ms pauses the scope x model budget
    *
    * @generated from enum value: RATE_LIMITED = 2;
    */
@@ -1126,6 +1200,17 @@ export const Admin: GenService<{
     methodKind: "unary";
     input: typeof ListErrorsRequestSchema;
     output: typeof ListErrorsResponseSchema;
+  },
+  /**
+   * Refill buckets to full, forgiving their debt (e.g. after a wrong overrun Report).
+   * Journaled before the answer. NOT_FOUND when no such bucket is kept (an idle one is full).
+   *
+   * @generated from rpc limiter.v1.Admin.ResetBucket
+   */
+  resetBucket: {
+    methodKind: "unary";
+    input: typeof ResetBucketRequestSchema;
+    output: typeof ResetBucketResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_limiter_v1_limiter, 1);
