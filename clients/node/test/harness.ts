@@ -42,6 +42,12 @@ requests_per_minute = 1
 input_tokens_per_minute = 100000
 output_tokens_per_minute = 100000
 
+[models."claude-conc"]
+requests_per_minute = 1000
+input_tokens_per_minute = 1000000
+output_tokens_per_minute = 100000
+max_concurrent = 1
+
 [models."claude-tight"]
 requests_per_minute = 1000
 input_tokens_per_minute = 1000
