@@ -1,5 +1,6 @@
 // The limiter: reserve before a provider call, report (or release) after, and never leak.
 import { randomUUID } from "node:crypto";
+import type { Interceptor } from "@connectrpc/connect";
 import { setTimeout as delay } from "node:timers/promises";
 import {
   DaemonApi, isTransient, mapError, type AcquireArgs, type DaemonGrant, type Outcome,
@@ -24,6 +25,8 @@ export interface LimiterOptions {
   target: string;
   /** true for TLS with the system's roots, or the CA / client certificate to use. */
   tls?: boolean | TlsOptions;
+  /** Connect interceptors around every RPC (metadata, tracing, logging). */
+  interceptors?: Interceptor[];
   /** While the daemon cannot be reached: failClosed() (default), failOpen(), safeCapacity(). */
   onUnavailable?: UnavailablePolicy;
   /** Lease asked for each reservation; 0 = the daemon's default. */
@@ -158,7 +161,7 @@ export class Limiter {
     if (!Number.isInteger(this.transportAttempts) || this.transportAttempts < 1) {
       throw new LimiterInvalidArgument("transportAttempts: must be an integer >= 1");
     }
-    this.channel = openChannel(target, o.tls);
+    this.channel = openChannel(target, o.tls, o.interceptors ?? []);
     this.api = new DaemonApi(this.channel);
     this.outbox = new Outbox(this, o.maxPendingSettlements ?? 10_000);
   }

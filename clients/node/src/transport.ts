@@ -1,6 +1,6 @@
 // The channel to the daemon: target validation, TLS or plaintext, unix sockets.
 import { connect as netConnect } from "node:net";
-import type { Transport } from "@connectrpc/connect";
+import type { Interceptor, Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { LimiterInvalidArgument } from "./errors.js";
 
@@ -54,7 +54,8 @@ export interface Channel {
   close(): void;
 }
 
-export function openChannel(target: Target, tls: boolean | TlsOptions | undefined): Channel {
+export function openChannel(target: Target, tls: boolean | TlsOptions | undefined,
+  interceptors: Interceptor[] = []): Channel {
   const secure = tls !== undefined && tls !== false;
   const t: TlsOptions = typeof tls === "object" ? tls : {};
   const scheme = secure ? "https" : "http";
@@ -72,6 +73,6 @@ export function openChannel(target: Target, tls: boolean | TlsOptions | undefine
   const sessionManager = new Http2SessionManager(baseUrl, {
     pingIntervalMs: 10_000, pingTimeoutMs: 5_000,
   }, nodeOptions);
-  const transport = createGrpcTransport({ baseUrl, sessionManager, nodeOptions });
+  const transport = createGrpcTransport({ baseUrl, sessionManager, nodeOptions, interceptors });
   return { transport, close: () => sessionManager.abort() };
 }

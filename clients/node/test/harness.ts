@@ -80,7 +80,14 @@ const exited = (p: ChildProcess): Promise<void> =>
   p.exitCode !== null || p.signalCode !== null ? Promise.resolve() : new Promise((ok) => p.once("exit", () => ok()));
 
 /** Start `limiterd serve`; resolves once its health check says SERVING. */
-export async function startDaemon(options: { config?: string; db?: string; port?: number } = {}): Promise<Daemon> {
+export async function startDaemon(options: {
+  config?: string; db?: string; port?: number;
+  /** e.g. "unix:/path/to.sock" instead of a loopback port. */
+  listen?: string;
+  args?: string[];
+  /** How the readiness probe connects (TLS options for a TLS daemon). */
+  probe?: Partial<LimiterOptions>;
+} = {}): Promise<Daemon> {
   if (!existsSync(LIMITERD)) {
     throw new Error(`${LIMITERD} not found: run 'make setup' in the repo first (or set LIMITERD)`);
   }
@@ -88,14 +95,14 @@ export async function startDaemon(options: { config?: string; db?: string; port?
   const config = join(dir, "limiterd.toml");
   writeFileSync(config, options.config ?? CONFIG);
   const db = options.db ?? join(dir, "journal.sqlite3");
-  const target = `127.0.0.1:${options.port ?? await freePort()}`;
+  const target = options.listen ?? `127.0.0.1:${options.port ?? await freePort()}`;
   const proc = spawn(LIMITERD, ["serve", "--listen", target, "--db", db, "--config", config,
-    "--watch-config", "0", "--grace", "1", "--log-level", "warning"], {
+    "--watch-config", "0", "--grace", "1", "--log-level", "warning", ...(options.args ?? [])], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   let stderr = "";
   proc.stderr!.on("data", (b: Buffer) => { stderr += b.toString(); });
-  const probe = new Limiter({ target, rpcTimeoutMs: 1000 });
+  const probe = new Limiter({ target, rpcTimeoutMs: 1000, ...(options.probe ?? {}) });
   try {
     await Promise.race([
       probe.waitReady({ timeoutMs: 30_000 }),
@@ -104,7 +111,10 @@ export async function startDaemon(options: { config?: string; db?: string; port?
   } finally {
     await probe.close();
   }
-  const admin = createClient(Admin, createGrpcTransport({ baseUrl: `http://${target}` }));
+  // Admin over plaintext TCP only (the TLS and unix-socket tests do not use it).
+  const admin = createClient(Admin, createGrpcTransport({
+    baseUrl: target.startsWith("unix:") ? "http://127.0.0.1:1" : `http://${target}`,
+  }));
   return {
     target, db, proc, admin,
     async kill() { proc.kill("SIGKILL"); await exited(proc); },
