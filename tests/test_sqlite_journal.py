@@ -668,6 +668,16 @@ async def test_a_version_1_database_migrates_forward_keeping_its_rows(
 # ---- one daemon per database, whatever the path (issue 10, item 6)
 
 
+def refused_start(proc: subprocess.Popen[str]) -> str:
+    """A daemon expected to refuse to start: its stderr. One that serves instead is stopped
+    (the test then fails on its exit code) rather than left running."""
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
+
+
 def test_symlink_and_hard_link_meet_the_same_lock(tmp_path: Path) -> None:
     # Three real daemons on one file, through its path, a symlink and a hard link: each once
     # took its own lock and granted nearly the whole bucket. Only the first may start.
@@ -685,7 +695,7 @@ def test_symlink_and_hard_link_meet_the_same_lock(tmp_path: Path) -> None:
         wait_serving(target, first)
         for other in (tmp_path / "link.sqlite3", tmp_path / "b" / "hard.sqlite3"):
             proc = limiterd("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(other))
-            _, err = proc.communicate(timeout=30)
+            err = refused_start(proc)
             assert proc.returncode == 1, err
             assert err.strip() == (
                 f"limiterd: cannot start: {other} is in use by another limiterd "
@@ -707,6 +717,17 @@ async def test_a_hard_link_is_refused_in_process_too(tmp_path: Path) -> None:
         await first.write([PauseSet("s", "m", T0 + 1)])  # the refusal took nothing away
     finally:
         await first.close()
+
+
+async def test_a_hard_linked_database_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    await reopen(path)
+    assert "hard links" not in caplog.text
+    os.link(path, tmp_path / "other.sqlite3")
+    await reopen(path)
+    assert f"{path} has 2 hard links: always start limiterd with the same name" in caplog.text
 
 
 # ---- readable SQLite, unreadable rows (issue 10, item 12)
@@ -757,7 +778,7 @@ async def test_the_daemon_says_so_in_one_line_not_a_traceback(tmp_path: Path, ca
     path = tmp_path / "db.sqlite3"
     await database_with(path, BAD_ROWS[case])
     proc = limiterd("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(path))
-    _, err = proc.communicate(timeout=30)
+    err = refused_start(proc)
     assert proc.returncode == 1, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"limiterd: cannot start: {path} is not a limiterd database or is")

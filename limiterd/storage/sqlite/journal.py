@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from limiterd.storage.sqlite.errors import corrupt, startup_error
 from limiterd.storage.sqlite.errorstore import DRIVER_ERRORS, SqliteErrorStore
 from limiterd.storage.sqlite.lock import DatabaseLock
 from limiterd.storage.sqlite.schema import NotOurs, Synchronous
+
+log = logging.getLogger("limiterd.storage")
 
 
 class SqliteJournal(Journal):
@@ -73,6 +76,11 @@ class SqliteJournal(Journal):
         if self.path.is_dir():
             raise StartupError(f"{self.path} is a folder: point --db at a file inside it")
         self._lock.acquire()
+        if (links := self.path.stat().st_nlink) > 1:
+            # The lock holds across names, but SQLite names the WAL after the name it was
+            # given: a crash under one name and a restart under another would not see it.
+            log.warning("%s has %d hard links: always start limiterd with the same name for "
+                        "it, or changes in its write-ahead log may be lost", self.path, links)
         self._conn = conn = Connection()
         try:
             await conn.connect(self.path)
