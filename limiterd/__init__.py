@@ -10,4 +10,9 @@ Layout (each layer knows only the ones below it):
     cli.py     click commands
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("limiterd")  # one source: pyproject.toml
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import grpc
 from click.core import ParameterSource
 
 from limiterd import __version__
-from limiterd.config.loader import ConfigError, check_config
+from limiterd.config.loader import ConfigError, check_config, defaults_text
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN, ENV_PREFIX
 from limiterd.gateway.command import gateway_cmd
 from limiterd.inspect import (
@@ -29,6 +30,7 @@ from limiterd.inspect import (
     as_json,
     bucket_rows,
     lease_rows,
+    short_scope,
     table,
     when,
 )
@@ -36,6 +38,7 @@ from limiterd.server import ListenError, Security, ServeOptions, serve
 from limiterd.storage.base import StartupError
 from limiterd.storage.factory import default_db_path
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from limiterd_client.scope import DEFAULT_SALT, scope_for_api_key
 
 
 @click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
@@ -176,6 +179,38 @@ def check_config_cmd(file: str) -> None:
         sys.exit(2)
 
 
+@main.command("default-config")
+def default_config_cmd() -> None:
+    """Print the built-in config, a starting point for your own --config file."""
+    click.echo(defaults_text(), nl=False)
+
+
+@main.command("scope")
+@click.option("--from-env", "env_name", default=None, metavar="NAME",
+              help="Read the API key from this environment variable (e.g. ANTHROPIC_API_KEY) "
+                   "instead of stdin.")
+@click.option("--salt", default=DEFAULT_SALT, envvar=f"{ENV_PREFIX}_SCOPE_SALT",
+              show_envvar=True, help="The salt your apps pass to scope_for_api_key.")
+def scope_cmd(env_name: str | None, salt: str) -> None:
+    """Print an API key's scope hash, for [[scopes]] in the config.
+
+    The key is read from stdin (typed without echo on a terminal) or from an environment
+    variable, never from the command line, where `ps` and shell history would keep it. The
+    hash is the client's scope_for_api_key."""
+    if env_name is not None:
+        key = os.environ.get(env_name, "")
+        if not key:
+            raise click.UsageError(f"${env_name} is not set or empty")
+    elif sys.stdin.isatty():
+        key = click.prompt("API key", hide_input=True, err=True)
+    else:
+        key = sys.stdin.read()
+    key = key.strip()
+    if not key:
+        raise click.UsageError("no API key on stdin")
+    click.echo(scope_for_api_key(key, salt=salt))
+
+
 # ---- operator commands: talk to a running daemon -----------------------------------------
 
 
@@ -221,7 +256,8 @@ def connected(target: Target) -> Iterator[Client]:
 
 @main.command("leases")
 @target_options
-@click.option("--scope", default="", help="Scope alias or hash.")
+@click.option("--scope", default="",
+              help="Scope alias, hash, or the start of a hash as the tables print it.")
 @click.option("--model", default="")
 @click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
 def leases_cmd(scope: str, model: str, as_json_: bool, **t: Any) -> None:
@@ -229,13 +265,14 @@ def leases_cmd(scope: str, model: str, as_json_: bool, **t: Any) -> None:
     with connected(_target(**t)) as client:
         leases = list(client.leases(scope, model))
         now_ms = int(time.time() * 1000)
-        rows = lease_rows(leases, now_ms)
+        rows = lease_rows(leases, now_ms, full=as_json_)
         click.echo(as_json(rows) if as_json_ else table(rows, "no open reservations"))
 
 
 @main.command("buckets")
 @target_options
-@click.option("--scope", default="", help="Scope alias or hash.")
+@click.option("--scope", default="",
+              help="Scope alias, hash, or the start of a hash as the tables print it.")
 @click.option("--model", default="")
 @click.option("--json", "as_json_", is_flag=True, help="JSON for scripts.")
 def buckets_cmd(scope: str, model: str, as_json_: bool, **t: Any) -> None:
@@ -318,7 +355,8 @@ def watch_cmd(interval: float, iterations: int, **t: Any) -> None:
                 for lease in leases:
                     if lease.reservation_id not in seen:
                         recent.append(f"{when(lease.granted_at_ms)}  "
-                                      f"{lease.scope_alias or lease.scope[:12]}  {lease.model}  "
+                                      f"{short_scope(lease.scope, lease.scope_alias)}  "
+                                      f"{lease.model}  "
                                       f"in {lease.reserved_input_tokens}  "
                                       f"out {lease.reserved_output_tokens}")
                 seen = {lease.reservation_id: lease for lease in leases}

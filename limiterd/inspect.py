@@ -112,10 +112,20 @@ def when(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
 
 
-def lease_rows(leases: Sequence[pb.Lease], now_ms: int) -> list[dict[str, Any]]:
+SCOPE_SHOWN = 12  # characters of a scope hash in tables (`--scope` takes them back)
+
+
+def short_scope(scope: str, alias: str) -> str:
+    return alias or scope[:SCOPE_SHOWN]
+
+
+def lease_rows(leases: Sequence[pb.Lease], now_ms: int, full: bool = False
+               ) -> list[dict[str, Any]]:
+    """Table rows; `full` (JSON) keeps the whole scope hash and its alias apart."""
     return [{
         "reservation_id": lease.reservation_id,
-        "scope": lease.scope_alias or lease.scope[:12],
+        **({"scope": lease.scope, "scope_alias": lease.scope_alias} if full
+           else {"scope": short_scope(lease.scope, lease.scope_alias)}),
         "model": lease.model,
         "user": lease.user,
         "input": lease.reserved_input_tokens,
@@ -138,7 +148,7 @@ def bucket_rows(resp: pb.GetBucketsResponse) -> list[dict[str, Any]]:
             return f"{d.level:,.0f}/{d.capacity:,}{learned}"
 
         rows.append({
-            "scope": b.scope_alias or b.scope[:12],
+            "scope": short_scope(b.scope, b.scope_alias),
             "model": b.model,
             "user": b.user,
             "requests": cell("requests"),

@@ -11,7 +11,10 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +50,8 @@ ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVICE_NAMES = (LIMITER, ADMIN)
 DRAIN_RETRY_AFTER_S = 1.0  # what a wait ended by shutdown is told: a restart is quick
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
+# grpc's own line: "... (Error in bind for address '[::1]:50051': Address already in use)"
+_BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^)]+)\)")
 
 
 class ListenError(Exception):
@@ -209,18 +214,42 @@ def _umask(mode: int | None) -> Iterator[None]:
         os.umask(old)
 
 
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[list[str]]:
+    """What is written to fd 2 meanwhile, held back (in the list once the block ends).
+    grpc's core reports a failed bind there itself, before limiterd can say it in one line."""
+    held: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            held.append(tmp.read().decode(errors="replace"))
+
+
 def _bind(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> str:
     address = bind_target(listen)
-    try:
-        if creds is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, creds)
-    except RuntimeError as exc:
-        port = 0
-        log.debug("bind failed: %s", exc)
+    with _stderr_held() as held:
+        try:
+            if creds is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, creds)
+        except RuntimeError as exc:
+            port = 0
+            log.debug("bind failed: %s", exc)
+    said = "".join(held)
     if port == 0 and not address.startswith("unix:"):
-        raise ListenError(f"cannot listen on {listen}: address in use or not available")
+        why = _BIND_REASON.search(said)
+        raise ListenError(f"cannot listen on {listen}: "
+                          f"{why.group(1) if why else 'address in use or not available'}")
+    if said and port != 0:
+        sys.stderr.write(said)  # not about this bind: pass it on
     if address.startswith("unix:"):
         return address
     return f"{address.rsplit(':', 1)[0]}:{port}"

@@ -45,9 +45,13 @@ output_tokens_per_minute = 200000
 requests_per_minute = 3
 
 [[scopes]]
-scope = "team-a-hash"
+scope = "7ea9a00123456789abcdef0123456789abcdef0123456789abcdef0123456789"
 alias = "team-a"
 """
+
+
+# The configured scope (alias "team-a"): a scope is a key's hash.
+TEAM_A = "7ea9a00123456789abcdef0123456789abcdef0123456789abcdef0123456789"
 
 
 def make_test_config() -> Config:

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from limiterd.server import RunningServer
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, TEAM_A
 
 Code = grpc.StatusCode
 # One suite, both ledgers: every test here runs against the local one and the shared one.
@@ -321,10 +321,10 @@ async def test_list_leases_pages_in_expiry_order(
 
 
 async def test_scope_alias_filters(limiter: pb_grpc.LimiterStub, admin: pb_grpc.AdminStub) -> None:
-    await limiter.Acquire(acq(scope="team-a-hash"))
+    await limiter.Acquire(acq(scope=TEAM_A))
     await limiter.Acquire(acq(scope="other"))
     leases = (await admin.ListLeases(pb.ListLeasesRequest(scope="team-a"))).leases
-    assert [(lease.scope, lease.scope_alias) for lease in leases] == [("team-a-hash", "team-a")]
+    assert [(lease.scope, lease.scope_alias) for lease in leases] == [(TEAM_A, "team-a")]
 
 
 async def test_health_and_reflection(channel: grpc.aio.Channel) -> None:

@@ -84,7 +84,8 @@ async def test_a_pause_holds_the_whole_class(
     assert e.value.code() == Code.RESOURCE_EXHAUSTED
 
 
-GROUPED = """
+A = "a" * 64  # a configured scope (a key's hash)
+GROUPED = f"""
 [models."claude-sonnet-4*"]
 group = "sonnet"
 input_tokens_per_minute = 30000
@@ -94,7 +95,7 @@ input_tokens_per_minute = 30000
 [models."claude-haiku-4*"]
 input_tokens_per_minute = 50000
 [[scopes]]
-scope = "a"
+scope = "{A}"
 alias = "a"
 [scopes.models."claude-3-7-sonnet*"]
 input_tokens_per_minute = 90000
@@ -112,12 +113,12 @@ def test_a_group_names_one_budget_for_several_rules() -> None:
         "claude-haiku-4*", Limits(input_tokens_per_minute=50_000))
     # A scope's rule overrides the group its pattern falls under, for every member.
     raised = Budget("sonnet", Limits(input_tokens_per_minute=90_000))
-    assert cfg.budget_for("a", "claude-3-7-sonnet-latest") == raised
-    assert cfg.budget_for("a", "claude-sonnet-4-5") == raised
+    assert cfg.budget_for(A, "claude-3-7-sonnet-latest") == raised
+    assert cfg.budget_for(A, "claude-sonnet-4-5") == raised
     # A narrower scope rule carves out a budget of its own, on top of the default's fields.
-    assert cfg.budget_for("a", "claude-haiku-4-5-x") == Budget(
+    assert cfg.budget_for(A, "claude-haiku-4-5-x") == Budget(
         "claude-haiku-4-5-x", Limits(input_tokens_per_minute=50_000, max_concurrent=2))
-    assert cfg.budget_limits("a", "sonnet") == raised.limits
+    assert cfg.budget_limits(A, "sonnet") == raised.limits
     assert cfg.budget_for("b", "gpt-4o") is None
 
 

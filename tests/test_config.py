@@ -187,21 +187,50 @@ def test_missing_scope_and_alias(tmp_path: Path) -> None:
     ]
 
 
+NOT_A_HASH = ("must be an API key's hash, 64 lowercase hex characters as `limiterd scope` and "
+              "the client's scope_for_api_key print it; got ")
+
+
 @pytest.mark.parametrize(
     ("value", "what"),
     [('""', 'must be a non-empty string, got ""'),
      ("42", "must be a non-empty string, got 42"),
-     # 129 two-byte characters: under 256 characters but over 256 bytes
-     ('"' + "é" * 129 + '"', "must be at most 256 bytes, got 258")],
+     ('"' + "é" * 129 + '"', NOT_A_HASH + "129 characters with some not hex"),
+     ('"team-a-hash"', NOT_A_HASH + "11 characters with some not hex"),
+     ('"' + "A" * 64 + '"', NOT_A_HASH + "64 characters"),  # upper case never matches
+     ('"' + "a" * 63 + '"', NOT_A_HASH + "63 characters")],
 )
 def test_bad_scope(tmp_path: Path, value: str, what: str) -> None:
     path = write(tmp_path, f'[[scopes]]\nscope = {value}\nalias = "a"\n')
     assert only_problem(path) == f"{path}: scopes[0].scope: {what}"
 
 
-def test_scope_of_256_bytes_is_fine(tmp_path: Path) -> None:
-    path = write(tmp_path, scope_entry("s" * 256, "a"))
-    assert load_config(path).alias_for("s" * 256) == "a"
+def test_a_raw_api_key_as_scope_is_refused_and_never_echoed(tmp_path: Path) -> None:
+    key = "sk-ant-api03-" + "Zx9" * 30
+    path = write(tmp_path, f'[[scopes]]\nscope = "{key}"\nalias = "prod"\n')
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}: scopes[0].scope: is a raw API key")
+    assert "limiterd scope" in problem and key[:16] not in problem
+
+
+def test_a_file_with_only_scopes_keeps_the_built_in_model_rules(tmp_path: Path) -> None:
+    path = write(tmp_path, scope_entry(SCOPE_A, "prod"))
+    cfg = load_config(path)
+    builtin = load_config(None)
+    assert cfg.models == builtin.models and cfg.models
+    assert cfg.limits_for(SCOPE_A, "claude-opus-4-5") == builtin.limits_for(
+        SCOPE_A, "claude-opus-4-5")
+    assert "(built in: this file has no [models])" in check_config(path)
+    # An explicit [models] replaces them all; an empty one means none.
+    assert load_config(write(tmp_path, "[models]\n")).models == ()
+    own = write(tmp_path, '[models."m"]\nrequests_per_minute = 1\n')
+    assert [r.pattern for r in load_config(own).models] == ["m"]
+    assert "built in" not in check_config(own)
+
+
+def test_scope_hash_is_fine(tmp_path: Path) -> None:
+    path = write(tmp_path, scope_entry("0123456789abcdef" * 4, "a"))
+    assert load_config(path).alias_for("0123456789abcdef" * 4) == "a"
 
 
 def test_duplicate_scope(tmp_path: Path) -> None:
@@ -304,8 +333,8 @@ def test_not_utf8(tmp_path: Path) -> None:
     assert only_problem(path) == f"{path}: not UTF-8 text (bad byte at offset 5)"
 
 
-def test_empty_file_is_valid_and_knows_no_model(tmp_path: Path) -> None:
-    path = write(tmp_path, "")
+def test_empty_models_table_knows_no_model(tmp_path: Path) -> None:
+    path = write(tmp_path, "[models]\n")
     cfg = load_config(path)
     assert cfg == Config(source=str(path))
     assert cfg.limits_for(SCOPE_A, "claude-opus-4-5") is None
@@ -435,7 +464,7 @@ def test_any_lease_ms_converts_to_seconds(ms: int) -> None:
 
 
 @given(alias=st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
-       scope=st.text(min_size=1, max_size=64).filter(lambda s: len(s.encode()) <= 256))
+       scope=st.from_regex(r"[0-9a-f]{64}", fullmatch=True))
 def test_any_valid_scope_and_alias_accepted(alias: str, scope: str) -> None:
     toml = f"[[scopes]]\nscope = {_toml_str(scope)}\nalias = {_toml_str(alias)}\n"
     assert parse_config(toml, "p.toml").alias_for(scope) == alias

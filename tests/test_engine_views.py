@@ -14,7 +14,7 @@ from limiterd.ledger.ledger import Granted
 from limiterd.ledger.model import AcquireRequest, BucketKey, Outcome
 from limiterd.storage import Journal
 from limiterd.views import AmbiguousScope, BucketView, lease_order
-from tests.conftest import make_test_config
+from tests.conftest import TEAM_A, make_test_config
 
 
 @pytest.fixture
@@ -33,10 +33,10 @@ async def grant(e: Engine, scope: str, model: str = "tiny", tokens: int = 100,
 
 
 async def test_bucket_views_are_frozen_and_carry_what_get_buckets_shows(engine: Engine) -> None:
-    await grant(engine, "team-a-hash", "conc", tokens=400)
+    await grant(engine, TEAM_A, "conc", tokens=400)
     [view] = engine.buckets()
     assert isinstance(view, BucketView)
-    assert view.key == BucketKey("team-a-hash", "conc")
+    assert view.key == BucketKey(TEAM_A, "conc")
     dims = {d.name: d for d in view.dimensions}
     assert dims["input_tokens"].level == pytest.approx(1_000_000 - 400)
     assert dims["input_tokens"].refill_per_s == pytest.approx(1_000_000 / 60)
@@ -80,7 +80,7 @@ async def test_scope_by_hash_alias_or_unique_prefix(engine: Engine) -> None:
     assert engine.scopes("") is None  # every scope
     assert engine.scopes("f00dcafe1234") == {"f00dcafe1234cccc"}
     assert engine.scopes("085e42dbe676aaaa") == {"085e42dbe676aaaa"}
-    assert engine.scopes("team-a") == {"team-a-hash"}  # the configured alias
+    assert engine.scopes("team-a") == {TEAM_A}  # the configured alias
     assert engine.scopes("0123456789ab") == frozenset()
     assert engine.scopes("f0") == frozenset()  # too short to be meant as a prefix
     with pytest.raises(AmbiguousScope, match="start of 2 scopes"):

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from limiterd.server import Security, running_server
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.conftest import TEST_CONFIG_TOML, make_test_config
+from tests.conftest import TEAM_A, TEST_CONFIG_TOML, make_test_config
 from tests.test_process import ROOT, free_port, limiterd, wait_serving
 
 
@@ -44,7 +44,7 @@ async def test_metrics_move_as_calls_are_made() -> None:
         assert before[("limiterd_open_reservations", ())] == 0
         async with grpc.aio.insecure_channel(d.target) as ch:
             stub = pb_grpc.LimiterStub(ch)
-            g = await stub.Acquire(pb.AcquireRequest(scope="team-a-hash", model="tiny",
+            g = await stub.Acquire(pb.AcquireRequest(scope=TEAM_A, model="tiny",
                                                      input_tokens=300, max_output_tokens=200))
             mid = await asyncio.to_thread(scrape, port)
             assert mid[("limiterd_open_reservations", ())] == 1
@@ -125,7 +125,7 @@ def test_cli_against_a_running_daemon(
     _, target, _ = daemon_with_config
     with grpc.insecure_channel(target) as ch:
         stub = pb_grpc.LimiterStub(ch)
-        a = stub.Acquire(pb.AcquireRequest(scope="team-a-hash", model="tiny", input_tokens=500,
+        a = stub.Acquire(pb.AcquireRequest(scope=TEAM_A, model="tiny", input_tokens=500,
                                            lease_ms=50_000))
         stub.Acquire(pb.AcquireRequest(scope="other", model="claude-x", input_tokens=7,
                                        lease_ms=20_000))
@@ -282,7 +282,7 @@ def test_error_log_survives_a_restart_and_filters(tmp_path: Path) -> None:
                 ("claude-b", pb.OVERLOADED, 529, "overloaded_error"),
                 ("claude-a", pb.OK, 200, ""),
             ):
-                g = stub.Acquire(pb.AcquireRequest(scope="team-a-hash", model=model,
+                g = stub.Acquire(pb.AcquireRequest(scope=TEAM_A, model=model,
                                                    input_tokens=1))
                 stub.Report(pb.ReportRequest(
                     reservation_id=g.reservation_id, outcome=outcome,

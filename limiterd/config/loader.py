@@ -45,13 +45,16 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
     requests_per_minute = 5
 
 Limits are integers in 1..10**12. Unknown keys are errors (typos would otherwise silently
-mean "no limit"). An empty file is valid: no model has limits, so every model is unknown.
+mean "no limit"). A file without [models] (or [user_limits]) keeps the built-in rules of that
+table; an empty `[models]` table means no model has limits, so every model is unknown. A
+scope is an API key's hash (64 lowercase hex), never the key.
 Messages read `<file>: <dotted.key>: <what is wrong>`, one problem per line.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -66,11 +69,13 @@ from typing import Any
 from limiterd.config.model import Config, Limits, ModelRule, ScopeConfig, Settings
 from limiterd.shared.settings import SharedLedger, WhenUnavailable
 
-__all__ = ["ConfigError", "DEFAULTS_SOURCE", "check_config", "load_config", "parse_config"]
+__all__ = ["ConfigError", "DEFAULTS_SOURCE", "check_config", "defaults_text", "load_config",
+           "parse_config"]
 
 DEFAULTS_SOURCE = "<built-in defaults.toml>"
 MAX_LIMIT = 10**12
-MAX_SCOPE_BYTES = 256
+SCOPE_HASH_HEX = 64  # HMAC-SHA256 in hex (limiterd_client.scope_for_api_key)
+_SCOPE_HASH = re.compile(f"[0-9a-f]{{{SCOPE_HASH_HEX}}}")
 _ALIAS = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _GROUP = _ALIAS
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -110,11 +115,32 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+def defaults_text() -> str:
+    """The built-in config file, a starting point for one's own (`limiterd default-config`)."""
+    return resources.files("limiterd.config").joinpath("defaults.toml").read_text("utf-8")
+
+
+@functools.cache
+def _builtin() -> Config:
+    return parse_config(defaults_text(), DEFAULTS_SOURCE)
+
+
+def _builtin_models(source: str, table: str) -> tuple[ModelRule, ...]:
+    if source == DEFAULTS_SOURCE:  # the built-in file itself: what it has is all there is
+        return ()
+    return _builtin().models if table == "models" else _builtin().user_models
+
+
+def uses_builtin_models(cfg: Config) -> bool:
+    """Whether `cfg` came from a file without [models] and so has the built-in rules."""
+    return cfg.source != DEFAULTS_SOURCE and bool(cfg.models) and \
+        cfg.models is _builtin().models
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """The config in the TOML file at `path`; None = the shipped defaults."""
     if path is None:
-        text = resources.files("limiterd.config").joinpath("defaults.toml").read_text("utf-8")
-        return parse_config(text, DEFAULTS_SOURCE)
+        return _builtin()
     source = os.fspath(path)
     try:
         data = Path(source).read_bytes()
@@ -145,8 +171,12 @@ def parse_config(text: str, source: str) -> Config:
     p = _Problems(source)
     p.unknown_keys(doc, _TOP_KEYS, "")
     settings = _settings(doc.get("daemon", {}), p)
-    models = _rules(doc.get("models", {}), "models", p)
-    user_models = _rules(doc.get("user_limits", {}), "user_limits", p)
+    # A file without [models] (say, one that only names [[scopes]]) keeps the built-in model
+    # rules rather than leaving every model unknown; an empty [models] table means none.
+    models = _rules(doc["models"], "models", p) if "models" in doc else _builtin_models(
+        source, "models")
+    user_models = (_rules(doc["user_limits"], "user_limits", p) if "user_limits" in doc
+                   else _builtin_models(source, "user_limits"))
     scopes = _scopes(doc.get("scopes", []), models, user_models, p)
     ledger = _ledger(doc["ledger"], p) if "ledger" in doc else None
     if p.lines:
@@ -166,7 +196,8 @@ def check_config(path: str | os.PathLike[str] | None) -> str:
     lines = [f"{cfg.source}: OK"]
     if cfg.models:
         pats = ", ".join(r.pattern for r in cfg.models)
-        lines.append(f"  {rules(len(cfg.models), 'model')}: {pats}")
+        builtin = " (built in: this file has no [models])" if uses_builtin_models(cfg) else ""
+        lines.append(f"  {rules(len(cfg.models), 'model')}{builtin}: {pats}")
     else:
         lines.append("  no model rules: every model is unknown")
     lines.append(f"  {rules(len(cfg.user_models), 'per-user limit')}")
@@ -391,12 +422,20 @@ def _overrides(rules: tuple[ModelRule, ...], defaults: tuple[ModelRule, ...]
 
 
 def _scope_hash(value: Any, path: str, p: _Problems) -> str | None:
+    # The value is never echoed: a mistake here may well be a secret.
     if value is None:
         p.add(path, "missing; the API-key hash this entry applies to")
     elif not isinstance(value, str) or not value:
         p.add(path, f"must be a non-empty string, got {_show(value)}")
-    elif len(value.encode()) > MAX_SCOPE_BYTES:
-        p.add(path, f"must be at most {MAX_SCOPE_BYTES} bytes, got {len(value.encode())}")
+    elif value.startswith("sk-"):
+        p.add(path, "is a raw API key: never put a key here, put its hash (`limiterd scope` "
+              "reads the key from stdin and prints it); and rotate the key if this file was "
+              "shared")
+    elif not _SCOPE_HASH.fullmatch(value):
+        p.add(path, f"must be an API key's hash, {SCOPE_HASH_HEX} lowercase hex characters as "
+              f"`limiterd scope` and the client's scope_for_api_key print it; got "
+              f"{len(value)} characters" + ("" if value.isascii() and value.isalnum()
+                                            else " with some not hex"))
     else:
         return value
     return None

@@ -4,6 +4,8 @@ The anthropic adapter imports `anthropic` only when it is used (pip install
 "limiterd-client[anthropic]").
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from ._core import Counters
 from .anthropic_adapter import (
     AnthropicAdapter,
@@ -38,8 +40,13 @@ from .streaming import StreamCall, SyncStreamCall
 from .sync import SyncLimiter, SyncReservation
 from .wait import ModelOverloadedHint, WaitCallback, WaitTooLong, WaitUpdate
 
+try:
+    __version__ = version("limiterd-client")  # one source: client/pyproject.toml
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
-    "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallResult", "Counters",
+    "__version__", "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallResult", "Counters",
     "FailClosed", "FailOpen", "FallbackPolicy", "FallbackTriggers", "Hop", "HopProposal",
     "Limiter", "LimiterBusy", "LimiterError", "LimiterInvalidArgument", "LimiterRejected",
     "LimiterUnavailable", "ModelOverloadedHint", "PartialResponseError", "ProviderError",
