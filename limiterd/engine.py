@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from limiterd.clock import Clock, Timer
 from limiterd.config.model import Config
 from limiterd.ledger.buckets import RATE_DIMS
-from limiterd.ledger.errors import QueueFull
+from limiterd.ledger.errors import AlreadySettled, QueueFull
 from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Ledger, Rejected, Waiter
 from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, Reservation
 from limiterd.storage.base import Journal, StorageError
@@ -303,9 +303,14 @@ class Engine:
         durable (see `_durably`)."""
         self._refuse_while_failing()
         now = self.clock.now()
-        r, replayed = self.ledger.report(
-            reservation_id, actual_input, actual_output, outcome, retry_after_s, now
-        )
+        try:
+            r, replayed = self.ledger.report(
+                reservation_id, actual_input, actual_output, outcome, retry_after_s, now
+            )
+        except AlreadySettled:
+            self._after()  # a refused Report may still have paused its budget: journal it
+            await self._durably()
+            raise
         if headers and not replayed:
             for note in self.ledger.sync_from_headers(r.buckets[0], headers, now):
                 log.info("provider sync: %s", note)

@@ -72,7 +72,7 @@ async def test_refills_continue_and_a_lease_holds_through_wall_steps() -> None:
 async def test_stored_times_are_wall_time_across_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "steps.sqlite3"
     clock = FakeClock()
-    engine = Engine(make_test_config(), SqliteJournal(db), clock)
+    engine = Engine(make_test_config(), SqliteJournal(db, clock=clock), clock)
     await engine.start()
     short = await engine.acquire(tiny(500, lease_s=600), 0)
     long = await engine.acquire(tiny(500, lease_s=3000), 0)
@@ -80,7 +80,7 @@ async def test_stored_times_are_wall_time_across_a_restart(tmp_path: Path) -> No
     await engine.stop()
     # Down while the wall clock moves 900 s on: the 10-minute lease lapsed, by wall time.
     later = FakeClock(clock.wall + 900)
-    engine = Engine(make_test_config(), SqliteJournal(db), later)
+    engine = Engine(make_test_config(), SqliteJournal(db, clock=later), later)
     await engine.start()
     assert engine.ledger.get(short.reservation.id).state is State.EXPIRED  # type: ignore[union-attr]
     assert engine.ledger.get(long.reservation.id).state is State.OPEN  # type: ignore[union-attr]
@@ -90,7 +90,7 @@ async def test_stored_times_are_wall_time_across_a_restart(tmp_path: Path) -> No
     # Down again, and the wall clock comes back 120 s behind the last state written:
     # refills go on from the restart, not from when the wall clock catches up.
     behind = FakeClock(later.wall - 120)
-    engine = Engine(make_test_config(), SqliteJournal(db), behind)
+    engine = Engine(make_test_config(), SqliteJournal(db, clock=behind), behind)
     await engine.start()
     try:
         assert isinstance(await engine.acquire(tiny(100), 0), Rejected)

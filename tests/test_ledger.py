@@ -628,10 +628,36 @@ def test_report_twice_is_replayed_and_changes_nothing() -> None:
     assert not replayed
     led.take_changes()
     before = levels(led, SHARED, T0)
-    second, replayed = led.report(r.id, 0, 0, Outcome.RATE_LIMITED, 60.0, T0 + 1)
+    second, replayed = led.report(r.id, 30, 20, Outcome.OK, 0.0, T0 + 1)
     assert replayed and second == first
     assert levels(led, SHARED, T0) == before
-    assert led.take_changes() == [] and led.paused_until("s", "m", T0 + 1) == 0.0
+    assert led.take_changes() == []
+
+
+def test_a_different_report_is_refused_but_its_pause_is_applied() -> None:
+    """Issue 10, item 10: a duplicate with other figures and a 429 was answered OK with the
+    first settlement, dropping the pause. It is refused now, and the pause holds."""
+    led = Ledger(config(), T0)
+    r = grant(led, req(100, 50), T0)
+    led.report(r.id, 30, 20, Outcome.OK, 0.0, T0)
+    led.take_changes()
+    before = levels(led, SHARED, T0)
+    with pytest.raises(AlreadySettled) as e:
+        led.report(r.id, 0, 0, Outcome.RATE_LIMITED, 60.0, T0 + 1)
+    assert str(e.value) == (
+        f"reservation_id: {r.id} is already reported; cannot report it (it was reported as "
+        "30 input and 20 output tokens, OK, and this Report differs; its 60 s provider pause "
+        "is applied)")
+    assert levels(led, SHARED, T0) == before  # the settlement stands
+    assert led.paused_until("s", "m", T0 + 1) == T0 + 61
+    assert led.take_changes() == [PauseSet("s", "m", T0 + 61)]
+    with pytest.raises(AlreadySettled, match=r"this Report differs\)$"):
+        led.report(r.id, 30, 21, Outcome.OK, 0.0, T0 + 2)  # no pause: nothing else done
+    assert led.take_changes() == []
+    released = grant(led, req(1, scope="s2"), T0 + 2)
+    led.release(released.id, T0 + 2)
+    with pytest.raises(AlreadySettled, match=r"already released; cannot report it \(its 5 s"):
+        led.report(released.id, 1, 0, Outcome.RATE_LIMITED, 5.0, T0 + 3)
 
 
 def test_release_twice_is_replayed_and_changes_nothing() -> None:

@@ -116,7 +116,7 @@ class LedgerMachine(RuleBasedStateMachine):
         d_in = r.reserved.input_tokens - used_in  # type: ignore[attr-defined]
         d_out = r.reserved.output_tokens - used_out  # type: ignore[attr-defined]
         self._ended(rid, State.REPORTED, (0.0, float(d_in), float(d_out)))
-        again, replayed = self.ledger.report(rid, 0, 0, Outcome.OK, 0, self.now)
+        again, replayed = self.ledger.report(rid, used_in, used_out, outcome, retry, self.now)
         assert replayed and again.settlement == settled.settlement
         self._collect()
 

@@ -267,8 +267,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self._settled(rid, State.REPORTED, (0.0, float(r.reserved.input_tokens - used_in),
                                             float(r.reserved.output_tokens - used_out)))
         self._after()
-        again, replayed = self.ledger.report(rid, 1, 1, Outcome.OK, 0.0, self.now)
+        # The same Report again is answered as the first; a different one is refused.
+        again, replayed = self.ledger.report(rid, used_in, used_out, outcome, retry, self.now)
         assert replayed and again == settled
+        if (used_in, used_out, outcome) != (used_in + 1, used_out, Outcome.OK):
+            try:
+                self.ledger.report(rid, used_in + 1, used_out, Outcome.OK, 0.0, self.now)
+                raise AssertionError("a Report with other figures must be refused")
+            except LedgerError:
+                pass
         assert self.ledger.take_changes() == [] and self.ledger.take_ended() == []
 
     @precondition(lambda self: self.open)

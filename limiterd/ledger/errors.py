@@ -47,11 +47,14 @@ class NotFound(LedgerError):
 
 
 class AlreadySettled(LedgerError):
-    """A different operation than the one that settled it (FAILED_PRECONDITION)."""
+    """A different operation than the one that settled it, or a Report that differs from the
+    one that did (FAILED_PRECONDITION). `note` says what was done all the same: a provider
+    pause the refused Report carried is applied, since the 429 happened."""
 
-    def __init__(self, reservation: Reservation, attempted: str) -> None:
+    def __init__(self, reservation: Reservation, attempted: str, note: str = "") -> None:
         state = reservation.state.value
         super().__init__(
             f"reservation_id: {reservation.id} is already {state}; cannot {attempted} it"
+            + (f" ({note})" if note else "")
         )
         self.reservation = reservation

@@ -245,7 +245,8 @@ class Ledger:
         """
         r = self._open.get(reservation_id)
         if r is None:
-            return self._settled_again(reservation_id, State.REPORTED, "report"), True
+            return self._report_again(reservation_id, (actual_input, actual_output, outcome),
+                                      retry_after_s, now), True
         d_in = r.reserved.input_tokens - actual_input
         d_out = r.reserved.output_tokens - actual_output
         settlement = Settlement(
@@ -293,6 +294,34 @@ class Ledger:
         self._moved.add(key)
         self._drain([b], now)
         return True
+
+    def _report_again(
+        self,
+        reservation_id: str,
+        usage: tuple[int, int, Outcome],
+        retry_after_s: float,
+        now: float,
+    ) -> Reservation:
+        """A Report for a settled reservation. The same Report again gets the first answer;
+        a different one is refused (AlreadySettled) but a provider pause it carries is
+        applied all the same, since the 429 happened whatever the numbers. The pause is a
+        change to journal even though an error is raised."""
+        r = self._settled.get(reservation_id)
+        if r is None:
+            raise NotFound(reservation_id)
+        if r.state is State.REPORTED and r.reported() == usage:
+            return r
+        note = ""
+        if usage[2] is Outcome.RATE_LIMITED and retry_after_s > 0:
+            self._pause(r.scope, r.buckets[0].budget, now + retry_after_s)
+            note = f"its {retry_after_s:g} s provider pause is applied"
+        if r.state is not State.REPORTED:
+            raise AlreadySettled(r, "report", note)
+        i, o, outcome = r.reported()
+        assert outcome is not None
+        differs = (f"it was reported as {i} input and {o} output tokens, {outcome.name}, "
+                   "and this Report differs")
+        raise AlreadySettled(r, "report", differs + (f"; {note}" if note else ""))
 
     def _settled_again(self, reservation_id: str, state: State, verb: str) -> Reservation:
         r = self._settled.get(reservation_id)

@@ -85,6 +85,17 @@ class Reservation:
     def state(self) -> State:
         return self.settlement.state if self.settlement else State.OPEN
 
+    def reported(self) -> tuple[int, int, Outcome | None]:
+        """(input tokens, output tokens, outcome) its Report said; reserved - refunded +
+        overrun, as the settlement keeps them."""
+        s = self.settlement
+        assert s is not None
+        return (
+            self.reserved.input_tokens - s.refunded.input_tokens + s.overrun.input_tokens,
+            self.reserved.output_tokens - s.refunded.output_tokens + s.overrun.output_tokens,
+            s.outcome,
+        )
+
     def same_request(self, req: AcquireRequest) -> bool:
         """Whether a repeated request_id asks for the same thing (else it is a client bug)."""
         return (
