@@ -18,6 +18,7 @@ import grpc
 from click.core import ParameterSource
 
 from limiterd import __version__
+from limiterd.address import dial_target
 from limiterd.config.loader import ConfigError, check_config, defaults_text
 from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN, ENV_PREFIX
 from limiterd.gateway.command import gateway_cmd
@@ -234,6 +235,10 @@ def target_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _target(target: str, admin_token: str | None, admin_token_file: str | None,
             tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> Target:
+    try:
+        dial_target(target)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
     return Target(target, admin_token=read_admin_token(admin_token, admin_token_file),
                   tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
 

@@ -125,3 +125,9 @@ def test_versions() -> None:
                           "import limiterd_client; print(limiterd_client.__version__)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == client["version"]
+
+
+def test_a_target_without_a_port_is_a_usage_error() -> None:
+    out = run("leases", "--target", "localhost")
+    assert out.returncode == 2 and "Invalid value for --target" in out.stderr
+    assert "Traceback" not in out.stderr

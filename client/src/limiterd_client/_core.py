@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -67,7 +67,6 @@ class Settle:
     called: bool = False
     settled: bool = False
     usage: tuple[int, int] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def retry_after_ms(metadata: Iterable[tuple[str, Any]] | None) -> int | None:
