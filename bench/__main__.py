@@ -35,7 +35,7 @@ def fmt(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-PARTS = ("floor", "scale", "restart", "goodput", "streams", "gateway")
+PARTS = ("floor", "scale", "restart", "goodput", "streams", "gateway", "shared")
 ALIASES = {"cost": "floor"}  # the part's earlier name
 
 
@@ -129,6 +129,21 @@ def main() -> None:
         rows = gateway.run_all(runs, seconds, 8)
         raw["gateway"] = rows
         report += gateway.report(rows, 8, seconds)
+    if "shared" in parts:
+        from bench import shared
+
+        print("shared ledger: SQLite sidecar, Redis sidecar, 3 sidecars on one Redis", flush=True)
+        rows = shared.measure(runs, seconds, conc)
+        raw["shared"] = rows
+        report += ["## Shared ledger on Redis", "",
+                   "One load generator per sidecar, each with the concurrency above, on one "
+                   "scope (one hot budget); Redis with AOF fsynced every second. Ratios are to "
+                   "the SQLite sidecar of the same run; for 3 sidecars, cycles/s are summed and "
+                   "p50/p99 are the worst of the three.", "", fmt(rows, [
+            ("case", "case", ""), ("cycles_per_s", "Acquire+Report/s", ".0f"),
+            ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"),
+            ("cycles_ratio", "cycles/s vs SQLite", ".2f"), ("p99_ratio", "p99 vs SQLite", ".2f"),
+        ]), ""]
     verdicts = targets.check(raw)
     raw["targets"] = [vars(v) for v in verdicts]
     report += targets.table(verdicts)

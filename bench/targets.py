@@ -16,6 +16,8 @@ RSS_100K_SCOPES_MAX_MB = 300.0
 RESTART_MAX_S = 3.0
 STREAMS_P99_VS_IDLE_MAX = 3.0  # probe p99 with 10,000 waiting streams / idle, at most
 GATEWAY_TTFB_MAX = 1.1  # time to first byte through the gateway / direct, streamed, p50
+SHARED_CYCLES_MIN = 0.7  # a sidecar on Redis: Acquire+Report/s at least this share of SQLite's
+SHARED_P99_MAX = 2.0  # and its p99 at most this multiple of the SQLite sidecar's
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,13 @@ def check(raw: dict[str, Any]) -> list[Verdict]:
             out.append(Verdict(f"gateway stream TTFB p50 <= {GATEWAY_TTFB_MAX}x direct",
                                f"{ratio:.3f}x (+{r['added_ttfb_p50_ms']:.1f} ms)",
                                ratio <= GATEWAY_TTFB_MAX))
+    shared = {r["case"]: r for r in raw.get("shared", [])}
+    if "1 sidecar, Redis" in shared:
+        r = shared["1 sidecar, Redis"]
+        out.append(Verdict(f"sidecar on Redis cycles/s >= {SHARED_CYCLES_MIN}x SQLite sidecar",
+                           f"{r['cycles_ratio']:.2f}x", r["cycles_ratio"] >= SHARED_CYCLES_MIN))
+        out.append(Verdict(f"sidecar on Redis p99 <= {SHARED_P99_MAX:.0f}x SQLite sidecar",
+                           f"{r['p99_ratio']:.2f}x", r["p99_ratio"] <= SHARED_P99_MAX))
     return out
 
 

@@ -75,3 +75,17 @@ def test_gateway_verdict_is_the_streamed_ttfb_ratio() -> None:
     raw["gateway"][0]["ratio_ttfb_p50_ms"] = 1.2
     assert [v.met for v in targets.check(raw)] == [False]
     assert parse_parts("gateway") == {"gateway"}
+
+
+def test_shared_ledger_verdicts() -> None:
+    raw = {"shared": [
+        {"case": "1 sidecar, SQLite", "cycles_ratio": 1.0, "p99_ratio": 1.0},
+        {"case": "1 sidecar, Redis", "cycles_ratio": 0.65, "p99_ratio": 1.9},
+        {"case": "3 sidecars, one Redis", "cycles_ratio": 1.4, "p99_ratio": 2.5},
+    ]}
+    got = {v.target: (v.measured, v.met) for v in targets.check(raw)}
+    assert got == {
+        "sidecar on Redis cycles/s >= 0.7x SQLite sidecar": ("0.65x", False),
+        "sidecar on Redis p99 <= 2x SQLite sidecar": ("1.90x", True),
+    }
+    assert parse_parts("shared") == {"shared"}

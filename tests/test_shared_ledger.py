@@ -381,3 +381,12 @@ async def test_local_share_while_redis_is_away_then_back_with_nothing_lost(
             assert await a.client.exists(base + "r:" + shared.reservation.id)
     finally:
         server.stop()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> None:
+    async with sidecar(redis_url) as a:
+        g = await granted(a, req())
+        await a.client.script_flush()  # as after a restart of Redis
+        await granted(a, req())
+        r, _ = await a.release(g.reservation.id)
+        assert r.state is State.RELEASED

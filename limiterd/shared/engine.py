@@ -56,6 +56,7 @@ from limiterd.ledger.model import (
     Settlement,
     State,
 )
+from limiterd.shared.batch import Batcher
 from limiterd.shared.fallback import Outbox, Pending, scaled, settle_locally
 from limiterd.shared.keys import Keys
 from limiterd.shared.scripts import Scripts, text
@@ -171,6 +172,7 @@ class SharedEngine:
             retry_on_error=[rx.ConnectionError, rx.TimeoutError],
         )
         self.scripts = Scripts.register(self.client)
+        self._batch = Batcher(self.client, self.scripts)
         self._epoch: str | None = None  # see check_epoch
         self._safe_until = -math.inf
         self._where: OrderedDict[str, str] = OrderedDict()  # reservation id -> base
@@ -592,13 +594,10 @@ class SharedEngine:
         return [self.keys.channel, repr(s.settlement_retention_s), repr(self.shared.idle_ttl_s)]
 
     async def _run(self, script: Any, base: str, args: Sequence[Any]) -> list[Any]:
-        try:
-            reply = await script(keys=[self.keys.bucket(base)], args=[*self._common(), *args])
-        except UNREACHABLE as exc:
-            self._unhealthy(exc)
-            raise PersistenceFailing(
-                f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
-            ) from None
+        [reply] = await self._send([("EVALSHA", script.sha, 1, self.keys.bucket(base),
+                                     *self._common(), *args)])
+        if isinstance(reply, Exception):
+            raise reply  # a bug in a script, not Redis being away: INTERNAL
         self._healthy_again()
         self._known[base] = None
         if len(self._known) > REMEMBERED:
@@ -612,22 +611,28 @@ class SharedEngine:
         epoch in the same round trip, so a Redis that lost its data is noticed before the
         script decides whether a missing bucket starts full."""
         retention = self._config.settings.settlement_retention_s
+        replies = await self._send([
+            ("SET", self.keys.reservation_index(rid), base,
+             "PX", math.ceil((lease_s + retention) * 1000)),
+            ("ZADD", self.keys.sweep_index, "LT", self.clock.now() + lease_s, base),
+            ("SET", self.keys.epoch, os.urandom(8).hex(), "NX"),
+            ("GET", self.keys.epoch),
+            ("PTTL", self.keys.lost_mark),
+        ])
+        if isinstance(replies[3], Exception) or isinstance(replies[4], Exception):
+            raise replies[3] if isinstance(replies[3], Exception) else replies[4]
+        await self._note_epoch(text(replies[3]), int(replies[4]))
+        return await self._run(self.scripts.acquire, base, args())
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Through the batcher; PersistenceFailing when Redis cannot be reached."""
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(self.keys.reservation_index(rid), base,
-                         px=math.ceil((lease_s + retention) * 1000))
-                pipe.zadd(self.keys.sweep_index, {base: self.clock.now() + lease_s}, lt=True)
-                pipe.set(self.keys.epoch, os.urandom(8).hex(), nx=True)
-                pipe.get(self.keys.epoch)
-                pipe.pttl(self.keys.lost_mark)
-                *_, epoch, left_ms = await pipe.execute()
-            await self._note_epoch(text(epoch), int(left_ms))
+            return await self._batch.run(commands)
         except UNREACHABLE as exc:
             self._unhealthy(exc)
             raise PersistenceFailing(
                 f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
             ) from None
-        return await self._run(self.scripts.acquire, base, args())
 
     async def _settle(self, reservation_id: str, op: str, *args: Any) -> tuple[
             Reservation, bool, list[Any]]:

@@ -162,8 +162,9 @@ local function res_reply(tag, id, r, replayed)
   return out
 end
 
+-- Tell the sidecars that this tag's queue may move; only when someone waits in it.
 local function wake()
-  redis.call('PUBLISH', CHANNEL, BASE)
+  if redis.call('EXISTS', BASE .. 'qx') == 1 then redis.call('PUBLISH', CHANNEL, BASE) end
 end
 
 -- Settle an open reservation: give `amounts` back to its buckets, free its slot, keep it
