@@ -72,6 +72,7 @@ UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError
 REMEMBERED = 100_000  # reservation id -> base, and bases seen, kept per sidecar (LRU)
 RESUBSCRIBE_S = 0.5
 MIRROR_REFRESH_S = 5.0  # how stale the bucket gauges of /metrics may be
+EPOCH_CHECK_S = 0.05  # how soon a sidecar notices that Redis lost its data, at most
 LOST_DATA_SAFE_S = 60.0  # one refill period: after it, an empty bucket would be full anyway
 
 ChangeListener = Callable[[Sequence[Change]], None]
@@ -174,6 +175,8 @@ class SharedEngine:
         self.scripts = Scripts.register(self.client)
         self._batch = Batcher(self.client, self.scripts)
         self._epoch: str | None = None  # see check_epoch
+        self._epoch_checked_at = -math.inf
+        self._indexed: dict[str, float] = {}  # base -> when this sidecar last indexed it
         self._safe_until = -math.inf
         self._where: OrderedDict[str, str] = OrderedDict()  # reservation id -> base
         self._known: OrderedDict[str, None] = OrderedDict()  # bases this sidecar has used
@@ -598,31 +601,53 @@ class SharedEngine:
                                      *self._common(), *args)])
         if isinstance(reply, Exception):
             raise reply  # a bug in a script, not Redis being away: INTERNAL
+        self._ran(base)
+        return list(reply)
+
+    def _ran(self, base: str) -> None:
+        """A script answered for `base`: Redis is there, and this sidecar knows the bucket."""
         self._healthy_again()
         self._known[base] = None
         if len(self._known) > REMEMBERED:
             self._known.popitem(last=False)
-        return list(reply)
 
     async def _first_acquire(self, base: str, rid: str, lease_s: float,
                              args: Callable[[], Sequence[Any]]) -> list[Any]:
-        """The first try also indexes the reservation id (any sidecar may settle it) and the
-        tag (any sidecar may sweep it), plain keys outside the tag's slot, and reads the
-        epoch in the same round trip, so a Redis that lost its data is noticed before the
-        script decides whether a missing bucket starts full."""
+        """The first try also indexes the reservation id (any sidecar may settle it) and, at
+        most once a second, the tag (any sidecar may sweep it): plain keys outside the tag's
+        slot, sent in the same round trip as the script. Every EPOCH_CHECK_S the epoch is read
+        first, so a Redis that lost its data is noticed before a script decides whether a
+        missing bucket starts full."""
+        now = self.clock.now()
+        if now - self._epoch_checked_at >= EPOCH_CHECK_S:
+            self._epoch_checked_at = now
+            replies = await self._send([
+                ("SET", self.keys.epoch, os.urandom(8).hex(), "NX"),
+                ("GET", self.keys.epoch),
+                ("PTTL", self.keys.lost_mark),
+            ])
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+            await self._note_epoch(text(replies[1]), int(replies[2]))
         retention = self._config.settings.settlement_retention_s
-        replies = await self._send([
+        commands: list[tuple[Any, ...]] = [
             ("SET", self.keys.reservation_index(rid), base,
              "PX", math.ceil((lease_s + retention) * 1000)),
-            ("ZADD", self.keys.sweep_index, "LT", self.clock.now() + lease_s, base),
-            ("SET", self.keys.epoch, os.urandom(8).hex(), "NX"),
-            ("GET", self.keys.epoch),
-            ("PTTL", self.keys.lost_mark),
-        ])
-        if isinstance(replies[3], Exception) or isinstance(replies[4], Exception):
-            raise replies[3] if isinstance(replies[3], Exception) else replies[4]
-        await self._note_epoch(text(replies[3]), int(replies[4]))
-        return await self._run(self.scripts.acquire, base, args())
+        ]
+        if now - self._indexed.get(base, -math.inf) >= 1.0:
+            self._indexed[base] = now
+            if len(self._indexed) > REMEMBERED:
+                self._indexed.clear()
+            commands.append(("ZADD", self.keys.sweep_index, "LT", now + lease_s, base))
+        script = self.scripts.acquire
+        commands.append(("EVALSHA", script.sha, 1, self.keys.bucket(base), *self._common(),
+                         *args()))
+        reply = (await self._send(commands))[-1]
+        if isinstance(reply, Exception):
+            raise reply
+        self._ran(base)
+        return list(reply)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Through the batcher; PersistenceFailing when Redis cannot be reached."""

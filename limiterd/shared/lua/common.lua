@@ -90,6 +90,10 @@ local function load_bucket(key, seen_key, caps, now, known)
   refill(b, now)
   if caps ~= nil then  -- the caller's config wins (a reload): never above the new capacity
     for d = 1, 3 do
+      if (h[CAPF[d]] ~= nil) ~= (caps[d] ~= false) then b.reshaped = true end
+    end
+    if (h.cm ~= nil) ~= (caps[4] ~= false) then b.reshaped = true end
+    for d = 1, 3 do
       b.cap[d] = caps[d]
       if not caps[d] then b.lv[d] = 0 elseif b.lv[d] > caps[d] then b.lv[d] = caps[d] end
     end
@@ -101,17 +105,20 @@ end
 -- Kept until its last lease ends plus the idle TTL (long enough to refill from full debt).
 local function save_bucket(b, now)
   local fields = {'t', fmt(b.t), 'n', b.n, 'le', fmt(b.le)}
+  local gone = {}  -- limits a config reload removed
   for d = 1, 3 do
     if b.cap[d] then
       table.insert(fields, DIM[d]); table.insert(fields, fmt(b.lv[d]))
       table.insert(fields, CAPF[d]); table.insert(fields, b.cap[d])
+    else
+      table.insert(gone, CAPF[d])
     end
   end
-  if b.mc then table.insert(fields, 'cm'); table.insert(fields, b.mc) end
-  redis.call('DEL', b.key)
+  if b.mc then table.insert(fields, 'cm'); table.insert(fields, b.mc) else table.insert(gone, 'cm') end
   redis.call('HSET', b.key, unpack(fields))
+  if b.reshaped and #gone > 0 then redis.call('HDEL', b.key, unpack(gone)) end
   redis.call('PEXPIRE', b.key, ms(math.max(b.le - now, 0) + IDLE_TTL))
-  redis.call('SET', b.seen, '1', 'PX', SEEN_TTL_MS)
+  if b.fresh then redis.call('SET', b.seen, '1', 'PX', SEEN_TTL_MS) end
 end
 
 local function fits(b, amounts)
