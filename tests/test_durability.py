@@ -6,7 +6,9 @@ Time is a FakeClock shared across "restarts", so downtime is stepped, not slept.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from limiterd.clock import FakeClock
 from limiterd.engine import Engine, PersistenceFailing
 from limiterd.ledger.ledger import Granted
-from limiterd.ledger.model import AcquireRequest, BucketKey, Outcome, State
+from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, State
+from limiterd.storage import StorageError
 from limiterd.storage.sqlite import SqliteJournal
 from tests.conftest import make_test_config
 from tests.test_sqlite_journal import tmpfs
@@ -192,3 +195,53 @@ async def test_the_wal_stays_bounded_under_many_grants(tmp_path: Path) -> None:
         await engine.stop()
     assert db.stat().st_size > 200_000  # the data went somewhere: into the database
     assert largest <= WAL_BOUND_BYTES, f"the WAL reached {largest} bytes"
+
+
+class BrokenDisk(SqliteJournal):
+    """The real SQLite journal, whose writes fail while `broken` is set (as on a full disk),
+    raising what the journal raises then. The file itself is real and read back for real."""
+
+    broken = False
+
+    async def write(self, changes: Sequence[Change]) -> None:
+        if self.broken and changes:
+            raise StorageError(f"{self.path}: write failed, nothing was written: disk I/O error")
+        await super().write(changes)
+
+
+def settled_on_disk(db: Path, rid: str) -> bool:
+    con = sqlite3.connect(db)  # a second reader: WAL lets it see what is committed
+    try:
+        row = con.execute("SELECT settled_at FROM reservations WHERE id = ?", (rid,)).fetchone()
+    finally:
+        con.close()
+    return row is not None and row[0] is not None
+
+
+async def test_a_report_whose_write_fails_is_unavailable_then_its_retry_is_kept(
+    tmp_path: Path,
+) -> None:
+    # The first write to fail carries a Report: it was answered OK although nothing was on
+    # disk. Now the caller hears UNAVAILABLE, and its retry is answered once it is kept.
+    clock, db = FakeClock(), tmp_path / "l.sqlite3"
+    journal = BrokenDisk(db)
+    engine = Engine(make_test_config(), journal, clock)
+    await engine.start()
+    try:
+        g = await engine.acquire(tiny(100), 0)
+        assert isinstance(g, Granted) and engine.healthy
+        journal.broken = True
+        with pytest.raises(PersistenceFailing):
+            await engine.report(g.reservation.id, 50, 0, Outcome.OK, 0)
+        assert not engine.healthy and not settled_on_disk(db, g.reservation.id)
+        with pytest.raises(PersistenceFailing):  # the client's retry, still failing
+            await engine.report(g.reservation.id, 50, 0, Outcome.OK, 0)
+
+        journal.broken = False
+        clock.advance(1)  # the writer's backoff: it retries the batch on its own
+        assert await engine.flush() and engine.healthy
+        r, replayed = await engine.report(g.reservation.id, 50, 0, Outcome.OK, 0)
+        assert replayed and r.state is State.REPORTED  # settled once, by the first call
+        assert settled_on_disk(db, g.reservation.id)
+    finally:
+        await engine.stop()
