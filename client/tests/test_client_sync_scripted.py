@@ -182,16 +182,24 @@ def test_safe_capacity_enforced_locally_until_the_daemon_is_back(h: Harness) -> 
     with pytest.raises(LimiterBusy) as info:
         fut.result(timeout=10)
     assert info.value.retry_after_ms == 30_000  # one request refills in 30 s (2/min)
-    # Willing to wait: the client sleeps (fake time) until the local bucket refills.
+    # Willing to wait: the client waits (fake time) for the local bucket to refill, asking
+    # the daemon again every second meanwhile.
     t0 = h.time.time()
     fut = h.run(lambda: one(max_wait=60))
-    _down(h, 1)
+    _down(h, 1 + 30)  # the first try, then a probe a second until the refill
     assert fut.result(timeout=10) == "local"
     assert h.time.time() - t0 == pytest.approx(30.0)
-    # The daemon is back: the next reservation goes to it again.
-    fut = h.run(one)
+    # A caller waiting in it goes back to the daemon as soon as the daemon answers.
+    fut = h.run(lambda: one(max_wait=60))
+    _down(h, 1 + 2)
     h.answer(ACQUIRE, grant("back"))
     h.answer(REPORT, settled("back"))
+    assert fut.result(timeout=10) == "daemon"
+    assert h.time.time() - t0 == pytest.approx(30.0 + 3.0)
+    # The daemon is back: the next reservation goes to it at once.
+    fut = h.run(one)
+    h.answer(ACQUIRE, grant("next"))
+    h.answer(REPORT, settled("next"))
     assert fut.result(timeout=10) == "daemon"
     assert lim.counters.local_grants == 3
 

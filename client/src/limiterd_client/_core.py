@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,3 +157,50 @@ def validate(scope: str, model: str, input_tokens: int, max_output_tokens: int,
         raise ValueError("max_output_tokens: must be >= 0")
     if max_wait < 0:
         raise ValueError("max_wait: must be >= 0")
+
+
+class ThrottledWarning:
+    """A warning logged at most every `every` seconds, with how many times it happened since
+    (FailOpen lets every call through: one line per call would bury the log)."""
+
+    def __init__(self, clock: Callable[[], float], every: float = 5.0) -> None:
+        self._clock, self.every = clock, every
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._count = 0
+
+    def warn(self, message: str) -> bool:
+        with self._lock:
+            self._count += 1
+            now = self._clock()
+            if self._last is not None and now - self._last < self.every:
+                return False
+            count, self._count, self._last = self._count, 0, now
+        log.warning("%s (%d times since the last such warning)", message, count)
+        return True
+
+
+def check_target(target: str) -> str:
+    """A gRPC target a person meant: host:port, [v6]:port, unix:PATH, unix-abstract:NAME or
+    dns:///host:port. Anything else is a ValueError that says what to write instead (gRPC
+    would otherwise report internals, or silently dial port 443)."""
+    example = "e.g. '127.0.0.1:50051' or 'unix:/run/limiterd.sock'"
+    t = target.strip()
+    if not t:
+        raise ValueError(f"target: empty; give the daemon's host:port or unix:PATH, {example}")
+    if t.startswith(("unix:", "unix-abstract:")):
+        if not t.split(":", 1)[1].lstrip("/"):
+            raise ValueError(f"target: {target!r} names no socket path, {example}")
+        return t
+    hostport = t[len("dns:///"):] if t.startswith("dns:///") else t
+    if "://" in hostport:
+        raise ValueError(f"target: {target!r} is a URL, but limiterd speaks gRPC, not HTTP: "
+                         f"give host:port without a scheme, {example}")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or host.endswith(":") and not host.startswith("["):
+        raise ValueError(f"target: {target!r} has no port (gRPC would dial 443): give "
+                         f"host:port, {example}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"target: {target!r}: the port must be a number from 1 to 65535, "
+                         f"{example}")
+    return t

@@ -21,8 +21,10 @@ class FailOpen:
 
 @dataclass(frozen=True)
 class SafeCapacity:
-    """Enforce a small local budget per process until the daemon is back (cf. doorman's
-    safe_capacity): `requests_per_minute` calls and `tokens_per_minute` input+output tokens."""
+    """Enforce a small local budget per process and per model until the daemon is back (cf.
+    doorman's safe_capacity): `requests_per_minute` calls and `tokens_per_minute` input+output
+    tokens for each model, as the provider counts each model's limits apart. A caller waiting
+    in it asks the daemon again every second and goes back to it as soon as it answers."""
 
     requests_per_minute: int
     tokens_per_minute: int
@@ -35,6 +37,7 @@ class SafeCapacity:
 
 
 UnavailablePolicy = FailClosed | FailOpen | SafeCapacity
+EPS = 1e-9
 FAIL_CLOSED = FailClosed()
 
 
@@ -64,9 +67,10 @@ class LocalBucket:
             return math.inf
         with self._lock:
             self._refill()
-            if self._r >= 1 and self._t >= tokens:
-                self._r -= 1
-                self._t -= tokens
+            # EPS: a refill summed over many short steps may fall a rounding error short
+            if self._r >= 1 - EPS and self._t >= tokens - EPS:
+                self._r = max(0.0, self._r - 1)
+                self._t = max(0.0, self._t - tokens)
                 return 0.0
             need_r = max(0.0, 1 - self._r) * 60 / self._cap_r
             need_t = max(0.0, tokens - self._t) * 60 / self._cap_t
@@ -83,3 +87,19 @@ class LocalBucket:
         with self._lock:
             self._refill()
             return self._r, self._t
+
+
+class LocalBuckets:
+    """One LocalBucket per model, made on first use. Thread-safe."""
+
+    def __init__(self, policy: SafeCapacity, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy, self._clock = policy, clock
+        self._lock = threading.Lock()
+        self._by_model: dict[str, LocalBucket] = {}
+
+    def for_model(self, model: str) -> LocalBucket:
+        with self._lock:
+            bucket = self._by_model.get(model)
+            if bucket is None:
+                bucket = self._by_model[model] = LocalBucket(self._policy, self._clock)
+            return bucket
