@@ -31,12 +31,12 @@ from .errors import (
     parse_retry_after_ms,
 )
 from .fallback import CallResult, FallbackPolicy, FallbackTriggers, Hop, HopProposal
+from .hooks import CallEvent
 from .limiter import Limiter, Reservation
 from .local import FailClosed, FailOpen, SafeCapacity
 from .retry import RetryPolicy
-from .runner import Attempt, run_call, run_call_sync
+from .runner import Attempt, StreamCall, SyncStreamCall, run_call, run_call_sync
 from .scope import scope_for_api_key
-from .streaming import StreamCall, SyncStreamCall
 from .sync import SyncLimiter, SyncReservation
 from .wait import ModelOverloadedHint, WaitCallback, WaitTooLong, WaitUpdate
 
@@ -46,7 +46,8 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
-    "__version__", "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallResult", "Counters",
+    "__version__", "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallEvent",
+    "CallResult", "Counters",
     "FailClosed", "FailOpen", "FallbackPolicy", "FallbackTriggers", "Hop", "HopProposal",
     "Limiter", "LimiterBusy", "LimiterError", "LimiterInvalidArgument", "LimiterRejected",
     "LimiterUnavailable", "ModelOverloadedHint", "PartialResponseError", "ProviderError",

@@ -58,7 +58,7 @@ def iterate_sync(agen: AsyncIterator[T]) -> Iterator[T]:
             run_sync(aclose())
 
 
-class StreamCall(Protocol):
+class RpcStream(Protocol):
     def cancel(self) -> Any: ...
     def __aiter__(self) -> AsyncIterator[Any]: ...
 
@@ -76,7 +76,7 @@ class Runtime(Protocol):
 
     async def unary(self, method: str, request: Any, timeout: float,
                     wait_for_ready: bool = False) -> Any: ...
-    def stream(self, method: str, request: Any, timeout: float) -> StreamCall: ...
+    def stream(self, method: str, request: Any, timeout: float) -> RpcStream: ...
     async def sleep(self, seconds: float) -> None: ...
     def start(self, job: JobFn, name: str) -> Job: ...
     async def shielded(self, aw: Awaitable[T]) -> T: ...
@@ -115,7 +115,7 @@ class AsyncRuntime:
             return await rpc(request, timeout=timeout, wait_for_ready=True)
         return await rpc(request, timeout=timeout)
 
-    def stream(self, method: str, request: Any, timeout: float) -> StreamCall:
+    def stream(self, method: str, request: Any, timeout: float) -> RpcStream:
         return getattr(self.stub, method)(request, timeout=timeout)  # type: ignore[no-any-return]
 
     async def sleep(self, seconds: float) -> None:
@@ -195,7 +195,7 @@ class SyncRuntime:
             return rpc(request, timeout=timeout, wait_for_ready=True)
         return rpc(request, timeout=timeout)
 
-    def stream(self, method: str, request: Any, timeout: float) -> StreamCall:
+    def stream(self, method: str, request: Any, timeout: float) -> RpcStream:
         return _BlockingStream(getattr(self.stub, method)(request, timeout=timeout))
 
     async def sleep(self, seconds: float) -> None:

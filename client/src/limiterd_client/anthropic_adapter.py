@@ -6,12 +6,15 @@ attempt is reserved and reported, so retries are never multiplied.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+from ._runtime import run_sync
 from .errors import (
     ProviderError,
     ProviderMeta,
@@ -21,12 +24,20 @@ from .errors import (
     reported_headers,
 )
 from .fallback import CallResult, FallbackPolicy, Params
-from .limiter import Limiter, Reservation
+from .hooks import CallEvent, OnEvent
+from .limiter import Limiter
 from .retry import RetryPolicy
-from .runner import Attempt, run_call, run_call_sync
+from .runner import (
+    Attempt,
+    CallLoop,
+    Done,
+    StreamCall,
+    StreamHandle,
+    SyncStreamCall,
+    drain,
+)
 from .scope import DEFAULT_SALT, scope_for_api_key
-from .streaming import StreamCall, SyncStreamCall
-from .sync import SyncLimiter, SyncReservation
+from .sync import SyncLimiter
 
 if TYPE_CHECKING:
     from anthropic import Anthropic, AsyncAnthropic
@@ -146,9 +157,40 @@ class _Usage:
                      max(seen.output_tokens, math.ceil(len(self.text) / CHARS_PER_TOKEN)))
 
 
+async def _maybe(value: Any) -> Any:
+    """Await what the async SDK returns; take what the sync SDK returns as it is. This lets
+    one piece of code drive both clients (the sync one runs without an event loop)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _each(items: Any) -> AsyncIterator[Any]:
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+@contextlib.contextmanager
+def _provider_errors(usage: _Usage | None = None) -> Iterator[None]:
+    """SDK and transport exceptions become ProviderError (with the usage so far, mid-stream):
+    the one place the adapter converts them."""
+    try:
+        yield
+    except ProviderError:
+        raise
+    except Exception as e:
+        pe = to_provider_error(e)
+        if pe is None:
+            raise
+        if usage is not None:
+            pe.usage = usage.get()
+        raise pe from e
+
+
 class _Handle:
-    """What the async and sync stream handles share: usage so far, response meta, and the
-    mapping of a mid-stream failure to a ProviderError that carries the usage."""
+    """One open `messages.stream` (async or sync SDK) as the call loop's stream handle."""
 
     def __init__(self, manager: Any, stream: Any, estimated_input: int) -> None:
         self._manager, self._stream = manager, stream
@@ -160,152 +202,131 @@ class _Handle:
     def meta(self) -> ProviderMeta:
         return _meta(self._stream.response)
 
-    def _failed(self, e: Exception) -> Exception:
-        """The ProviderError to raise instead of `e` (with the usage so far), or `e`."""
-        pe = to_provider_error(e)
-        if pe is None:
-            return e
-        pe.usage = self._usage.get()
-        return pe
+    async def texts(self) -> AsyncIterator[str]:
+        with _provider_errors(self._usage):
+            async for text in _each(self._stream.text_stream):
+                self._usage.text += text
+                yield text
 
-    def _finished(self, msg: Any) -> Message:
+    async def final(self) -> Message:
+        msg = await _maybe(self._stream.get_final_message())
         self._usage.complete = True
         return cast("Message", msg)
 
-
-class _AsyncHandle(_Handle):
-    async def texts(self) -> AsyncIterator[str]:
-        try:
-            async for text in self._stream.text_stream:
-                self._usage.text += text
-                yield text
-        except Exception as e:
-            if (failure := self._failed(e)) is e:
-                raise
-            raise failure from e
-
-    async def final(self) -> Message:
-        return self._finished(await self._stream.get_final_message())
-
     async def close(self) -> None:
-        await self._manager.__aexit__(None, None, None)
+        if hasattr(self._manager, "__aexit__"):
+            await self._manager.__aexit__(None, None, None)
+        else:
+            self._manager.__exit__(None, None, None)
 
 
-class _SyncHandle(_Handle):
-    def texts(self) -> Iterator[str]:
-        try:
-            for text in self._stream.text_stream:
-                self._usage.text += text
-                yield text
-        except Exception as e:
-            if (failure := self._failed(e)) is e:
-                raise
-            raise failure from e
-
-    def final(self) -> Message:
-        return self._finished(self._stream.get_final_message())
-
-    def close(self) -> None:
-        self._manager.__exit__(None, None, None)
+def _scope(client: Any, scope: str | None, salt: str | bytes) -> str:
+    if scope:
+        return scope
+    if not client.api_key:
+        raise ValueError(
+            "scope: this client has no api_key (auth_token only), so no scope can be derived "
+            "from it: pass scope=... naming what the provider counts limits against (your "
+            "organization or workspace; several keys may share one), e.g. "
+            "scope_for_api_key('<org or workspace id>')")
+    return scope_for_api_key(client.api_key, salt=salt)
 
 
-class AsyncAnthropicAdapter:
+class _Adapter:
+    """What both adapters share: one attempt and one stream opener for either SDK client,
+    driven by the one call loop."""
+
+    _sync: bool
+
+    def __init__(self, client: Any, limiter: Any, *, scope: str | None,
+                 salt: str | bytes, retry: RetryPolicy | None,
+                 fallback: FallbackPolicy | None, estimator: Any, user: str,
+                 max_wait: float | None, on_event: Any) -> None:
+        self.client = client.with_options(max_retries=0)
+        self.limiter = limiter
+        self.scope = _scope(client, scope, salt)
+        self.retry = retry or RetryPolicy.interactive()
+        self.fallback, self.estimator = fallback, estimator
+        self.user, self.max_wait, self.on_event = user, max_wait, on_event
+
+    async def _attempt(self, p: Params, r: Any) -> StreamHandle[Message]:
+        with _provider_errors():
+            raw = await _maybe(self.client.messages.with_raw_response.create(**p))
+            msg = await _maybe(raw.parse())
+        return Done(Attempt(msg, usage_of(msg.usage), _meta(raw)))
+
+    async def _open_stream(self, p: Params, r: Any) -> StreamHandle[Message]:
+        manager = self.client.messages.stream(**p)
+        with _provider_errors():
+            stream = await _maybe(manager.__aenter__() if hasattr(manager, "__aenter__")
+                                  else manager.__enter__())
+        return _Handle(manager, stream, r.input_tokens)
+
+    def _loop(self, params: Params, streamed: bool) -> CallLoop[Message]:
+        return CallLoop(self.limiter, scope=self.scope, params=_check(params),
+                        open_attempt=self._open_stream if streamed else self._attempt,
+                        estimate=self.estimator, retry=self.retry, fallback=self.fallback,
+                        user=self.user, max_wait=self.max_wait, on_event=self.on_event,
+                        streamed=streamed)
+
+
+def _check_pair(adapter: str, client: Any, limiter: Any, sync: bool) -> None:
+    """Mixing the sync and the async worlds fails deep inside grpc or the SDK: say so here."""
+    limiter_ok = isinstance(limiter, SyncLimiter if sync else Limiter)
+    # AsyncAnthropic, AsyncAnthropicBedrock, AsyncAnthropicVertex...
+    client_async = type(client).__name__.startswith("Async")
+    if not limiter_ok or client_async == sync:
+        if sync:
+            raise TypeError(f"{adapter} is the synchronous adapter: give it anthropic."
+                            "Anthropic and SyncLimiter (for AsyncAnthropic and Limiter use "
+                            "AsyncAnthropicAdapter)")
+        raise TypeError(f"{adapter} is the asyncio adapter: give it anthropic.AsyncAnthropic "
+                        "and Limiter (for Anthropic and SyncLimiter use AnthropicAdapter)")
+
+
+class AsyncAnthropicAdapter(_Adapter):
     """`AsyncAnthropic` behind a `Limiter`.
 
     result = await adapter.create(model=..., max_tokens=..., messages=[...])
     result.value is the SDK's Message; result.model / result.path say who served it.
+    `on_event` (sync or async) hears every retry, fallback, give-up and limiter wait.
     """
 
     def __init__(self, client: AsyncAnthropic, limiter: Limiter, *, scope: str | None = None,
                  salt: str | bytes = DEFAULT_SALT, retry: RetryPolicy | None = None,
                  fallback: FallbackPolicy | None = None,
                  estimator: Callable[[Params], int | Awaitable[int]] = estimate_chars,
-                 user: str = "", max_wait: float | None = None) -> None:
-        self.client = client.with_options(max_retries=0)
-        self.limiter = limiter
-        self.scope = scope or scope_for_api_key(client.api_key or "", salt=salt)
-        self.retry = retry or RetryPolicy.interactive()
-        self.fallback, self.estimator = fallback, estimator
-        self.user, self.max_wait = user, max_wait
+                 user: str = "", max_wait: float | None = None,
+                 on_event: OnEvent | None = None) -> None:
+        _check_pair("AsyncAnthropicAdapter", client, limiter, sync=False)
+        super().__init__(client, limiter, scope=scope, salt=salt, retry=retry,
+                         fallback=fallback, estimator=estimator, user=user, max_wait=max_wait,
+                         on_event=on_event)
 
     async def create(self, **params: Any) -> CallResult[Message]:
-        async def attempt(p: Params, r: Reservation) -> Attempt[Message]:
-            try:
-                raw = await self.client.messages.with_raw_response.create(**p)
-                msg = await raw.parse()
-            except Exception as e:
-                pe = to_provider_error(e)
-                if pe is None:
-                    raise
-                raise pe from e
-            return Attempt(msg, usage_of(msg.usage), _meta(raw))
-
-        return await run_call(self.limiter, scope=self.scope, params=_check(params),
-                              attempt=attempt, estimate=self.estimator, retry=self.retry,
-                              fallback=self.fallback, user=self.user, max_wait=self.max_wait)
+        return await drain(self._loop(params, streamed=False))
 
     def stream(self, **params: Any) -> StreamCall[Message]:
         """`async for text in adapter.stream(...)`; `.result` once it is exhausted."""
-        async def open_stream(p: Params, r: Reservation) -> _AsyncHandle:
-            manager = self.client.messages.stream(**p)
-            try:
-                stream = await manager.__aenter__()
-            except Exception as e:
-                pe = to_provider_error(e)
-                if pe is None:
-                    raise
-                raise pe from e
-            return _AsyncHandle(manager, stream, r.input_tokens)
-
-        return StreamCall(self.limiter, scope=self.scope, params=_check(params),
-                          open_stream=open_stream, estimate=self.estimator, retry=self.retry,
-                          fallback=self.fallback, user=self.user, max_wait=self.max_wait)
+        return StreamCall.of(self._loop(params, streamed=True))
 
 
-class AnthropicAdapter:
+class AnthropicAdapter(_Adapter):
     """`Anthropic` (sync) behind a `SyncLimiter`; same semantics as AsyncAnthropicAdapter."""
 
     def __init__(self, client: Anthropic, limiter: SyncLimiter, *, scope: str | None = None,
                  salt: str | bytes = DEFAULT_SALT, retry: RetryPolicy | None = None,
                  fallback: FallbackPolicy | None = None,
                  estimator: Callable[[Params], int] = estimate_chars, user: str = "",
-                 max_wait: float | None = None) -> None:
-        self.client = client.with_options(max_retries=0)
-        self.limiter = limiter
-        self.scope = scope or scope_for_api_key(client.api_key or "", salt=salt)
-        self.retry = retry or RetryPolicy.interactive()
-        self.fallback, self.estimator = fallback, estimator
-        self.user, self.max_wait = user, max_wait
+                 max_wait: float | None = None,
+                 on_event: Callable[[CallEvent], None] | None = None) -> None:
+        _check_pair("AnthropicAdapter", client, limiter, sync=True)
+        super().__init__(client, limiter, scope=scope, salt=salt, retry=retry,
+                         fallback=fallback, estimator=estimator, user=user, max_wait=max_wait,
+                         on_event=on_event)
 
     def create(self, **params: Any) -> CallResult[Message]:
-        def attempt(p: Params, r: SyncReservation) -> Attempt[Message]:
-            try:
-                raw = self.client.messages.with_raw_response.create(**p)
-                msg = raw.parse()
-            except Exception as e:
-                pe = to_provider_error(e)
-                if pe is None:
-                    raise
-                raise pe from e
-            return Attempt(msg, usage_of(msg.usage), _meta(raw))
-
-        return run_call_sync(self.limiter, scope=self.scope, params=_check(params),
-                             attempt=attempt, estimate=self.estimator, retry=self.retry,
-                             fallback=self.fallback, user=self.user, max_wait=self.max_wait)
+        return run_sync(drain(self._loop(params, streamed=False)))
 
     def stream(self, **params: Any) -> SyncStreamCall[Message]:
-        def open_stream(p: Params, r: SyncReservation) -> _SyncHandle:
-            manager = self.client.messages.stream(**p)
-            try:
-                stream = manager.__enter__()
-            except Exception as e:
-                pe = to_provider_error(e)
-                if pe is None:
-                    raise
-                raise pe from e
-            return _SyncHandle(manager, stream, r.input_tokens)
-
-        return SyncStreamCall(self.limiter, scope=self.scope, params=_check(params),
-                              open_stream=open_stream, estimate=self.estimator,
-                              retry=self.retry, fallback=self.fallback, user=self.user,
-                              max_wait=self.max_wait)
+        return SyncStreamCall.of(self._loop(params, streamed=True))

@@ -16,6 +16,9 @@ _SPEND_LIMIT = re.compile(r"billing|credit|spend[ _-]?limit|usage[ _-]?limit|ins
 class LimiterError(Exception):
     """Base class of every error raised by the limiter client."""
 
+    gave_up: str = ""  # set when a call loop gave up on this error: why, and models tried
+    models_tried: tuple[str, ...] = ()
+
 
 class LimiterUnavailable(LimiterError):
     """The daemon is down or its persistence is failing, and the policy is fail-closed."""
@@ -53,6 +56,9 @@ class ProviderError(Exception):
     `status` is the HTTP status (None for connection errors; 200 for an error event inside a
     stream), `code` the provider's error type (e.g. "overloaded_error", "connection_error").
     """
+
+    gave_up: str = ""  # set when a call loop gave up on this error: why, and models tried
+    models_tried: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from .errors import LimiterBusy, ProviderError, Usage
+from .errors import LimiterBusy, LimiterError, LimiterRejected, ProviderError, Usage
 from .retry import RetryPolicy
 from .wait import ModelOverloadedHint, WaitGate, WaitTooLong
 
@@ -27,6 +26,8 @@ class FallbackTriggers:
     overloaded_hint: bool = False  # the daemon marks the model overloaded: hop before calling
     timeouts: bool = True  # the provider call timed out (408/504/client timeout)
     exhausted: bool = True  # retries on a model ran out on a retryable error
+    too_large: bool = True  # the request can never fit this model's limits (e.g. 46k input
+    # tokens against a 30k-per-minute model): try the next, which may allow more
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class HopProposal:
     from_model: str
     reason: str
     candidates: tuple[str, ...]
-    error: ProviderError | LimiterBusy
+    error: ProviderError | LimiterError
 
 
 AskCallback = Callable[[HopProposal], "str | None | Awaitable[str | None]"]
@@ -72,7 +73,8 @@ class FallbackPolicy:
 class Hop:
     from_model: str
     to_model: str
-    reason: str  # overloaded, overloaded_hint, rate_limited, limiter_wait, timeout, exhausted
+    reason: str  # overloaded, overloaded_hint, rate_limited, limiter_wait, too_large, timeout,
+    # exhausted
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,11 @@ class Planner:
         self.failures = 0
         self.overloaded = 0
         self.path: list[Hop] = []
+        self.too_large: list[str] = []  # why each model that can never hold it refused
+
+    def models_tried(self) -> tuple[str, ...]:
+        return (self.path[0].from_model, *(h.to_model for h in self.path)) if self.path else (
+            self.model,)
 
     def elapsed(self) -> float:
         return self.retry.clock() - self.start
@@ -176,21 +183,70 @@ class Planner:
             return "exhausted"
         return None
 
-    def on_busy(self, err: LimiterBusy) -> Decision:
+    def on_limiter(self, err: LimiterBusy | LimiterRejected) -> Decision:
+        """The limiter did not grant: busy (wait, hop on the wait trigger) or never (hop)."""
         self.failures += 1
+        can_hop = bool(self.candidates()) and self.fallback is not None and (
+            self.remaining() > 0)
+        t = self.fallback.triggers if self.fallback is not None else None
+        if isinstance(err, LimiterRejected):
+            self.too_large.append(f"{self.model}: {err}")
+            return Decision("too_large" if can_hop and t and t.too_large else None, None)
         reason = None
-        can_hop = self.candidates() and self.fallback is not None and self.remaining() > 0
         if can_hop and isinstance(err, ModelOverloadedHint):
             reason = "overloaded_hint"
         elif can_hop and (isinstance(err, WaitTooLong) or (
-                self.fallback is not None and self.fallback.triggers.limiter_wait is not None)):
+                t is not None and t.limiter_wait is not None)):
             reason = "limiter_wait"
         delay = None
         if self.failures < self.retry.max_attempts:
             delay = self.retry.wait_within(err.retry_after_ms, self.failures, self.elapsed())
         return Decision(reason, delay)
 
-    def proposal(self, reason: str, err: ProviderError | LimiterBusy) -> HopProposal:
+    def reason_of(self, err: ProviderError | LimiterError) -> str:
+        """A short name for why an attempt failed (for events and messages)."""
+        if isinstance(err, ProviderError):
+            if err.rate_limited:
+                return "rate_limited"
+            if err.overloaded:
+                return "overloaded"
+            if err.timeout:
+                return "timeout"
+            return f"http_{err.status}" if err.status else (err.code or "error")
+        if isinstance(err, LimiterRejected):
+            return "too_large"
+        return "limiter_wait"
+
+    def give_up(self, err: ProviderError | LimiterError) -> str:
+        """Why the call ends with `err`: said in its message (and `err.gave_up`), with the
+        models tried, so a person can act on it."""
+        r = self.retry
+        left = r.max_elapsed - self.elapsed()
+        retry_ms: int | None = getattr(err, "retry_after_ms", None)
+        after = retry_ms / 1000 if retry_ms is not None else None
+        if isinstance(err, LimiterRejected):
+            why = ("no model tried can ever hold this request (" + "; ".join(self.too_large)
+                   + "). Raise the limit in the daemon's config (limiterd serve --config "
+                   "FILE; the built-in limits are Anthropic's Tier 1), or add a model with a "
+                   "larger limit to the fallback chain")
+        elif isinstance(err, ProviderError) and not err.retryable:
+            why = f"the provider's answer is not retryable ({self.reason_of(err)})"
+        elif after is not None and after > left:
+            why = (f"Retry-After {after:.1f} s is longer than the {max(0.0, left):.1f} s left "
+                   f"of max_elapsed={r.max_elapsed:g} s")
+        elif left <= 0:
+            why = f"max_elapsed={r.max_elapsed:g} s is used up"
+        else:
+            why = f"{self.failures} of max_attempts={r.max_attempts} attempts used"
+        tried = " -> ".join(self.models_tried())
+        text = f"gave up after {self.attempts} attempts (models tried: {tried}): {why}"
+        err.gave_up = text
+        err.models_tried = self.models_tried()
+        if err.args and isinstance(err.args[0], str) and "gave up after" not in err.args[0]:
+            err.args = (f"{err.args[0]} [{text}]", *err.args[1:])
+        return why
+
+    def proposal(self, reason: str, err: ProviderError | LimiterError) -> HopProposal:
         return HopProposal(self.model, reason, self.candidates(), err)
 
     def auto_choice(self, proposal: HopProposal) -> str | None:
@@ -207,28 +263,3 @@ class Planner:
         self.model = to_model
         self.failures = 0
         self.overloaded = 0
-
-
-async def choose(planner: Planner, reason: str, err: ProviderError | LimiterBusy) -> str | None:
-    """Auto mode picks the next model; ask mode asks the app (sync or async callback)."""
-    proposal = planner.proposal(reason, err)
-    assert planner.fallback is not None
-    if planner.fallback.mode == "auto":
-        return planner.auto_choice(proposal)
-    assert planner.fallback.ask is not None
-    answer = planner.fallback.ask(proposal)
-    if inspect.isawaitable(answer):
-        answer = await answer
-    return planner.check_choice(proposal, answer)
-
-
-def choose_sync(planner: Planner, reason: str, err: ProviderError | LimiterBusy) -> str | None:
-    proposal = planner.proposal(reason, err)
-    assert planner.fallback is not None
-    if planner.fallback.mode == "auto":
-        return planner.auto_choice(proposal)
-    assert planner.fallback.ask is not None
-    answer = planner.fallback.ask(proposal)
-    if inspect.isawaitable(answer):
-        raise TypeError("ask: the sync client needs a sync callback")
-    return planner.check_choice(proposal, answer)

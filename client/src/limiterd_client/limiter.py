@@ -105,6 +105,12 @@ class LimiterCore(Generic[R]):
         return cls(self, scope, model, user, input_tokens, max_output_tokens, max_wait,
                    self.lease_ms if lease_ms is None else lease_ms, on_wait, gate)
 
+    def _not_ready(self, timeout: float) -> LimiterUnavailable:
+        return LimiterUnavailable(
+            f"limiterd at {self.target or 'the given channel'} did not accept a connection "
+            f"within {timeout:g} s: is it running (make run / limiterd serve), and is the "
+            "target right?")
+
     @property
     def pending_settles(self) -> int:
         """Reports/Releases waiting for the daemon to come back."""
@@ -541,10 +547,7 @@ class Limiter(LimiterCore["Reservation"]):
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except TimeoutError:
-            raise LimiterUnavailable(
-                f"limiterd at {self.target or 'the given channel'} did not accept a "
-                f"connection within {timeout:g} s: is it running (make run / limiterd "
-                "serve), and is the target right?") from None
+            raise self._not_ready(timeout) from None
 
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
                 max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,

@@ -12,7 +12,7 @@ import grpc.aio
 
 from ._core import CHANNEL_OPTIONS
 from ._runtime import SyncRuntime, run_sync
-from .errors import LimiterUnavailable, ProviderError, ProviderMeta
+from .errors import ProviderError, ProviderMeta
 from .limiter import LimiterCore, ReservationCore
 from .local import FAIL_CLOSED, UnavailablePolicy
 from .proto.limiter.v1 import limiter_pb2 as pb
@@ -84,10 +84,7 @@ class SyncLimiter(LimiterCore["SyncReservation"]):
         try:
             grpc.channel_ready_future(self._channel).result(timeout)
         except grpc.FutureTimeoutError:
-            raise LimiterUnavailable(
-                f"limiterd at {self.target or 'the given channel'} did not accept a "
-                f"connection within {timeout:g} s: is it running (make run / limiterd "
-                "serve), and is the target right?") from None
+            raise self._not_ready(timeout) from None
 
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
                 max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
