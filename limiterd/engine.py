@@ -25,9 +25,11 @@ from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Ledger, Rejected, Wait
 from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, Reservation
 from limiterd.storage.base import Journal, StorageError
 from limiterd.streams import Streams
-from limiterd.views import BucketView, DimensionView, Stats, lease_order, resolve_scope
+from limiterd.views import BucketView, Stats, lease_order, resolve_scope
 
 log = logging.getLogger("limiterd.engine")
+
+_NOTHING: frozenset[str] = frozenset()
 
 # Backoff between journal write attempts while persistence is failing.
 WRITE_RETRY_MIN_S = 0.05
@@ -442,21 +444,19 @@ class Engine:
     def _bucket_view(self, key: BucketKey, now: float) -> BucketView:
         ledger = self.ledger
         b = ledger.bucket(key, now)
-        learned = ledger.learned_fields(key)
-        dims = [
-            DimensionView(name, b.levels[i], cap, cap / 60.0, field in learned)
-            for i, (name, field, cap) in enumerate(zip(RATE_DIMS, LIMIT_FIELDS, b.caps,
-                                                       strict=True))
-            if cap is not None
-        ]
-        mc = b.limits.max_concurrent
-        if mc is not None:
-            dims.append(DimensionView("concurrent", mc - b.in_flight, mc))
+        lv = b.levels
         return BucketView(
-            key, tuple(dims), ledger.queue_depth(b), b.in_flight,
+            key, (lv[0], lv[1], lv[2]), b.caps, b.limits.max_concurrent, b.in_flight,
+            ledger.queue_depth(b), b.in_flight,
             0.0 if key.user else ledger.paused_until(key.scope, key.budget, now),
-            ledger.overloaded_until(key.budget, now),
+            ledger.overloaded_until(key.budget, now), self._learned_rates(key),
         )
+
+    def _learned_rates(self, key: BucketKey) -> frozenset[str]:
+        learned = self.ledger.learned_fields(key)
+        if not learned:
+            return _NOTHING
+        return frozenset(n for n, f in zip(RATE_DIMS, LIMIT_FIELDS, strict=True) if f in learned)
 
     def leases(
         self,

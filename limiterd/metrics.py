@@ -227,9 +227,12 @@ class _LedgerCollector(Collector):
             if b.key.user:
                 continue  # user ids are never labels; the scope x model bucket says enough
             alias, model = labels.scope(b.key.scope), labels.model(b.key.budget)
-            for d in b.dimensions:
-                levels[(alias, model, d.name)] += d.level
-                caps[(alias, model, d.name)] += d.capacity
+            for name, lvl, cap in b.rates():
+                levels[(alias, model, name)] += lvl
+                caps[(alias, model, name)] += cap
+            if b.max_concurrent is not None:
+                levels[(alias, model, "concurrent")] += b.max_concurrent - b.slots_held
+                caps[(alias, model, "concurrent")] += b.max_concurrent
             queues[(alias, model)] += b.queue_depth
         for key, v in levels.items():
             level.add_metric(list(key), v)

@@ -6,6 +6,7 @@ ledger kept elsewhere (Redis) plugs in behind the engine by answering with the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,8 +17,7 @@ MIN_SCOPE_PREFIX = 6
 
 
 class DimensionView(NamedTuple):
-    """One limit of a bucket: `requests`, `input_tokens`, `output_tokens` or `concurrent`.
-    (A NamedTuple: a page holds thousands, and these build several times faster.)"""
+    """One limit of a bucket: `requests`, `input_tokens`, `output_tokens` or `concurrent`."""
 
     name: str
     level: float
@@ -26,14 +26,39 @@ class DimensionView(NamedTuple):
     learned: bool = False  # the capacity was raised from the provider's headers
 
 
-@dataclass(frozen=True, slots=True)
-class BucketView:
+RATES = ("requests", "input_tokens", "output_tokens")  # the order of levels and capacities
+
+
+class BucketView(NamedTuple):
+    """A bucket as it stands. Flat and a NamedTuple: a scrape reads 40,000 of these and sums
+    them, and a frozen dataclass costs several times more to build; `dimensions` spells the
+    figures out for a listing."""
+
     key: BucketKey
-    dimensions: tuple[DimensionView, ...]
+    levels: tuple[float, float, float]  # per RATES; meaningless where there is no capacity
+    capacities: tuple[int | None, int | None, int | None]  # per RATES; None: no limit
+    max_concurrent: int | None
+    slots_held: int  # reservations holding a concurrency slot here
     queue_depth: int
     open_reservations: int
     paused_until: float  # 0.0: not paused
     overloaded_until: float  # 0.0: not marked overloaded
+    learned: frozenset[str] = frozenset()  # RATES whose capacity the provider raised
+
+    def rates(self) -> Iterator[tuple[str, float, int]]:
+        """(dimension, level, capacity) of each rate limit the bucket has."""
+        for name, level, cap in zip(RATES, self.levels, self.capacities, strict=True):
+            if cap is not None:
+                yield name, level, cap
+
+    @property
+    def dimensions(self) -> tuple[DimensionView, ...]:
+        dims = [DimensionView(name, level, cap, cap / 60.0, name in self.learned)
+                for name, level, cap in self.rates()]
+        if self.max_concurrent is not None:
+            dims.append(DimensionView("concurrent", self.max_concurrent - self.slots_held,
+                                      self.max_concurrent))
+        return tuple(dims)
 
 
 @dataclass(frozen=True, slots=True)

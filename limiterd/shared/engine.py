@@ -63,7 +63,7 @@ from limiterd.shared.scripts import Scripts, text
 from limiterd.shared.settings import SharedLedger, WhenUnavailable
 from limiterd.storage.base import StartupError
 from limiterd.storage.memory import MemoryJournal
-from limiterd.views import BucketView, DimensionView, Stats, lease_order, resolve_scope
+from limiterd.views import BucketView, Stats, lease_order, resolve_scope
 
 log = logging.getLogger("limiterd.shared")
 
@@ -932,17 +932,15 @@ def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: flo
                  overloaded: float, open_count: int, now: float) -> BucketView:
     h = {text(k): text(v) for k, v in raw.items()}
     elapsed = max(0.0, now - float(h.get("t", now)))
-    dims = []
-    for name, lv, cf in zip(RATE_DIMS, ("r", "i", "o"), ("cr", "ci", "co"), strict=True):
+    levels = [0.0, 0.0, 0.0]
+    caps: list[int | None] = [None, None, None]
+    for i, (lv, cf) in enumerate(zip(("r", "i", "o"), ("cr", "ci", "co"), strict=True)):
         if cf in h:
-            cap = int(h[cf])
-            level = min(float(cap), float(h.get(lv, 0.0)) + cap * elapsed / 60.0)
-            dims.append(DimensionView(name, level, cap, cap / 60.0))
-    if "cm" in h:
-        mc = int(h["cm"])
-        dims.append(DimensionView("concurrent", mc - int(h.get("n", 0)), mc))
-    return BucketView(key, tuple(dims), depth, open_count, paused, overloaded)
-
+            cap = caps[i] = int(h[cf])
+            levels[i] = min(float(cap), float(h.get(lv, 0.0)) + cap * elapsed / 60.0)
+    mc = int(h["cm"]) if "cm" in h else None
+    return BucketView(key, (levels[0], levels[1], levels[2]), (caps[0], caps[1], caps[2]),
+                      mc, int(h.get("n", 0)), depth, open_count, paused, overloaded)
 
 _RES_FIELDS = ("s", "m", "u", "q", "ri", "ro", "g", "e", "w", "st", "sa",
                "fr", "fi", "fo", "oi", "oo", "oc", "bu", "bn")
