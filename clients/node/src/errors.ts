@@ -38,6 +38,11 @@ export class LimiterRejected extends LimiterError {
   override name = "LimiterRejected";
 }
 
+/** Too big for the local safe capacity used while the daemon is away (no model can help). */
+export class LocalCapacityRejected extends LimiterRejected {
+  override name = "LocalCapacityRejected";
+}
+
 /** The daemon (or this client) rejected a field; the message names it. */
 export class LimiterInvalidArgument extends LimiterError {
   override name = "LimiterInvalidArgument";

@@ -2,7 +2,7 @@
 // fetch wrapper that puts @anthropic-ai/sdk behind the limiter.
 export { scopeForApiKey, DEFAULT_SALT } from "./scope.js";
 export {
-  LimiterError, LimiterUnavailable, LimiterBusy, LimiterRejected, LimiterInvalidArgument,
+  LimiterError, LimiterUnavailable, LimiterBusy, LimiterRejected, LocalCapacityRejected, LimiterInvalidArgument,
   ReservationNotFound, WaitTooLong, ModelOverloadedHint, ProviderError, PartialResponseError,
   classifyHttp, connectionError, parseRetryAfterMs, reportedHeaders, RETRYABLE_STATUSES,
   type Usage, type ProviderMeta, type ProviderErrorFields,

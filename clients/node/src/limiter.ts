@@ -8,7 +8,7 @@ import {
 } from "./daemon.js";
 import {
   LimiterBusy, LimiterError, LimiterInvalidArgument, LimiterRejected, LimiterUnavailable,
-  ProviderError, metaOf, type ProviderMeta, type Usage,
+  LocalCapacityRejected, ProviderError, metaOf, type ProviderMeta, type Usage,
 } from "./errors.js";
 import { failClosed, LocalBucket, type UnavailablePolicy } from "./local.js";
 import { Outbox } from "./outbox.js";
@@ -390,7 +390,7 @@ export class Limiter {
           return localGrant(r, "local");
         }
         if (wait === Infinity) {
-          throw new LimiterRejected(`request of ${tokens} tokens exceeds the local safe capacity ` +
+          throw new LocalCapacityRejected(`request of ${tokens} tokens exceeds the local safe capacity ` +
             `(${policy.tokensPerMinute} tokens/min) while limiterd is down`, { cause: err });
         }
         if (this.clock() + wait > deadline) {

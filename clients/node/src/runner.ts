@@ -1,7 +1,7 @@
 // One logical provider call: reserve, call, report, retry or fall back, until done. One
 // attempt loop serves plain calls, streams and the fetch wrapper, so their rules cannot drift.
 import {
-  LimiterBusy, LimiterRejected, PartialResponseError, ProviderError, type ProviderMeta, type Usage,
+  LimiterBusy, LimiterRejected, LocalCapacityRejected, PartialResponseError, ProviderError, type ProviderMeta, type Usage,
 } from "./errors.js";
 import { FallbackPolicy, Planner, type CallResult, type Decision, type HopReason, type Params } from "./fallback.js";
 import type { Limiter, Reservation } from "./limiter.js";
@@ -58,6 +58,17 @@ export function maxTokens(params: Params): number {
   return v as number;
 }
 
+/** Settle without ever costing the caller its answer (or its real error): a daemon that
+ * refuses the Report (it lost the lease, say) is counted and logged; the lease settles alone. */
+async function quietly(limiter: Limiter, r: Reservation, settle: () => Promise<unknown>): Promise<void> {
+  try {
+    await settle();
+  } catch (e) {
+    limiter.counters.settleFailures++;
+    limiter.warn(`could not settle ${r.reservationId}: ${(e as Error).message}`);
+  }
+}
+
 type Body<T> = (params: Params, r: Reservation) => AsyncGenerator<string, Attempt<T>>;
 
 const cancelled = (): Error => new DOMException("the caller stopped reading", "AbortError");
@@ -103,7 +114,9 @@ export async function* attemptLoop<T>(limiter: Limiter, o: CallOptions, body: Bo
         const done = step.value;
         finished = true;
         if (!done.owned) {
-          await r.report({ inputTokens: done.usage.inputTokens, outputTokens: done.usage.outputTokens, provider: done.meta });
+          await quietly(limiter, r, () => r.report({
+            inputTokens: done.usage.inputTokens, outputTokens: done.usage.outputTokens, provider: done.meta,
+          }));
         }
         return planner.result(done.value, done.usage);
       } catch (e) {
@@ -115,13 +128,13 @@ export async function* attemptLoop<T>(limiter: Limiter, o: CallOptions, body: Bo
         if (delivered) {
           const used = e.usage ?? r.recordedUsage ?? { inputTokens, outputTokens: Math.ceil(delivered.length / CHARS_PER_TOKEN) };
           e.usage = used;
-          await r.reportError(e);
+          await quietly(limiter, r, () => r.reportError(e));
           throw new PartialResponseError(delivered, used, e);
         }
         err = e;
         decision = planner.onError(e);
         if (decision.hopReason) next = await planner.choose(decision.hopReason, e);
-        await r.reportError(e, { fellBack: next !== null });
+        await quietly(limiter, r, () => r.reportError(e, { fellBack: next !== null }));
       } finally {
         if (!finished) { // the consumer stopped reading: close the provider stream, settle
           await gen.return(undefined as never).catch(() => undefined);
@@ -132,7 +145,7 @@ export async function* attemptLoop<T>(limiter: Limiter, o: CallOptions, body: Bo
       if (e instanceof LimiterBusy) {
         err = e;
         decision = planner.onBusy(e);
-      } else if (e instanceof LimiterRejected && !(e.message.includes("local safe capacity"))) {
+      } else if (e instanceof LimiterRejected && !(e instanceof LocalCapacityRejected)) {
         err = e;
         decision = planner.onRejected();
       } else {

@@ -16,11 +16,13 @@ test("daemon killed mid-call: the answer is kept, the Report delivered later", a
     const apiKey = "sk-ant-crash-test";
     const scope = scopeForApiKey(apiKey);
     const sdk = new Anthropic({ apiKey, baseURL: provider.url, maxRetries: 0, fetch: limitedFetch(limiter) });
-    provider.queue({ kind: "json", text: "served", input: 15, output: 42, delayMs: 1500 });
+    let answer!: () => void;
+    provider.queue({ kind: "json", text: "served", input: 15, output: 42, until: new Promise<void>((ok) => { answer = ok; }) });
     const call = sdk.messages.create({ model: "claude-test", max_tokens: 500, messages: [{ role: "user", content: "hi" }] });
     await waitFor(() => provider.seen.length === 1); // the provider call is running
     assert.equal(await openLeases(first, scope), 1);
     await first.kill();
+    answer(); // the provider answers while the daemon is down
 
     const msg = await call;
     assert.equal((msg.content[0] as Anthropic.TextBlock).text, "served");
@@ -43,5 +45,33 @@ test("daemon killed mid-call: the answer is kept, the Report delivered later", a
   } finally {
     await limiter.close({ flushTimeoutMs: 0 });
     await provider.stop();
+  }
+});
+
+test("a daemon restarted without its state refuses the Report: the answer is still returned", async () => {
+  const port = await freePort();
+  const first = await startDaemon({ port, db: ":memory:" });
+  const provider = await new FakeProvider().start();
+  const warnings: string[] = [];
+  const limiter = limiterFor(first, { logger: { warn: (m) => warnings.push(m) } });
+  let second: Awaited<ReturnType<typeof startDaemon>> | undefined;
+  try {
+    const sdk = new Anthropic({ apiKey: "sk-ant-amnesia", baseURL: provider.url, maxRetries: 0, fetch: limitedFetch(limiter) });
+    let answer!: () => void;
+    provider.queue({ kind: "json", text: "served anyway", until: new Promise<void>((ok) => { answer = ok; }) });
+    const call = sdk.messages.create({ model: "claude-test", max_tokens: 50, messages: [{ role: "user", content: "hi" }] });
+    await waitFor(() => provider.seen.length === 1);
+    await first.kill();
+    second = await startDaemon({ port, db: ":memory:" }); // up again, the reservation forgotten
+    answer(); // the provider call ends only now, so the Report meets the new daemon
+    const msg = await call;
+    assert.equal((msg.content[0] as Anthropic.TextBlock).text, "served anyway");
+    assert.equal(limiter.counters.settleFailures, 1);
+    assert.equal(limiter.pendingSettlements, 0, "a refused Report is not retried forever");
+    assert.ok(warnings.some((w) => /could not settle/.test(w)), warnings.join("\n"));
+  } finally {
+    await limiter.close({ flushTimeoutMs: 0 });
+    await provider.stop();
+    await second?.stop();
   }
 });

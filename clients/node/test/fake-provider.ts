@@ -2,7 +2,9 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 
 export type Script =
-  | { kind: "json"; text?: string; input?: number; output?: number; delayMs?: number; headers?: Record<string, string> }
+  | { kind: "json"; text?: string; input?: number; output?: number; delayMs?: number; headers?: Record<string, string>;
+      /** Answer only once this settles (a test decides when the provider call ends). */
+      until?: Promise<unknown> }
   | { kind: "sse"; texts?: string[]; input?: number; output?: number; toolUse?: boolean;
       /** Stop after this many text deltas: "cut" drops the connection, "error" sends an error event. */
       failAfter?: { deltas: number; how: "cut" | "error"; errorType?: string } }
@@ -63,6 +65,7 @@ export class FakeProvider {
     }
     if (script.kind === "json") {
       if (script.delayMs) await new Promise((ok) => setTimeout(ok, script.delayMs));
+      if (script.until) await script.until;
       res.writeHead(200, { "content-type": "application/json", ...common, ...(script.headers ?? {}) });
       res.end(JSON.stringify({
         id, type: "message", role: "assistant", model,

@@ -3,11 +3,11 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import Anthropic from "@anthropic-ai/sdk";
 import {
-  FallbackPolicy, Limiter, PartialResponseError, RetryPolicy, limitedFetch, scopeForApiKey,
+  FallbackPolicy, Limiter, LimiterUnavailable, PartialResponseError, RetryPolicy, failOpen, limitedFetch, scopeForApiKey,
   type CallEvent, type LimitedFetchOptions,
 } from "limiterd-client";
 import { FakeProvider } from "./fake-provider.js";
-import { limiterFor, openLeases, startDaemon, waitFor, type Daemon } from "./harness.js";
+import { freePort, limiterFor, openLeases, startDaemon, waitFor, type Daemon } from "./harness.js";
 
 let d: Daemon;
 let limiter: Limiter;
@@ -183,6 +183,27 @@ describe("limitedFetch", () => {
       if (ev.type === "content_block_delta") break;
     }
     await waitFor(async () => (await openLeases(d, scope)) === 0);
+  });
+
+  test("the daemon away: fail closed never calls the provider, fail open does", async () => {
+    const target = `127.0.0.1:${await freePort()}`; // nothing listens there
+    const quiet = { target, transportAttempts: 1, rpcTimeoutMs: 500, logger: { warn: () => {} } };
+    const closed = new Limiter(quiet);
+    const before = provider.seen.length;
+    const sdk = new Anthropic({ apiKey: "k", baseURL: provider.url, maxRetries: 0, fetch: limitedFetch(closed) });
+    const err = await sdk.messages.create({ model: "claude-test", ...ask }).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof Anthropic.APIConnectionError, String(err));
+    assert.ok(err.cause instanceof LimiterUnavailable, String(err.cause));
+    assert.equal(provider.seen.length, before, "no unmetered call went out");
+    await closed.close();
+
+    const open = new Limiter({ ...quiet, onUnavailable: failOpen() });
+    provider.queue({ kind: "json", text: "unmetered" });
+    const sdk2 = new Anthropic({ apiKey: "k", baseURL: provider.url, maxRetries: 0, fetch: limitedFetch(open) });
+    const msg = await sdk2.messages.create({ model: "claude-test", ...ask });
+    assert.equal((msg.content[0] as Anthropic.TextBlock).text, "unmetered");
+    assert.equal(open.counters.failOpen, 1);
+    await open.close();
   });
 });
 
