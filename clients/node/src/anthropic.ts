@@ -107,7 +107,7 @@ export function limitedFetch(limiter: Limiter, options: LimitedFetchOptions = {}
     const attempt = async (p: Params, r: Reservation): Promise<Attempt<Response>> => {
       let resp: Response;
       try {
-        resp = await base(url, { ...init, headers, body: JSON.stringify(p) });
+        resp = await base(url, { ...init, method, headers, body: JSON.stringify(p) });
       } catch (e) {
         if (signal?.aborted) throw e;
         throw connectionError(PROVIDER, `${(e as Error).message}`, { cause: e });

@@ -229,6 +229,7 @@ export class Limiter {
     if (this.closed) return;
     this.closed = true;
     await this.outbox.flush(options.flushTimeoutMs ?? 10_000);
+    this.outbox.stop(); // nothing keeps retrying on a closed channel
     this.channel.close();
   }
 

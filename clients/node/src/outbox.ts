@@ -21,6 +21,7 @@ export class Outbox {
   private readonly queue: Pending[] = [];
   private running: Promise<void> | null = null;
   private readonly waiters = new Set<() => void>();
+  private stopped = false;
 
   constructor(private readonly limiter: Limiter, private readonly max: number) {}
 
@@ -29,6 +30,11 @@ export class Outbox {
   }
 
   add(p: Pending): void {
+    if (this.stopped) {
+      this.limiter.counters.settlementsDropped++;
+      this.limiter.warn(`the ${p.kind} of ${p.reservationId} came after close(): not delivered`);
+      return;
+    }
     if (p.deadlineMs === 0) p.deadlineMs = Date.now() + UNKNOWN_DEADLINE_MS;
     this.queue.push(p);
     if (this.queue.length > this.max) {
@@ -45,7 +51,7 @@ export class Outbox {
 
   private async run(): Promise<void> {
     let failures = 0;
-    while (this.queue.length > 0) {
+    while (this.queue.length > 0 && !this.stopped) {
       const p = this.queue[0]!;
       if (Date.now() > p.deadlineMs) {
         this.queue.shift();
@@ -69,6 +75,15 @@ export class Outbox {
         const wait = Math.min(MAX_MS, BASE_MS * 2 ** Math.min(failures - 1, 10));
         await this.limiter.sleep(wait * (0.5 + Math.random() / 2));
       }
+    }
+  }
+
+  /** The limiter is closed: what is still queued is given up (counted), the loop ends. */
+  stop(): void {
+    this.stopped = true;
+    for (const p of this.queue.splice(0)) {
+      this.limiter.counters.settlementsDropped++;
+      this.limiter.warn(`closed before the ${p.kind} of ${p.reservationId} could be delivered`);
     }
   }
 

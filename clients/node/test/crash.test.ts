@@ -75,3 +75,15 @@ test("a daemon restarted without its state refuses the Report: the answer is sti
     await second?.stop();
   }
 });
+
+test("close() gives up what it could not flush, so nothing retries on a closed channel", async () => {
+  const d = await startDaemon({ db: ":memory:" });
+  const limiter = limiterFor(d, { transportAttempts: 1, rpcTimeoutMs: 500, logger: { warn: () => {} } });
+  const r = await limiter.reserve({ scope: "s", model: "claude-test", inputTokens: 1, maxOutputTokens: 1 });
+  await d.kill();
+  assert.equal(await r.report({ inputTokens: 1, outputTokens: 1 }), null, "deferred, not thrown");
+  assert.equal(limiter.pendingSettlements, 1);
+  await limiter.close({ flushTimeoutMs: 50 });
+  assert.equal(limiter.pendingSettlements, 0);
+  assert.equal(limiter.counters.settlementsDropped, 1);
+});

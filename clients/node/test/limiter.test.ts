@@ -5,7 +5,7 @@ import {
   LimiterBusy, LimiterInvalidArgument, LimiterRejected, LimiterUnavailable, Limiter, failOpen,
   safeCapacity, ProviderError, type Reservation,
 } from "limiterd-client";
-import { freePort, level, limiterFor, openLeases, startDaemon, uniqueScope, type Daemon } from "./harness.js";
+import { freePort, level, limiterFor, openLeases, startDaemon, uniqueScope, waitFor, type Daemon } from "./harness.js";
 
 let d: Daemon;
 let limiter: Limiter;
@@ -126,7 +126,7 @@ describe("reserve and report", () => {
     const r = await limiter.reserve({ scope, model: "claude-test", inputTokens: 1, maxOutputTokens: 1, leaseMs: 300 });
     const first = r.leaseExpiresAtMs;
     // Wait on the condition (a keepalive landed), not on a fixed sleep.
-    while (r.keepalives < 2) await new Promise((ok) => setTimeout(ok, 20));
+    await waitFor(() => r.keepalives >= 2);
     assert.ok(r.leaseExpiresAtMs > first);
     assert.equal(await openLeases(d, scope), 1);
     const s = await r.report({ inputTokens: 1, outputTokens: 1 });
