@@ -48,6 +48,13 @@ requests_per_minute = 1000
 [models."claude-small-1"]
 requests_per_minute = 1000
 
+# Per-user limits: one request a minute for each x-limiterd-user.
+[models."claude-user-1"]
+requests_per_minute = 1000
+
+[user_limits."claude-user-1"]
+requests_per_minute = 1
+
 [models."claude-*"]
 requests_per_minute = 10000
 input_tokens_per_minute = 1000000

@@ -481,6 +481,29 @@ async def test_without_a_policy_nothing_is_retried_in_the_gateway(
     assert provider.models_called() == ["claude-big-1"]
 
 
+async def test_per_user_limits_and_a_shorter_wait_from_request_headers(
+        gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    def ask(user: str, wait: str = "0.2") -> dict[str, str]:
+        return {"x-limiterd-user": user, "x-limiterd-max-wait": wait}
+
+    async with sdk(gateway, "sk-users", max_retries=0) as client:
+        await client.messages.create(model="claude-user-1", max_tokens=5, messages=MESSAGES,
+                                     extra_headers=ask("agent-a"))  # type: ignore[arg-type]
+        with pytest.raises(anthropic.RateLimitError, match="within 0.2 s"):
+            await client.messages.create(model="claude-user-1", max_tokens=5,
+                                         messages=MESSAGES,  # type: ignore[arg-type]
+                                         extra_headers=ask("agent-a"))
+        await client.messages.create(model="claude-user-1", max_tokens=5, messages=MESSAGES,
+                                     extra_headers=ask("agent-b"))  # type: ignore[arg-type]
+        with pytest.raises(anthropic.BadRequestError, match="x-limiterd-max-wait"):
+            await client.messages.create(model="claude-user-1", max_tokens=5,
+                                         messages=MESSAGES,  # type: ignore[arg-type]
+                                         extra_headers=ask("agent-c", "soon"))
+    assert [r.user for r in await daemon.wait_settled("sk-users", 2)] == ["agent-a", "agent-b"]
+    assert len(provider.requests) == 2
+    assert all(not k.startswith("x-limiterd-") for r in provider.requests for k in r.headers)
+
+
 # ---- the input estimate, and a daemon that cannot be reached -----------------------------
 
 

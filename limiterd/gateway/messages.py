@@ -14,19 +14,19 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from limiterd.gateway.call import BadRequest, Call, read_call
 from limiterd.gateway.config import GatewayConfig, ModelPolicy
 from limiterd.gateway.downstream import SSE_HEADERS, ClientGone, Downstream
 from limiterd.gateway.metrics import GatewayMetrics, status_class
 from limiterd.gateway.wire import (
     PING_EVENT,
     SseTap,
-    api_key,
     error_event,
     forward_headers,
     json_usage,
@@ -44,7 +44,6 @@ from limiterd_client import (
     classify_http,
     connection_error,
     estimate_chars,
-    scope_for_api_key,
 )
 from limiterd_client.errors import reported_headers
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
@@ -56,35 +55,6 @@ REFUSED = (429, 529)
 _COUNT_KEYS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 
 
-class BadRequest(Exception):
-    """Input the gateway refuses before anything is reserved; the message names the field."""
-
-
-@dataclass(frozen=True)
-class Call:
-    """A validated request: what the caller sent, and the parts the limiter needs."""
-
-    raw: bytes
-    body: dict[str, Any]
-    model: str
-    max_tokens: int
-    stream: bool
-    scope: str
-    headers: tuple[tuple[str, str], ...]  # to forward upstream
-
-    def for_model(self, model: str, max_tokens: int | None) -> Call:
-        """This call rewritten for a fallback model (max_tokens capped when asked for and
-        still above a thinking budget)."""
-        body = {**self.body, "model": model}
-        budget = (self.body.get("thinking") or {}).get("budget_tokens", 0)
-        limit = self.max_tokens
-        if max_tokens is not None and max_tokens < limit and max_tokens > budget:
-            limit = max_tokens
-        body["max_tokens"] = limit
-        return replace(self, raw=json.dumps(body).encode(), body=body, model=model,
-                       max_tokens=limit)
-
-
 @dataclass(frozen=True)
 class Attempt:
     """What one upstream attempt ended as, when it did not reach the caller."""
@@ -93,41 +63,6 @@ class Attempt:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     error: ProviderError
-
-
-async def read_call(request: web.Request, cfg: GatewayConfig) -> Call:
-    raw = bytearray()
-    async for chunk in request.content.iter_any():
-        raw += chunk
-        if len(raw) > cfg.max_body_bytes:
-            raise BadRequest(f"request body: larger than the gateway's limit of "
-                             f"{cfg.max_body_bytes} bytes")
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise BadRequest(f"request body: not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body: must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model: required, a non-empty string")
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise BadRequest("max_tokens: required, an integer >= 1")
-    if not isinstance(body.get("messages"), list):
-        raise BadRequest("messages: required, a list")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream: must be true or false")
-    key = api_key(request.headers)
-    if not key:
-        raise PermissionError("x-api-key header is required")
-    headers = [(k, v) for k, v in forward_headers(request.headers.items())
-               if k.lower() != "accept-encoding"]
-    # The gateway must read the usage in the answer: ask for it uncompressed.
-    headers.append(("accept-encoding", "identity"))
-    return Call(bytes(raw), body, model, max_tokens, stream,
-                scope_for_api_key(key, salt=cfg.salt), tuple(headers))
 
 
 class Messages:
@@ -173,13 +108,13 @@ class Messages:
             for attempt in range(policy.retries + 1):
                 down.extra = _our_headers(model, why, retried)
                 reservation = self.limiter.reserve(
-                    call.scope, model, input_tokens=estimated,
-                    max_output_tokens=this.max_tokens, max_wait=self.cfg.max_wait_s,
+                    call.scope, model, input_tokens=estimated, user=call.user,
+                    max_output_tokens=this.max_tokens, max_wait=call.max_wait_s,
                     on_wait=_quiet if self._pings(call) else None)
                 try:
                     r = await self._acquire(reservation, this, down)
                 except LimiterBusy as e:
-                    return await self._refused_wait(down, model, e)
+                    return await self._refused_wait(down, model, call.max_wait_s, e)
                 except LimiterInvalidArgument as e:
                     self._wait_result(model, "invalid")
                     return await down.error(400, "invalid_request_error", f"limiterd: {e}")
@@ -271,14 +206,14 @@ class Messages:
         self._wait_result(call.model, "granted")
         return r
 
-    async def _refused_wait(self, down: Downstream, model: str, e: LimiterBusy
-                            ) -> web.StreamResponse:
+    async def _refused_wait(self, down: Downstream, model: str, max_wait_s: float,
+                            e: LimiterBusy) -> web.StreamResponse:
         self._wait_result(model, "timed_out")
         self.metrics.answers.labels("no_capacity").inc()
         retry_s = max(1, math.ceil((e.retry_after_ms or 1000) / 1000))
         return await down.error(
             429, "rate_limit_error",
-            f"limiterd: no capacity for {model} within {self.cfg.max_wait_s:g} s",
+            f"limiterd: no capacity for {model} within {max_wait_s:g} s",
             headers=[("retry-after", str(retry_s))])
 
     async def _attempt(self, r: Reservation, call: Call, estimated: int, down: Downstream
