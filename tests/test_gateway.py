@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -649,3 +651,44 @@ async def test_every_part_its_own_process(tmp_path: Path, provider: FakeProvider
     finally:
         daemon.terminate()
         daemon.communicate(timeout=20)
+
+
+# ---- the official TypeScript SDK, where Node is available -----------------------------------
+
+NODE_CHECK = Path(__file__).resolve().parent / "node_gateway"
+
+
+@pytest.fixture(scope="module")
+def node_sdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of tests/node_gateway with @anthropic-ai/sdk installed from the lockfile."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not installed; the TypeScript SDK check cannot run")
+    work = tmp_path_factory.mktemp("node_gateway")
+    for name in ("package.json", "package-lock.json", "sdk_via_gateway.mjs"):
+        shutil.copy2(NODE_CHECK / name, work / name)
+    done = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=work,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, f"npm ci failed:\n{done.stderr[-2000:]}"
+    return work
+
+
+async def test_the_typescript_sdk_through_the_gateway(
+        node_sdk: Path, gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
+    provider.script(MODEL, Reply.ok("hi from upstream"),
+                    Reply.ok("checking", thinking="Think first.",
+                             tool_use=("lookup", '{"q": "limits"}')))
+    node = shutil.which("node")
+    assert node is not None
+    done = await asyncio.to_thread(
+        subprocess.run, [node, "sdk_via_gateway.mjs", gateway.base_url, MODEL], cwd=node_sdk,
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["text"] == "hi from upstream"
+    assert out["blocks"] == ["thinking", "text", "tool_use"]
+    assert out["toolInput"] == {"q": "limits"}
+    assert out["events"][0] == "message_start" and out["events"][-1] == "message_stop"
+    assert out["refused"] == {"status": 400, "type": "invalid_request_error"}
+    settled = await daemon.wait_settled("sk-node", 2)
+    assert [r.settlement.outcome for r in settled if r.settlement] == [Outcome.OK, Outcome.OK]
