@@ -5,6 +5,7 @@ real `anthropic` SDK, in one of three setups.
     local     a limiter inside this process (limiterd's own engine, in memory) configured with
               the full key limit, as each replica would do alone; the SDK's retries stay on
     limiterd  the shared daemon, through the client library and its anthropic adapter
+    gateway   the plain SDK (as `sdk`), its base URL pointing at `limiterd gateway`
 
     python -m bench.app MODE AGENTS SECONDS PROVIDER_URL OUT.jsonl [LIMITERD_TARGET] [SEED]
 """

@@ -14,15 +14,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bench.cost import ENV, ROOT, free_port, wait_serving
 from bench.goodput_config import KEY_LIMITS, MODEL, limiter_toml
 
-SETUPS = ("sdk", "local", "limiterd")
+SETUPS = ("sdk", "local", "limiterd", "gateway")
 LABELS = {"sdk": "SDK retries only", "local": "per-process limiter",
-          "limiterd": "limiterd (shared)"}
+          "limiterd": "limiterd (shared)", "gateway": "limiterd gateway (no code change)"}
 APPS, AGENTS = 3, 6
 WINDOW_S = 5.0
 
@@ -37,25 +38,38 @@ def run_setup(mode: str, seconds: float, tmp: Path, overloads: list[list[float]]
     cfg = tmp / "provider.json"
     cfg.write_text(json.dumps({"models": {MODEL: {**KEY_LIMITS, "overloads": overloads}}}))
     provider = _start([sys.executable, "-m", "bench.provider", str(port), str(log), str(cfg)])
-    daemon = None
+    daemon = gateway = None
     target = ""
+    url = f"http://127.0.0.1:{port}"
     try:
         time.sleep(0.5)
-        if mode == "limiterd":
+        if mode in ("limiterd", "gateway"):
             target = f"127.0.0.1:{free_port()}"
             conf = tmp / "limiterd.toml"
             conf.write_text(limiter_toml(KEY_LIMITS))
             daemon = _start([sys.executable, "-m", "limiterd", "serve", "--listen", target,
-                             "--config", str(conf), "--db", str(tmp / "goodput.sqlite3"),
+                             "--config", str(conf), "--db", str(tmp / f"goodput-{mode}.sqlite3"),
                              "--log-level", "warning", "--watch-config", "0"])
             wait_serving(target)
+        if mode == "gateway":
+            # The apps are the plain SDK pointed at the gateway (ANTHROPIC_BASE_URL): the
+            # same code as the "sdk" setup, its default retries included.
+            gw_port = free_port()
+            gw_conf = tmp / "gateway.toml"
+            gw_conf.write_text(f'[gateway]\nmax_wait_s = {seconds:g}\n'
+                               'estimate = "count_tokens"\n')
+            gateway = _start([sys.executable, "-m", "limiterd", "gateway", "--listen",
+                              f"127.0.0.1:{gw_port}", "--limiter", target, "--upstream", url,
+                              "--config", str(gw_conf), "--log-level", "warning"])
+            url = f"http://127.0.0.1:{gw_port}"
+            _wait_http(url + "/limiterd/health")
         apps = [_start([sys.executable, "-m", "bench.app", mode, str(AGENTS), str(seconds),
-                        f"http://127.0.0.1:{port}", str(tmp / f"app-{mode}-{i}.jsonl"), target,
+                        url, str(tmp / f"app-{mode}-{i}.jsonl"), target,
                         str(i + 1)]) for i in range(APPS)]
         for a in apps:
             a.wait(seconds + 180)
     finally:
-        for p in (daemon, provider):
+        for p in (gateway, daemon, provider):
             if p is not None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
@@ -63,6 +77,17 @@ def run_setup(mode: str, seconds: float, tmp: Path, overloads: list[list[float]]
     calls = [json.loads(line) for i in range(APPS)
              for line in (tmp / f"app-{mode}-{i}.jsonl").read_text().splitlines()]
     return summarize(mode, seconds, events, calls)
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
 
 
 def summarize(mode: str, seconds: float, events: list[dict[str, Any]],
