@@ -264,8 +264,11 @@ class Messages:
             return None
         if status == 200:
             usage = json_usage(body) or Usage(estimated, call.max_tokens)
-            await _settle(r.report(usage.input_tokens, usage.output_tokens, provider=meta))
-            await self._send(down, status, headers, body)
+            try:  # the answer first, the Report after: it adds nothing to the caller's wait
+                await self._send(down, status, headers, body)
+            finally:  # (the work was done even if the caller has gone meanwhile)
+                await _settle(r.report(usage.input_tokens, usage.output_tokens,
+                                       provider=meta))
             return None
         err = _http_error(status, upstream.headers, body, self.wall())
         err.usage = Usage(0, 0)  # a refused or failed answer consumed nothing
