@@ -204,6 +204,18 @@ async def test_fifty_concurrent_streams_all_complete_and_settle(
     assert all(r.settlement and r.settlement.outcome is Outcome.OK for r in settled)
     assert {actual(r)[1] for r in settled} == {8}  # one token per word, from message_delta
     assert await daemon.open_leases() == []
+    async with aiohttp.ClientSession() as s, s.get(gateway.base_url + "/limiterd/metrics") as m:
+        metrics = await m.text()
+    # MODEL is not named in the gateway's config, so its label is "other"
+    assert 'limiterd_gateway_requests_total{model="other",route="messages"} 50.0' in metrics
+    assert 'limiterd_gateway_stream_ends_total{end="complete",model="other"} 50.0' in metrics
+    assert ('limiterd_gateway_upstream_responses_total{model="other",route="messages",'
+            'status="2xx"} 50.0') in metrics
+    assert 'limiterd_gateway_waits_total{model="other",result="granted"} 50.0' in metrics
+    [streamed] = [line for line in metrics.splitlines()
+                  if line.startswith("limiterd_gateway_streamed_bytes_total")]
+    assert float(streamed.split()[-1]) > 50 * 500  # every event of every stream
+    assert MODEL not in metrics
 
 
 async def test_a_caller_hanging_up_mid_stream_is_reported_with_the_usage_so_far(

@@ -22,6 +22,7 @@ class Downstream:
         self.response: web.StreamResponse | None = None
         self.extra: list[tuple[str, str]] = []  # our own headers (fallback, retries)
         self.bytes_sent = 0
+        self.finished = False  # the whole answer was handed to the connection
 
     @property
     def started(self) -> bool:
@@ -51,6 +52,7 @@ class Downstream:
             await self.response.write_eof()
         except ConnectionError as e:
             raise ClientGone(str(e)) from e
+        self.finished = True
 
     async def whole(self, status: int, headers: Iterable[tuple[str, str]], body: bytes
                     ) -> web.StreamResponse:

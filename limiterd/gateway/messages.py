@@ -331,11 +331,14 @@ class Messages:
                 usage = tap.usage(estimated)
                 await _settle(r.report(usage.input_tokens, usage.output_tokens, provider=meta))
         except (ClientGone, asyncio.CancelledError):
-            end = "client_gone"
+            # A caller that leaves once message_stop has passed got the whole answer.
+            whole = down.finished or tap.finished
+            end = "complete" if whole else "client_gone"
             usage = tap.usage(estimated)
             if not r.settled:  # (the hang-up may come while the OK report is on its way)
                 await _settle(r.report(usage.input_tokens, usage.output_tokens,
-                                       outcome=pb.CANCELLED, provider=meta))
+                                       outcome=pb.OK if whole else pb.CANCELLED,
+                                       provider=meta))
             raise
         finally:
             self.metrics.stream_ends.labels(label, end).inc()
