@@ -99,6 +99,15 @@ async def test_create_is_forwarded_unchanged_and_reports_the_usage(
     assert await daemon.open_leases() == []
 
 
+async def test_the_query_string_goes_on_too(gateway: Gateway, provider: FakeProvider) -> None:
+    """Claude Code calls /v1/messages?beta=true."""
+    async with sdk(gateway, "sk-beta") as client:
+        await client.messages.create(model=MODEL, max_tokens=10, messages=MESSAGES,
+                                     extra_query={"beta": "true"})  # type: ignore[arg-type]
+    [req] = provider.requests
+    assert (req.path, req.query) == ("/v1/messages", "beta=true")
+
+
 async def test_stream_passes_every_event_through_and_reports_at_the_end(
         gateway: Gateway, daemon: DaemonView, provider: FakeProvider) -> None:
     reply = Reply.ok("let me look that up", input_tokens=40, output_tokens=33,

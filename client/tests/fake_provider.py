@@ -91,6 +91,7 @@ class Recorded:
     headers: dict[str, str]
     body: dict[str, Any]
     reply: Reply = field(default_factory=Reply)
+    query: str = ""  # what followed "?" in the request target
 
 
 def _estimate_input(body: dict[str, Any]) -> int:
@@ -208,7 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = {}
         path = self.path.split("?")[0]
-        rec = Recorded(path, {k.lower(): v for k, v in self.headers.items()}, body)
+        rec = Recorded(path, {k.lower(): v for k, v in self.headers.items()}, body,
+                       query=self.path.partition("?")[2])
         self.fake.requests.append(rec)
         if path == "/v1/messages/count_tokens":
             self._json(200, {"input_tokens": _estimate_input(body)}, [])

@@ -34,6 +34,10 @@ class Call:
     headers: tuple[tuple[str, str], ...]  # to forward upstream
     user: str = ""  # x-limiterd-user: the per-user limits' key (an agent, a tenant)
     max_wait_s: float = 0.0  # the config's max_wait_s, or less when x-limiterd-max-wait asks
+    query: str = ""  # passed on as is (Claude Code calls /v1/messages?beta=true)
+
+    def url(self, base: str, path: str = "/v1/messages") -> str:
+        return f"{base}{path}?{self.query}" if self.query else base + path
 
     def for_model(self, model: str, max_tokens: int | None) -> Call:
         """This call rewritten for a fallback model (max_tokens capped when asked for and
@@ -81,7 +85,8 @@ async def read_call(request: web.Request, cfg: GatewayConfig) -> Call:
     headers.append(("accept-encoding", "identity"))
     return Call(bytes(raw), body, model, max_tokens, stream,
                 scope_for_api_key(key, salt=cfg.salt), tuple(headers),
-                request.headers.get(USER_HEADER, ""), _max_wait(request, cfg))
+                request.headers.get(USER_HEADER, ""), _max_wait(request, cfg),
+                request.query_string)
 
 
 def _max_wait(request: web.Request, cfg: GatewayConfig) -> float:

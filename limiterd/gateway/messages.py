@@ -72,7 +72,7 @@ class Messages:
         self.cfg, self.limiter, self.session = cfg, limiter, session
         self.metrics = metrics
         self.clock, self.wall = clock, wall  # monotonic (waits), unix (HTTP retry dates)
-        self.url = cfg.upstream.rstrip("/") + "/v1/messages"
+        self.base = cfg.upstream.rstrip("/")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         down = Downstream(request)
@@ -162,7 +162,7 @@ class Messages:
 
     async def _estimate(self, call: Call) -> int:
         if self.cfg.estimate == "count_tokens":
-            url = self.cfg.upstream.rstrip("/") + "/v1/messages/count_tokens"
+            url = call.url(self.base, "/v1/messages/count_tokens")
             doc = {k: call.body[k] for k in _COUNT_KEYS if k in call.body}
             try:
                 async with self.session.post(url, data=json.dumps(doc).encode(),
@@ -224,7 +224,8 @@ class Messages:
         try:
             r.mark_called()
             try:
-                upstream_cm = self.session.post(self.url, data=call.raw, headers=call.headers)
+                upstream_cm = self.session.post(call.url(self.base), data=call.raw,
+                                                headers=call.headers)
                 upstream = await upstream_cm.__aenter__()
             except (aiohttp.ClientError, TimeoutError) as e:
                 self.metrics.upstream.labels("messages", label, "error").inc()
