@@ -85,6 +85,11 @@ class Gateway:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    async def close(self) -> int:
+        """SIGTERM and wait for the exit, off the event loop: the in-process daemon must keep
+        answering (the gateway's last Reports) while the gateway shuts down."""
+        return await asyncio.to_thread(self.stop)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -56,7 +56,7 @@ async def gateway(tmp_path: Path, daemon: DaemonView, provider: FakeProvider
                   ) -> AsyncIterator[Gateway]:
     gw = await start_gateway(tmp_path, daemon.target, provider.base_url)
     yield gw
-    assert gw.stop() == 0, gw.log_text()
+    assert await gw.close() == 0, gw.log_text()
 
 
 def sdk(gw: Gateway, key: str = "sk-test-1", **kw: object) -> anthropic.AsyncAnthropic:
@@ -165,7 +165,7 @@ async def test_bad_input_is_a_400_in_provider_format_and_reserves_nothing(
             assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
             assert field in doc["error"]["message"], (field, doc)
     finally:
-        assert gw.stop() == 0
+        assert await gw.close() == 0
     assert provider.requests == []
     assert daemon.settled() == [] and await daemon.open_leases() == []
 
@@ -188,7 +188,7 @@ async def test_the_api_key_is_never_logged(gateway: Gateway, daemon: DaemonView)
             await client.messages.create(model="nope", max_tokens=10,
                                          messages=MESSAGES)  # type: ignore[arg-type]
     await daemon.wait_settled(key, 1)
-    assert gateway.stop() == 0
+    assert await gateway.close() == 0
     assert key not in gateway.log_text()
     assert scope_for_api_key(key) not in gateway.log_text()
 
@@ -297,7 +297,7 @@ async def test_a_429_passes_through_is_reported_and_pauses_the_other_callers(
         assert int(again.value.response.headers["retry-after"]) >= 1
         assert len(provider.requests) == 1
     finally:
-        assert gw.stop() == 0
+        assert await gw.close() == 0
 
 
 async def test_a_529_passes_through_unchanged_and_is_reported_overloaded(
@@ -370,7 +370,7 @@ async def test_a_waiting_stream_gets_200_and_pings_until_granted(
         assert settled[1].waited_s > 0
     finally:
         hold.set()
-        assert gw.stop() == 0
+        assert await gw.close() == 0
 
 
 async def test_a_wait_that_fails_after_pings_ends_in_an_error_event(
@@ -401,7 +401,7 @@ async def test_a_wait_that_fails_after_pings_ends_in_an_error_event(
         assert len(provider.requests) == 1  # neither waiter reached the provider
     finally:
         hold.set()
-        assert gw.stop() == 0
+        assert await gw.close() == 0
 
 
 # ---- everything else is proxied, not counted -------------------------------------------------
@@ -460,7 +460,7 @@ async def test_overloads_are_retried_then_fall_back_with_headers_saying_so(
             async with s.get(gw.base_url + "/limiterd/metrics") as resp:
                 metrics = await resp.text()
     finally:
-        assert gw.stop() == 0
+        assert await gw.close() == 0
     assert msg.content[0].text == "from the small one"  # type: ignore[union-attr]
     assert raw.headers["x-limiterd-served-by"] == "claude-small-1"
     assert "claude-big-1: overloaded_error (529)" in raw.headers["x-limiterd-fallback"]
@@ -485,7 +485,7 @@ async def test_a_retry_after_beyond_the_bound_is_not_waited_for(
             raw = await client.messages.with_raw_response.create(
                 model="claude-big-1", max_tokens=50, messages=MESSAGES)  # type: ignore[arg-type]
     finally:
-        assert gw.stop() == 0
+        assert await gw.close() == 0
     # 429 after 1 s: retried once; 429 asking for 60 s (> max_retry_after_s): fall back
     assert provider.models_called() == ["claude-big-1", "claude-big-1", "claude-small-1"]
     assert raw.headers["x-limiterd-retries"] == "1"
@@ -539,7 +539,7 @@ async def test_count_tokens_estimate_reserves_the_upstream_count(
             await client.messages.create(model=MODEL, max_tokens=10, messages=MESSAGES,
                                          system="x" * 400)  # type: ignore[arg-type]
     finally:
-        assert gw.stop() == 0
+        assert await gw.close() == 0
     count, call = provider.requests
     assert (count.path, call.path) == ("/v1/messages/count_tokens", "/v1/messages")
     assert count.body == {"model": MODEL, "messages": MESSAGES, "system": "x" * 400}
@@ -563,7 +563,7 @@ async def test_an_unreachable_daemon_fails_closed_or_open_as_configured(
         got, _, body = await post(gw, json.dumps({"model": MODEL, "max_tokens": 5,
                                                   "messages": MESSAGES}).encode())
     finally:
-        assert gw.stop() == 0
+        assert await gw.close() == 0
     assert got == status, body
     if mode == "closed":
         assert json.loads(body)["error"]["type"] == "api_error"
@@ -619,7 +619,7 @@ async def test_a_caller_leaving_the_queue_leaves_no_place_and_no_reservation(
         assert len(provider.requests) == 1
     finally:
         hold.set()
-        assert gw.stop() == 0
+        assert await gw.close() == 0
 
 
 async def test_sigterm_lets_a_stream_in_flight_finish(
@@ -659,7 +659,7 @@ async def test_every_part_its_own_process(tmp_path: Path, provider: FakeProvider
                 msg = await client.messages.create(model=MODEL, max_tokens=20,
                                                    messages=MESSAGES)  # type: ignore[arg-type]
         finally:
-            assert gw.stop() == 0
+            assert await gw.close() == 0
         assert msg.usage.output_tokens > 0
         async with grpc.aio.insecure_channel(target) as ch:
             admin = pb_grpc.AdminStub(ch)

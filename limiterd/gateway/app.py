@@ -30,6 +30,7 @@ from limiterd_client import FailClosed, FailOpen, Limiter
 log = logging.getLogger("limiterd.gateway")
 
 HEALTH_PATH = "/limiterd/health"
+MESSAGES = web.AppKey("messages", Messages)
 METRICS_PATH = "/limiterd/metrics"  # also on --metrics-listen, as the daemon serves them
 
 
@@ -56,6 +57,7 @@ def build_app(cfg: GatewayConfig, limiter: Limiter, session: aiohttp.ClientSessi
         return web.Response(body=generate_latest(metrics.registry),
                             headers={"content-type": CONTENT_TYPE_LATEST})
 
+    app[MESSAGES] = messages
     app.router.add_get(HEALTH_PATH, health)
     app.router.add_get(METRICS_PATH, scrape)
     app.router.add_post("/v1/messages", messages.handle)
@@ -92,7 +94,8 @@ async def running_gateway(cfg: GatewayConfig) -> AsyncIterator[tuple[web.AppRunn
         try:
             yield runner, bound
         finally:
-            await runner.cleanup()
+            await runner.cleanup()  # in-flight requests finish within the grace...
+            await app[MESSAGES].drain(cfg.grace_s)  # ...and so do their Reports
 
 
 async def serve(cfg: GatewayConfig) -> None:

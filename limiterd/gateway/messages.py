@@ -73,6 +73,21 @@ class Messages:
         self.metrics = metrics
         self.clock, self.wall = clock, wall  # monotonic (waits), unix (HTTP retry dates)
         self.base = cfg.upstream.rstrip("/")
+        self._settling: set[asyncio.Future[object]] = set()
+
+    async def _settle(self, report: Awaitable[object]) -> None:
+        """Report even if the caller hangs up meanwhile: aiohttp then cancels the handler, and
+        a Report cut off mid-call would leave the reservation open until its lease lapsed.
+        Reports still on their way at shutdown are waited for (`drain`)."""
+        task = asyncio.ensure_future(report)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) for the Reports still on their way."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         down = Downstream(request)
@@ -198,7 +213,7 @@ class Messages:
                 await asyncio.gather(enter, return_exceptions=True)
             elif not enter.cancelled() and enter.exception() is None:
                 # granted just as the caller left: give it back (never called -> Release)
-                await _settle(reservation.__aexit__(type(e), e, e.__traceback__))
+                await self._settle(reservation.__aexit__(type(e), e, e.__traceback__))
             if isinstance(e, ClientGone | asyncio.CancelledError):
                 self._wait_result(call.model, "client_gone")
             raise
@@ -229,7 +244,7 @@ class Messages:
                 upstream = await upstream_cm.__aenter__()
             except (aiohttp.ClientError, TimeoutError) as e:
                 self.metrics.upstream.labels("messages", label, "error").inc()
-                await _settle(r.report_error(connection_error(PROVIDER, type(e).__name__,
+                await self._settle(r.report_error(connection_error(PROVIDER, type(e).__name__,
                                                       usage=Usage(0, 0))))
                 await down.error(502, "api_error", f"upstream unreachable: {type(e).__name__}")
                 return None
@@ -241,7 +256,7 @@ class Messages:
             if not r.settled:
                 # Cancelled (the caller hung up) or a bug: the reservation settles as the
                 # client library does for an exception after the call started.
-                await asyncio.shield(r.__aexit__(type(e), e, e.__traceback__))
+                await self._settle(r.__aexit__(type(e), e, e.__traceback__))
             raise
 
     async def _answer(self, r: Reservation, call: Call, estimated: int, down: Downstream,
@@ -259,7 +274,7 @@ class Messages:
         try:
             body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            await _settle(r.report_error(connection_error(PROVIDER, type(e).__name__,
+            await self._settle(r.report_error(connection_error(PROVIDER, type(e).__name__,
                                                   usage=Usage(estimated, 0))))
             await down.error(502, "api_error", f"upstream broke: {type(e).__name__}")
             return None
@@ -268,12 +283,12 @@ class Messages:
             try:  # the answer first, the Report after: it adds nothing to the caller's wait
                 await self._send(down, status, headers, body)
             finally:  # (the work was done even if the caller has gone meanwhile)
-                await _settle(r.report(usage.input_tokens, usage.output_tokens,
+                await self._settle(r.report(usage.input_tokens, usage.output_tokens,
                                        provider=meta))
             return None
         err = _http_error(status, upstream.headers, body, self.wall())
         err.usage = Usage(0, 0)  # a refused or failed answer consumed nothing
-        await _settle(r.report_error(err))
+        await self._settle(r.report_error(err))
         attempt = Attempt(status, headers, body, err)
         if status in REFUSED:
             return attempt
@@ -323,21 +338,21 @@ class Messages:
                                     headers=upstream.headers, code=tap.error.kind,
                                     message=tap.error.message, now=self.wall())
                 err.usage = tap.usage(estimated)
-                await _settle(r.report_error(err))
+                await self._settle(r.report_error(err))
             elif not tap.finished:
                 end = "upstream_broke"  # ended cleanly but without message_stop
-                await _settle(r.report_error(connection_error(PROVIDER, "stream ended early",
+                await self._settle(r.report_error(connection_error(PROVIDER, "stream ended early",
                                                       usage=tap.usage(estimated))))
             else:
                 usage = tap.usage(estimated)
-                await _settle(r.report(usage.input_tokens, usage.output_tokens, provider=meta))
+                await self._settle(r.report(usage.input_tokens, usage.output_tokens, provider=meta))
         except (ClientGone, asyncio.CancelledError):
             # A caller that leaves once message_stop has passed got the whole answer.
             whole = down.finished or tap.finished
             end = "complete" if whole else "client_gone"
             usage = tap.usage(estimated)
             if not r.settled:  # (the hang-up may come while the OK report is on its way)
-                await _settle(r.report(usage.input_tokens, usage.output_tokens,
+                await self._settle(r.report(usage.input_tokens, usage.output_tokens,
                                        outcome=pb.OK if whole else pb.CANCELLED,
                                        provider=meta))
             raise
@@ -350,7 +365,7 @@ class Messages:
         `error` event (as the API sends for a failure mid-stream), the attempt is reported
         as an error with the usage seen so far."""
         usage = tap.usage(estimated)
-        await _settle(r.report_error(connection_error(
+        await self._settle(r.report_error(connection_error(
             PROVIDER, f"stream broke: {type(e).__name__}", usage=usage)))
         await down.write(error_event(json.dumps({
             "type": "error",
@@ -369,12 +384,6 @@ def _our_headers(model: str, why: list[str], retried: int) -> list[tuple[str, st
     if retried:
         headers.append(("x-limiterd-retries", str(retried)))
     return headers
-
-
-async def _settle(report: Awaitable[object]) -> None:
-    """Report even if the caller hangs up meanwhile: aiohttp then cancels the handler, and a
-    Report cut off mid-call would leave the reservation open until its lease lapsed."""
-    await asyncio.shield(report)
 
 
 def _quiet(_update: object) -> None:
