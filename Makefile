@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
-	node-deps node-test node-proto node-proto-check
+	node-deps node-test node-proto node-proto-check node-bench
 NODE_DIR := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
 
@@ -66,6 +66,9 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 
 node-test: setup node-deps node-proto-check  ## the Node client's tests (node --test)
 	cd $(NODE_DIR) && npm test --silent
+
+node-bench: setup node-deps  ## what the Node client adds to an SDK call (never part of make test)
+	cd $(NODE_DIR) && npm run bench --silent
 
 node-proto: setup node-deps  ## regenerate the TypeScript stubs
 	cd $(NODE_DIR) && PYTHON=$(abspath $(PY)) node scripts/codegen.mjs
