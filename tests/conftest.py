@@ -15,7 +15,7 @@ from limiterd.shared.settings import SharedLedger
 from limiterd.storage import Journal, MemoryJournal
 from limiterd.storage.sqlite import SqliteJournal
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.redis_server import redis_server
+from tests.redis_server import redis_cluster, redis_server
 
 # Small limits so tests reach them quickly. "tiny": 10 requests, 1000 in, 1000 out per minute.
 TEST_CONFIG_TOML = """
@@ -65,7 +65,8 @@ def backend(request: pytest.FixtureRequest) -> str:
     return getattr(request, "param", "local")
 
 
-BACKENDS = ("local", "redis")
+# The Cluster runs only in `make test-long` (3 more redis-server processes per test).
+BACKENDS = ("local", "redis", pytest.param("cluster", marks=pytest.mark.long))
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -88,6 +89,12 @@ async def daemon(backend: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
     if backend == "local":
         async with running_server(config=make_test_config()) as srv:
             yield srv
+        return
+    if backend == "cluster":
+        with redis_cluster(tmp_path / "cluster") as nodes:
+            async with running_server(config=make_test_config(),
+                                      shared=SharedLedger(nodes[0].url, cluster=True)) as srv:
+                yield srv
         return
     with redis_server(tmp_path / "redis") as server:
         async with running_server(config=make_test_config(),

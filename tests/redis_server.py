@@ -35,6 +35,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, as Cluster needs."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One redis-server process. `aof`: append-only file with fsync on every write (so a
     kill -9 loses nothing acknowledged); otherwise no persistence at all."""
@@ -105,3 +120,36 @@ def redis_server(workdir: Path, **kw: object) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def redis_cluster(workdir: Path, masters: int = 3) -> Iterator[list[RedisServer]]:
+    """A Redis Cluster of `masters` nodes on loopback, no replicas, created with
+    `redis-cli --cluster create`; yields its nodes once every slot is served."""
+    nodes = [RedisServer(workdir / f"node{i}", port=free_cluster_port(), extra=(
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "2000")) for i in range(masters)]
+    try:
+        for n in nodes:
+            n.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed (it comes with redis-server)", pytrace=False)
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [subprocess.run([cli, "-p", str(n.port), "cluster", "info"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                      for n in nodes]
+            if all("cluster_state:ok" in s for s in states):
+                break
+            time.sleep(0.1)  # polling the cluster forming, not racing the code under test
+        else:
+            raise RuntimeError("the cluster did not reach cluster_state:ok")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()

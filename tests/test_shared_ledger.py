@@ -238,6 +238,7 @@ def test_config_selects_the_shared_ledger(tmp_path: Path) -> None:
     ('url = "redis://h/0"\nwhen_unavailable = "open"', "ledger.when_unavailable: must be"),
     ('url = "redis://h/0"\nwhen_unavailable = "local_share"', "ledger.local_share: missing"),
     ('url = "redis://h/0"\nlocal_share = 1.5', "ledger.local_share: must be a number in"),
+    ('url = "redis://h/0"\ncluster = "yes"', "ledger.cluster: must be true or false"),
     ('url = "redis://h/0"\nsweep_interval = 3', 'ledger.sweep_interval: unknown key'),
 ])
 def test_bad_ledger_config_is_named(table: str, problem: str) -> None:

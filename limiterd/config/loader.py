@@ -29,6 +29,7 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
 
     [ledger]                           # optional: share the ledger with other sidecars
     url = "redis://redis:6379/0"       # or rediss://; `limiterd serve --ledger URL` overrides
+    cluster = false                    # true: url names one node of a Redis Cluster
     password_env = "LIMITERD_REDIS_PASSWORD"  # or password_file = "/run/secrets/redis"
     when_unavailable = "fail_closed"   # UNAVAILABLE until Redis answers; or "local_share":
     local_share = 0.34                 #   a local ledger at this share of the limits meanwhile
@@ -102,8 +103,8 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
 }
 _DAEMON_FLAGS = ("learn_limits",)
 _TOP_KEYS = ("daemon", "models", "user_limits", "scopes", "ledger")
-_LEDGER_KEYS = ("url", "password_env", "password_file", "when_unavailable", "local_share",
-                "key_prefix", "queue_entry_ttl_ms", "sweep_interval_ms")
+_LEDGER_KEYS = ("url", "cluster", "password_env", "password_file", "when_unavailable",
+                "local_share", "key_prefix", "queue_entry_ttl_ms", "sweep_interval_ms")
 _SCOPE_KEYS = ("scope", "alias", "models", "user_limits")
 
 
@@ -291,6 +292,11 @@ def _ledger(value: Any, p: _Problems) -> SharedLedger | None:
         else:
             p.add("ledger.when_unavailable", f"must be one of {', '.join(policies)}, got "
                   f"{_show(table['when_unavailable'])}")
+    if "cluster" in table:
+        if isinstance(table["cluster"], bool):
+            values["cluster"] = table["cluster"]
+        else:
+            p.add("ledger.cluster", f"must be true or false, got {_show(table['cluster'])}")
     if "local_share" in table:
         share = table["local_share"]
         if isinstance(share, int | float) and not isinstance(share, bool) and 0 < share <= 1:

@@ -13,7 +13,7 @@ import asyncio
 from typing import Any
 
 from redis import exceptions as rx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from limiterd.shared.scripts import Scripts
 
@@ -21,7 +21,7 @@ Command = tuple[Any, ...]
 
 
 class Batcher:
-    def __init__(self, client: Redis, scripts: Scripts) -> None:
+    def __init__(self, client: Redis | RedisCluster, scripts: Scripts) -> None:
         self.client = client
         self.scripts = scripts
         self._queue: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as rx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -152,6 +152,20 @@ class _OverloadMarks:
         return {m: u for m in list(self._until) if (u := self.until(m, now))}
 
 
+def _connect(shared: SharedLedger) -> Redis | RedisCluster:
+    """A client for a single Redis (or one behind a proxy or managed endpoint), or for a
+    Cluster whose nodes are discovered from the one named (every script touches one slot)."""
+    options: dict[str, Any] = dict(
+        password=shared.password(), socket_timeout=shared.timeout_s,
+        socket_connect_timeout=shared.timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry_on_error=[rx.ConnectionError, rx.TimeoutError],
+    )
+    if shared.cluster:
+        return RedisCluster.from_url(shared.url, **options)
+    return Redis.from_url(shared.url, health_check_interval=30, **options)
+
+
 class SharedEngine:
     """The Engine's calls, decided in Redis. Raises PersistenceFailing while Redis is away."""
 
@@ -166,12 +180,7 @@ class SharedEngine:
         # A pooled connection found dead (Redis restarted) is retried once on a new one:
         # every script is idempotent (acquire by its reservation id), so a retry after a
         # lost reply answers the same, never twice.
-        self.client = client or Redis.from_url(
-            shared.url, password=shared.password(), socket_timeout=shared.timeout_s,
-            socket_connect_timeout=shared.timeout_s, health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-            retry_on_error=[rx.ConnectionError, rx.TimeoutError],
-        )
+        self.client: Any = client or _connect(shared)  # Redis or RedisCluster
         self.scripts = Scripts.register(self.client)
         self._batch = Batcher(self.client, self.scripts)
         self._epoch: str | None = None  # see check_epoch
@@ -745,7 +754,7 @@ class SharedEngine:
                 await asyncio.sleep(RESUBSCRIBE_S)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     def _wake_all(self) -> None:
         for wakes in self._wakes.values():

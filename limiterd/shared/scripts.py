@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 
 NAMES = ("acquire", "settle", "leave", "sweep", "reset")
@@ -30,7 +30,7 @@ class Scripts:
     reset: AsyncScript
 
     @classmethod
-    def register(cls, client: Redis) -> Scripts:
+    def register(cls, client: Redis | RedisCluster) -> Scripts:
         return cls(*(client.register_script(source(n)) for n in NAMES))
 
 

@@ -32,6 +32,7 @@ class SharedLedger:
     sweep_interval_s: float = 1.0
     idle_ttl_s: float = 180.0  # an idle bucket is dropped this long after its last lease
     timeout_s: float = 2.0
+    cluster: bool = False  # url names one node of a Redis Cluster; the others are discovered
 
     def __post_init__(self) -> None:
         """Raises ValueError with a message that names what is wrong."""
@@ -63,4 +64,5 @@ class SharedLedger:
         policy = self.when_unavailable.value
         if self.when_unavailable is WhenUnavailable.LOCAL_SHARE:
             policy += f" {self.local_share:.3g}"
-        return f"shared on Redis at {where} ({policy} when unreachable)"
+        kind = "Redis Cluster" if self.cluster else "Redis"
+        return f"shared on {kind} at {where} ({policy} when unreachable)"
