@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pytest
 
 from limiterd.clock import SystemClock
 from limiterd.config.loader import ConfigError, check_config, parse_config
-from limiterd.config.model import Config
+from limiterd.config.model import Config, Settings
 from limiterd.engine import PersistenceFailing
 from limiterd.ledger.errors import AlreadySettled, InvalidRequest
 from limiterd.ledger.ledger import Granted, Rejected
@@ -396,3 +397,21 @@ async def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> No
         await granted(a, req())
         r, _ = await a.release(g.reservation.id)
         assert r.state is State.RELEASED
+
+
+@dataclass(frozen=True, slots=True)
+class _WithAllowance(Settings):
+    refill_allowance_s: float = 0.5  # the local ledger's setting (issue 15), made long here
+
+
+async def test_a_burst_from_full_holds_refill_for_the_allowance(redis_url: str) -> None:
+    fast = parse_config(FAST, "<fast>")
+    config = replace(fast, settings=_WithAllowance(**{
+        f.name: getattr(fast.settings, f.name) for f in fields(Settings)}))
+    async with sidecar(redis_url, config) as a:
+        burst = await granted(a, req("fast", inp=60_000, out=0))  # from full to empty
+        refused = await a.acquire(req("fast", inp=100, out=0), 0.0)
+        assert isinstance(refused, Rejected) and refused.retry_after_s >= 0.5
+        waiter = await granted(a, req("fast", inp=100, out=0), 5.0)  # 0.1 s of refill
+        waited = waiter.reservation.granted_at - burst.reservation.granted_at
+        assert waited >= 0.5 + 0.1 - 0.005, f"granted {waited:.3f} s after the burst"

@@ -597,6 +597,8 @@ class SharedEngine:
             int(plan.base in self._known or self.clock.now() < self._safe_until),
             *_caps(plan.limits),
             plan.user_bucket, *user_caps, plan.budget,
+            # The local ledger's refill allowance (issue 15), once its setting exists.
+            repr(float(getattr(s, "refill_allowance_s", 0.0))),
         ]
 
     # ---- Redis -------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 --   try_once, queue_ttl_s, max_waiters, known (this sidecar saw the bucket before),
 --   the scope x budget caps (rpm, itpm, otpm, max_concurrent; '' = none),
 --   the user bucket's ub ('' = users are not limited), the user caps (same four),
---   the budget's name.
+--   the budget's name, the refill allowance in seconds.
 -- Replies: {'G', replayed, id, reservation...} granted; {'W', ticket, since, refill_s, eta_s,
 --   position, depth} waiting; {'R', eta_s} try-once refused; {'E', why, detail} refused.
 local id, rid, scope, model, user = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
@@ -13,6 +13,7 @@ local queue_ttl, max_waiters, known = tonumber(ARGV[14]), tonumber(ARGV[15]), AR
 local has_user = ARGV[21] ~= ''
 local ub = has_user and ARGV[21] or nil
 local budget = ARGV[26]
+local allowance = tonumber(ARGV[27])
 local caps = {parse_caps(ARGV[17], ARGV[18], ARGV[19], ARGV[20])}
 if has_user then table.insert(caps, parse_caps(ARGV[22], ARGV[23], ARGV[24], ARGV[25])) end
 
@@ -70,7 +71,7 @@ local function estimate()
         for d = 1, 3 do demand[d] = demand[d] + e.amounts[d] end
       end
     end
-    worst = math.max(worst, seconds_until(b, demand))
+    worst = math.max(worst, seconds_until(b, demand, now))
     if b.mc and b.n + #ahead >= b.mc then worst = math.max(worst, 1.0) end
   end
   if paused then worst = math.max(worst, pause - now) end
@@ -82,8 +83,7 @@ if not any then
   local since = (ticket > 0 and e ~= nil) and e.since or now
   local expires = now + lease_s
   for _, b in ipairs(buckets) do
-    for d = 1, 3 do if b.cap[d] then b.lv[d] = b.lv[d] - amounts[d] end end
-    b.n = b.n + 1
+    take(b, amounts, now, allowance)
     b.le = math.max(b.le, expires)
     save_bucket(b, now)
   end
@@ -141,7 +141,7 @@ redis.call('PEXPIRE', BASE .. 'qx', qttl)
 redis.call('PEXPIRE', BASE .. 'seq', qttl)
 
 local refill_s = paused and (pause - now) or 0
-for _, b in ipairs(buckets) do refill_s = math.max(refill_s, seconds_until(b, amounts)) end
+for _, b in ipairs(buckets) do refill_s = math.max(refill_s, seconds_until(b, amounts, now)) end
 local position, depth = 1, 0
 for _, z in ipairs(zkeys) do
   position = position + redis.call('ZCOUNT', z, '-inf', '(' .. ticket)

@@ -128,17 +128,34 @@ local function fits(b, amounts)
   return not b.mc or b.n < b.mc
 end
 
--- Seconds of refill until `demand` fits on the rate dimensions (0: it fits now).
-local function seconds_until(b, demand)
+-- Seconds from `now` until `demand` fits on the rate dimensions (0: it fits now), counting
+-- a refill held back by the allowance (see take).
+local function seconds_until(b, demand, now)
   local worst = 0
+  local held = math.max(0, b.t - now)
   for d = 1, 3 do
     local cap = b.cap[d]
     if cap then
       local deficit = demand[d] - b.lv[d]
-      if deficit > EPS then worst = math.max(worst, deficit * 60 / cap) end
+      if deficit > EPS then worst = math.max(worst, held + deficit * 60 / cap) end
     end
   end
   return worst
+end
+
+-- Take `amounts`. The provider starts refilling when a request reaches it, a little after
+-- the grant: taken from a full dimension, the bucket refills again only `allowance` seconds
+-- after `now` (its refill clock t moves forward), as the local ledger does.
+local function take(b, amounts, now, allowance)
+  local from_full = false
+  for d = 1, 3 do
+    if b.cap[d] then
+      from_full = from_full or (amounts[d] > 0 and b.lv[d] >= b.cap[d])
+      b.lv[d] = b.lv[d] - amounts[d]
+    end
+  end
+  if from_full and allowance > 0 then b.t = math.max(b.t, now + allowance) end
+  b.n = b.n + 1
 end
 
 -- Give back (positive) or charge as debt (negative). A refund never fills past capacity;
