@@ -45,6 +45,17 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
+_TRANSPORT = ("AsyncLimitedTransport", "LimitedTransport", "limited_http_client")
+
+
+def __getattr__(name: str) -> object:
+    """The drop-in transport needs httpx (the anthropic extra): imported on first use."""
+    if name in _TRANSPORT:
+        from . import transport
+        return getattr(transport, name)
+    raise AttributeError(f"module 'limiterd_client' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__", "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallEvent",
     "CallResult", "Counters",
