@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
@@ -56,6 +57,22 @@ def iterate_sync(agen: AsyncIterator[T]) -> Iterator[T]:
         aclose = getattr(agen, "aclose", None)
         if aclose is not None:
             run_sync(aclose())
+
+
+async def maybe_await(value: Any) -> Any:
+    """Await what an async API returns; take what a sync API returns as it is. This lets
+    one piece of code drive both (the sync faces run it without an event loop)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def each(items: Any) -> AsyncIterator[Any]:
+    """Iterate an async or a sync iterable with `async for`."""
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 class RpcStream(Protocol):

@@ -7,14 +7,13 @@ attempt is reserved and reported, so retries are never multiplied.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from ._runtime import run_sync
+from ._runtime import each, maybe_await, run_sync
 from .errors import (
     ProviderError,
     ProviderMeta,
@@ -157,21 +156,6 @@ class _Usage:
                      max(seen.output_tokens, math.ceil(len(self.text) / CHARS_PER_TOKEN)))
 
 
-async def _maybe(value: Any) -> Any:
-    """Await what the async SDK returns; take what the sync SDK returns as it is. This lets
-    one piece of code drive both clients (the sync one runs without an event loop)."""
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _each(items: Any) -> AsyncIterator[Any]:
-    if hasattr(items, "__aiter__"):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
-
-
 @contextlib.contextmanager
 def _provider_errors(usage: _Usage | None = None) -> Iterator[None]:
     """SDK and transport exceptions become ProviderError (with the usage so far, mid-stream):
@@ -204,12 +188,12 @@ class _Handle:
 
     async def texts(self) -> AsyncIterator[str]:
         with _provider_errors(self._usage):
-            async for text in _each(self._stream.text_stream):
+            async for text in each(self._stream.text_stream):
                 self._usage.text += text
                 yield text
 
     async def final(self) -> Message:
-        msg = await _maybe(self._stream.get_final_message())
+        msg = await maybe_await(self._stream.get_final_message())
         self._usage.complete = True
         return cast("Message", msg)
 
@@ -251,14 +235,14 @@ class _Adapter:
 
     async def _attempt(self, p: Params, r: Any) -> StreamHandle[Message]:
         with _provider_errors():
-            raw = await _maybe(self.client.messages.with_raw_response.create(**p))
-            msg = await _maybe(raw.parse())
+            raw = await maybe_await(self.client.messages.with_raw_response.create(**p))
+            msg = await maybe_await(raw.parse())
         return Done(Attempt(msg, usage_of(msg.usage), _meta(raw)))
 
     async def _open_stream(self, p: Params, r: Any) -> StreamHandle[Message]:
         manager = self.client.messages.stream(**p)
         with _provider_errors():
-            stream = await _maybe(manager.__aenter__() if hasattr(manager, "__aenter__")
+            stream = await maybe_await(manager.__aenter__() if hasattr(manager, "__aenter__")
                                   else manager.__enter__())
         return _Handle(manager, stream, r.input_tokens)
 

@@ -14,14 +14,13 @@ policy are the adapters' (AsyncAnthropicAdapter); see the README for when to pic
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ._runtime import run_sync
+from ._runtime import each, iterate_sync, maybe_await, run_sync
 from .errors import (
     LimiterBusy,
     LimiterRejected,
@@ -51,10 +50,6 @@ def _httpx() -> Any:
             continue
     raise ImportError("the drop-in transport needs httpx: pip install "
                       "'limiterd-client[anthropic]'")
-
-
-async def _maybe(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def _metered(request: Any) -> bool:
@@ -95,7 +90,7 @@ class _Meter:
 
     async def handle(self, request: Any, send: Callable[[Any], Any]) -> Any:
         if not _metered(request):
-            return await _maybe(send(request))
+            return await maybe_await(send(request))
         body = json.loads(request.content or b"{}")
         limiter: Any = self.limiter
         r: ReservationCore = limiter.reserve(
@@ -114,7 +109,7 @@ class _Meter:
                                    {"x-should-retry": "false"}, request)
         r.mark_called()
         try:
-            response = await _maybe(send(request))
+            response = await maybe_await(send(request))
         except Exception as e:
             httpx = _httpx()
             never_sent = isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)
@@ -130,8 +125,8 @@ class _Meter:
             return _httpx().Response(response.status_code, headers=response.headers,
                                      stream=tap, request=request,
                                      extensions=response.extensions)
-        raw = b"".join([chunk async for chunk in _chunks(response.stream)])
-        await _maybe(response.stream.aclose() if hasattr(response.stream, "aclose")
+        raw = b"".join([chunk async for chunk in each(response.stream)])
+        await maybe_await(response.stream.aclose() if hasattr(response.stream, "aclose")
                      else response.stream.close())
         again = _httpx().Response(response.status_code, headers=response.headers,
                                   content=raw, request=request,
@@ -155,15 +150,6 @@ def _classify(status: int, headers: Any, content: bytes) -> ProviderError:
                          request_id=headers.get("request-id"), now=time.time())
 
 
-async def _chunks(stream: Any) -> AsyncIterator[bytes]:
-    if hasattr(stream, "__aiter__"):
-        async for chunk in stream:
-            yield chunk
-    else:
-        for chunk in stream:
-            yield chunk
-
-
 def _base(cls_name: str) -> Any:
     return getattr(_httpx(), cls_name)
 
@@ -179,7 +165,7 @@ class _TapStream(_base("AsyncByteStream"), _base("SyncByteStream")):  # type: ig
 
     async def _each(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in _chunks(self._inner):
+            async for chunk in each(self._inner):
                 self._tap.feed(chunk)
                 yield chunk
         except Exception as e:
@@ -212,7 +198,6 @@ class _TapStream(_base("AsyncByteStream"), _base("SyncByteStream")):  # type: ig
         return self._each()
 
     def __iter__(self) -> Iterator[bytes]:
-        from ._runtime import iterate_sync
         return iterate_sync(self._each())
 
     async def aclose(self) -> None:
