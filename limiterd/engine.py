@@ -218,6 +218,8 @@ class Engine:
                 await self._report_status(w, fut, on_status)
             return await fut
         except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # ended (shutdown, a newer Acquire) as the caller left: heard
             if self._waiting.get(w) is fut:
                 del self._waiting[w]
                 grace = self.ledger.config.settings.reattach_grace_s

@@ -5,6 +5,7 @@ Every test runs over each journal (in memory, and SQLite on a real file)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -165,3 +166,24 @@ async def test_stopping_ends_waits_now_and_refuses_new_ones(
     assert engine.stats().waiting == 0
     clock.advance(60)  # refilled: a grant that needs no wait still goes through
     assert isinstance(await engine.acquire(req(100), 60), Granted)
+
+
+async def test_a_wait_ended_as_its_stream_goes_away_logs_no_error(
+    engine_clock: tuple[Engine, FakeClock], caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine, _clock = engine_clock
+    assert isinstance(await engine.acquire(req(1000), 0), Granted)
+
+    async def stuck(_status: object) -> None:  # a stream whose client stopped reading
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(engine.acquire(req(100), 60, on_status=stuck))
+    await settle(engine)
+    assert engine.end_waits(1.0) == 1
+    task.cancel()  # the server cancels the stream as it stops
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    del task
+    gc.collect()
+    await settle(engine)
+    assert "never retrieved" not in caplog.text
