@@ -54,7 +54,10 @@ export class FakeProvider {
     for await (const chunk of req) raw += chunk;
     const body = raw ? JSON.parse(raw) as Record<string, unknown> : {};
     this.seen.push({ path: req.url ?? "", headers: req.headers, body });
-    const script = this.scripts.shift() ?? this.fallback;
+    let script = this.scripts.shift() ?? this.fallback;
+    if (script.kind === "json" && body["stream"] === true) { // a streamed request gets the same answer as SSE
+      script = { kind: "sse", texts: [script.text ?? "streamed"], input: script.input, output: script.output };
+    }
     const model = String(body["model"] ?? "claude-test");
     const id = `msg_${this.seen.length}`;
     const common = { "request-id": `req_${this.seen.length}`, ...RATE_LIMIT_HEADERS };

@@ -205,6 +205,27 @@ describe("limitedFetch", () => {
     assert.equal(open.counters.failOpen, 1);
     await open.close();
   });
+
+  test("40 concurrent calls, half of them streams: every reservation settled, usage exact", async () => {
+    const { sdk, scope } = client();
+    provider.fallback = { kind: "json", output: 5 };
+    const calls = Array.from({ length: 40 }, async (_, i) => {
+      if (i % 2 === 0) return (await sdk.messages.create({ model: "claude-big", ...ask })).usage.output_tokens;
+      const stream = sdk.messages.stream({ model: "claude-big", ...ask });
+      return (await stream.finalMessage()).usage.output_tokens;
+    });
+    try {
+      const outputs = await Promise.all(calls);
+      assert.deepEqual(outputs, Array(40).fill(5));
+    } finally {
+      provider.fallback = { kind: "json" };
+    }
+    await waitFor(async () => (await openLeases(d, scope)) === 0);
+    // Charged what was used (40 x 5), not what was reserved (40 x 300).
+    const out = (await d.admin.getBuckets({ scope, model: "claude-big" })).buckets[0]!
+      .dimensions.find((x) => x.name === "output_tokens")!;
+    assert.ok(out.level >= 100_000 - 40 * 5 - 1, `level ${out.level}`);
+  });
 });
 
 function findCause<T>(err: unknown, type: new (...a: never[]) => T): T | null {
