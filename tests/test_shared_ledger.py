@@ -18,7 +18,7 @@ import pytest
 from limiterd.clock import SystemClock
 from limiterd.config.loader import ConfigError, check_config, parse_config
 from limiterd.config.model import Config, Settings
-from limiterd.engine import PersistenceFailing
+from limiterd.engine import PersistenceFailing, WaitStatus
 from limiterd.ledger.errors import AlreadySettled, InvalidRequest
 from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, Amounts, Outcome, State
@@ -415,3 +415,24 @@ async def test_a_burst_from_full_holds_refill_for_the_allowance(redis_url: str) 
         waiter = await granted(a, req("fast", inp=100, out=0), 5.0)  # 0.1 s of refill
         waited = waiter.reservation.granted_at - burst.reservation.granted_at
         assert waited >= 0.5 + 0.1 - 0.005, f"granted {waited:.3f} s after the burst"
+
+
+async def test_stream_position_and_estimate_count_waiters_on_every_sidecar(
+    redis_url: str,
+) -> None:
+    config = parse_config(FAST, "<fast>")
+    async with sidecar(redis_url, config) as a, sidecar(redis_url, config) as b:
+        await granted(a, req("fast", inp=60_000, out=0))
+        older = asyncio.ensure_future(a.acquire(req("fast", inp=30_000, out=0), 3.0))
+        await until(lambda: _queued(a, 1))
+        statuses: list[WaitStatus] = []
+
+        async def heard(status: WaitStatus) -> None:
+            statuses.append(status)
+
+        younger = await b.acquire(req("fast", inp=100, out=0), 1.0, heard)
+        assert isinstance(younger, Rejected)  # never passed the older caller on A
+        assert isinstance(await older, Rejected)
+        first = statuses[0]
+        assert (first.position, first.queue_depth) == (2, 2)  # behind A's caller
+        assert first.estimated_wait_s >= 30  # A's 30,000 tokens first, then its own 100
