@@ -20,11 +20,17 @@ $(STAMP): pyproject.toml client/pyproject.toml
 run: setup  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
 	$(VENV)/bin/limiterd serve $(ARGS)
 
-test: setup proto-check redis-server node-test  ## everything but the long crash loop
-	$(PY) -m pytest -m "not long" $(ARGS)
+test: setup proto-check redis-server node-test  ## all but the long crash loop; properties derandomized
+	LIMITERD_HYPOTHESIS=repeatable $(PY) -m pytest -m "not long" $(ARGS)
 
-test-long: setup redis-server  ## the long tests (crash loop of 50+ rounds)
-	$(PY) -m pytest -m long $(ARGS)
+# A new exploration seed each run, printed first; `make test-long SEED=n` re-runs one.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+test-long: setup redis-server  ## the 50-round crash loop; random property exploration
+	@echo "hypothesis seed $(SEED): re-run with make test-long SEED=$(SEED)"
+	LIMITERD_HYPOTHESIS=explore $(PY) -m pytest -m "long or hypothesis" \
+	  --hypothesis-seed=$(SEED) $(ARGS)
 
 # The shared-ledger tests start real redis-server processes: install Debian's when missing
 # (CI runs as root), or stop with one line saying what is needed.

@@ -1,12 +1,16 @@
-"""Shared fixtures: a real daemon in-process on an ephemeral port, and real channels to it."""
+"""Shared fixtures: a real daemon in-process on an ephemeral port, and real channels to it.
+Also the hypothesis profiles (client/tests has no property tests)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.internal.conjecture import engine as hypothesis_engine
 
 from limiterd.config.loader import parse_config
 from limiterd.config.model import Config
@@ -52,6 +56,17 @@ alias = "team-a"
 
 # The configured scope (alias "team-a"): a scope is a key's hash.
 TEAM_A = "7ea9a00123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+
+# `make test`: the same examples every run (derandomize), so its verdict never changes; a
+# failure prints the blob that reproduces it (@reproduce_failure). `make test-long`: random
+# exploration with ten times the examples, under a seed the Makefile prints.
+_COMMON = settings(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("repeatable", _COMMON, derandomize=True, max_examples=80)
+settings.register_profile("explore", _COMMON, derandomize=False, max_examples=800)
+settings.load_profile(os.environ.get("LIMITERD_HYPOTHESIS", "repeatable"))
+# Shrinking a long stateful failure once took five minutes (hypothesis' own cap): report the
+# smallest case found within a minute instead. The library leaves this constant to be patched.
+hypothesis_engine.MAX_SHRINKING_SECONDS = 60
 
 
 def make_test_config() -> Config:

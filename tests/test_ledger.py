@@ -337,9 +337,37 @@ def test_repeat_with_try_once_at_enqueue_time_is_never_granted_late() -> None:
     first = grant(led, req(600), T0)
     w = wait(led, req(300, rid="x"), T0, T0 + 60)
     again = led.acquire(req(300, rid="x"), T0, T0)  # the same caller retries: try once
-    assert again is w or isinstance(again, Rejected)
+    assert isinstance(again, Rejected) and w.result is again
     led.release(first.id, T0 + 5)  # the engine's timer for T0 has not fired yet
     assert not isinstance(w.result, Granted), "granted at T0+5, deadline was T0"
+
+
+def test_repeat_that_will_not_wait_ends_the_waiter_at_once() -> None:
+    """The case hypothesis found (test_ledger_properties): 'k1' waits up to 1.5 s; then in one
+    burst a try-once and 'k1' again with wait 0. The repeat moved the deadline to now and left
+    the waiter queued past it, for a timer to reject later. It is answered at once instead,
+    and the earlier caller hears the same answer through take_ended()."""
+    led = Ledger(config(), T0)
+    grant(led, req(600), T0)
+    w = wait(led, req(100, rid="k1"), T0, T0 + 1.5)
+    assert isinstance(led.acquire(req(50), T0, T0), Rejected)
+    again = led.acquire(req(100, rid="k1"), T0, T0)
+    assert isinstance(again, Rejected) and again.retry_after_s == pytest.approx(10)
+    assert w.result is again and led.take_ended() == [w]
+    assert led.waiting_count == 0
+    w2 = led.acquire(req(100, rid="k1"), T0, T0 + 60)  # the request_id is free again
+    assert isinstance(w2, Waiter) and w2 is not w
+
+
+def test_repeat_that_will_not_wait_is_granted_when_it_fits() -> None:
+    """The engine's timer is late: the waiter fits by now, so the try-once repeat gets it."""
+    led = Ledger(config(), T0)
+    grant(led, req(600), T0)
+    w = wait(led, req(100, rid="k1"), T0, T0 + 60)
+    again = led.acquire(req(100, rid="k1"), T0 + 10, T0 + 10)
+    assert isinstance(again, Granted) and not again.replayed and w.result is again
+    assert again.reservation.waited_s == pytest.approx(10)
+    assert led.take_ended() == [w] and led.waiting_count == 0
 
 # ---- try once ------------------------------------------------------------------------------------
 

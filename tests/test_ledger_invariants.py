@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -202,10 +201,6 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert w.seq in self.results
 
 
-LedgerMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 TestLedgerInvariants = LedgerMachine.TestCase
 
 

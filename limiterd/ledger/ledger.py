@@ -163,7 +163,8 @@ class Ledger:
         """Grant now, queue until `deadline`, or reject. Raises LedgerError for bad requests.
 
         A repeated request_id returns the original grant (Granted.replayed) or the same
-        Waiter, whose deadline becomes the new caller's: the engine moves the wait to it.
+        Waiter, whose deadline becomes the new caller's: the engine moves the wait to it. A
+        repeat that will not wait is answered at once, and the waiter ends with that answer.
         """
         rid_key = (req.scope, req.request_id) if req.request_id else None
         if rid_key is not None and (prior := self._by_request.get(rid_key)) is not None:
@@ -194,27 +195,40 @@ class Ledger:
         self._enqueue(w)
         if rid_key is not None:
             self._by_request[rid_key] = w
-        w.probing = deadline <= now
+        if deadline <= now:
+            result = self._try_now(w, now)
+            self._ended.remove(w)  # answered here, not through take_ended()
+            return result
         self._drain(buckets, now)
-        w.probing = False
         if isinstance(w.result, Granted):
             self._ended.remove(w)
             return w.result
-        if deadline <= now:  # try once: it did not fit, so it leaves at once
-            rejected = Rejected(self._estimate(w, keys, amounts, now))
-            self._end(w, rejected, now)
-            self._ended.remove(w)
-            return rejected
         return w
+
+    def _try_now(self, w: Waiter, now: float) -> Granted | Rejected:
+        """A waiter whose caller will not wait (deadline <= now): granted if it is first in
+        line and fits, else it leaves the queue at once, rejected."""
+        w.probing = True
+        self._drain([self._buckets[k] for k in w.queue], now)
+        w.probing = False
+        if w.result is None:
+            self._end(w, Rejected(self._estimate(w, w.queue, w.amounts, now)), now)
+        assert w.result is not None
+        return w.result
 
     def _repeat(
         self, prior: Reservation | Waiter, req: AcquireRequest, now: float, deadline: float
-    ) -> Granted | Waiter:
+    ) -> Granted | Waiter | Rejected:
         if isinstance(prior, Waiter):
             if prior.request != replace(req, lease_s=prior.request.lease_s):
                 raise InvalidRequest("request_id", "already used for a different request")
             prior.deadline = deadline
             heapq.heappush(self._deadlines, (deadline, prior.seq, prior))
+            if deadline <= now:
+                # The caller taking over will not wait: answer it now, like any try-once. The
+                # waiter stays in take_ended(), so an earlier caller still attached hears the
+                # same answer (a waiter is never left in a queue past its deadline).
+                return self._try_now(prior, now)
             return prior
         if not prior.same_request(req):
             raise InvalidRequest("request_id", "already used for a different request")
