@@ -125,6 +125,7 @@ async def test_orphans_expire_and_capacity_comes_back(tmp_path: Path) -> None:
         await engine.stop()
 
 
+@pytest.mark.logs_errors  # "persistence is failing" is the point
 async def test_failing_writes_refuse_grants_and_recover_without_restart(tmp_path: Path) -> None:
     clock = FakeClock()
     with tmpfs(tmp_path / "fs", "512k") as mnt:

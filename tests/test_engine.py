@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
 
 from limiterd.clock import FakeClock
-from limiterd.engine import Engine, ShuttingDown, Superseded
+from limiterd.engine import Engine, ShuttingDown, Superseded, WaitStatus
 from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, Outcome, State
 from limiterd.storage import Journal
@@ -129,6 +130,33 @@ async def test_retry_with_same_request_id_takes_over_the_wait(
     replay = await engine.acquire(req(100, request_id="r1"), 0)
     assert isinstance(replay, Granted) and replay.replayed
     assert replay.reservation.id == result.reservation.id
+
+
+async def test_superseded_caller_that_left_logs_no_error(
+    engine_clock: tuple[Engine, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A re-attach takes over while the first caller's stream is going away: the first never
+    hears Superseded. That must not log "Future exception was never retrieved"."""
+    engine, _ = engine_clock
+    await engine.acquire(req(1000), 0)
+    statuses: list[WaitStatus] = []
+
+    async def on_status(status: WaitStatus) -> None:  # a stream: AcquireStream
+        statuses.append(status)
+
+    first = asyncio.create_task(engine.acquire(req(100, request_id="r1"), 60, on_status))
+    await settle(engine)
+    assert len(statuses) == 1
+    second = asyncio.create_task(engine.acquire(req(100, request_id="r1"), 60, on_status))
+    await asyncio.sleep(0)  # the second takes over; the first is woken with Superseded...
+    first.cancel()  # ...but its stream broke: it is cancelled before it runs
+    await settle(engine)
+    assert first.cancelled() and not second.done()
+    second.cancel()
+    await settle(engine)
+    del first, second
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_rate_limit_pause_holds_waiters_until_it_ends(

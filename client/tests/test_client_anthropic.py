@@ -372,10 +372,9 @@ async def test_sync_adapter_create_fallback_and_stream(
                     Reply.ok("streamed sync"))
 
     def script() -> tuple[Any, str, Any]:
-        with SyncLimiter(daemon.target) as lim:
-            ad = AnthropicAdapter(anthropic.Anthropic(api_key="sk-test",
-                                                      base_url=provider.base_url), lim,
-                                  retry=policy(ft), fallback=FallbackPolicy(CHAIN))
+        with (SyncLimiter(daemon.target) as lim,
+              anthropic.Anthropic(api_key="sk-test", base_url=provider.base_url) as client):
+            ad = AnthropicAdapter(client, lim, retry=policy(ft), fallback=FallbackPolicy(CHAIN))
             created = ad.create(model=OPUS, **MSG)
             call = ad.stream(model=SONNET, **MSG)
             text = "".join(call)
