@@ -3,8 +3,10 @@ Also the hypothesis profiles (client/tests has no property tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,12 +14,14 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.internal.conjecture import engine as hypothesis_engine
 
+from limiterd.clock import FakeClock
 from limiterd.config.loader import parse_config
 from limiterd.config.model import Config
 from limiterd.server import RunningServer, running_server
 from limiterd.shared.settings import SharedLedger
 from limiterd.storage import Journal, MemoryJournal
 from limiterd.storage.sqlite import SqliteJournal
+from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.redis_server import redis_cluster, redis_server
 
@@ -131,3 +135,38 @@ def limiter(channel: grpc.aio.Channel) -> pb_grpc.LimiterStub:
 @pytest.fixture
 def admin(channel: grpc.aio.Channel) -> pb_grpc.AdminStub:
     return pb_grpc.AdminStub(channel)
+
+
+@dataclass(frozen=True)
+class Clocked:
+    """A real daemon over a real channel whose time only the test moves (FakeClock): refill,
+    deadlines and leases happen when the test steps them, however slow the machine is."""
+
+    server: RunningServer
+    clock: FakeClock
+    limiter: pb_grpc.LimiterStub
+    admin: pb_grpc.AdminStub
+
+    async def queue_depth(self, model: str = "tiny") -> int:
+        buckets = (await self.admin.GetBuckets(pb.GetBucketsRequest(model=model))).buckets
+        return buckets[0].queue_depth if buckets else 0
+
+
+@pytest.fixture
+async def clocked() -> AsyncIterator[Clocked]:
+    clock = FakeClock()
+    async with running_server(config=make_test_config(), clock=clock) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            yield Clocked(srv, clock, pb_grpc.LimiterStub(ch), pb_grpc.AdminStub(ch))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str,
+                     timeout_s: float = 10.0) -> None:
+    """Wait until `check()` holds: for the daemon to have seen a call or a cancellation.
+    Never a fixed sleep; the bound only turns a hang into a failure that says what."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout_s} s: {what}") from None

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from limiterd.server import RunningServer
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.conftest import BACKENDS, TEAM_A
+from tests.conftest import BACKENDS, TEAM_A, eventually
 
 Code = grpc.StatusCode
 # One suite, both ledgers: every test here runs against the local one and the shared one.
@@ -32,15 +32,25 @@ async def open_leases(admin: pb_grpc.AdminStub) -> list[pb.Lease]:
     return list((await admin.ListLeases(pb.ListLeasesRequest())).leases)
 
 
+async def queue_depth(admin: pb_grpc.AdminStub) -> int:
+    return (await admin.GetBuckets(pb.GetBucketsRequest(model="tiny"))).buckets[0].queue_depth
+
+
+# These tests run on the real clock (the shared ledger refills on Redis' clock): they wait for
+# the daemon to reach a state, and bound what refill can add by the time they measured.
+TINY_PER_S = 1000 / 60  # "tiny" tokens refilled per second
+
+
 async def test_full_cycle_acquire_report(
     limiter: pb_grpc.LimiterStub, admin: pb_grpc.AdminStub
 ) -> None:
-    before = time.time() * 1000
+    before = time.time()
     grant = await limiter.Acquire(acq(input_tokens=300, max_output_tokens=400))
     assert len(grant.reservation_id) == 32
     assert (grant.reserved_requests, grant.reserved_input_tokens,
             grant.reserved_output_tokens) == (1, 300, 400)
-    assert grant.lease_expires_at_ms >= before + 60_000 - 5  # the configured default lease
+    # The configured default lease.
+    assert grant.lease_expires_at_ms >= before * 1000 + 60_000 - 5
     assert [lease.reservation_id for lease in await open_leases(admin)] == [grant.reservation_id]
 
     report = await limiter.Report(pb.ReportRequest(
@@ -52,10 +62,11 @@ async def test_full_cycle_acquire_report(
     assert await open_leases(admin) == []
 
     buckets = (await admin.GetBuckets(pb.GetBucketsRequest(model="tiny"))).buckets
+    refill = (time.time() - before) * TINY_PER_S + 0.01
     dims = {d.name: d for d in buckets[0].dimensions}
-    # 300 - 50 refunded = 250 in; 400 + 50 overrun = 450 out (plus a few ms of refill).
-    assert 750 <= dims["input_tokens"].level < 760
-    assert 550 <= dims["output_tokens"].level < 560
+    # 300 - 50 refunded = 250 in; 400 + 50 overrun = 450 out, plus the refill meanwhile.
+    assert 750 <= dims["input_tokens"].level <= 750 + refill
+    assert 550 <= dims["output_tokens"].level <= 550 + refill
 
 
 async def test_race_never_grants_more_than_capacity(
@@ -76,32 +87,41 @@ async def test_race_never_grants_more_than_capacity(
     assert len({g.reservation_id for g in granted}) == len(granted)
 
 
-async def test_waiter_is_granted_when_capacity_returns(limiter: pb_grpc.LimiterStub) -> None:
+async def test_waiter_is_granted_when_capacity_returns(
+    limiter: pb_grpc.LimiterStub, admin: pb_grpc.AdminStub
+) -> None:
     big = await limiter.Acquire(acq(input_tokens=1000, max_output_tokens=0))
-    waiting = asyncio.ensure_future(
-        limiter.Acquire(acq(input_tokens=500, max_output_tokens=0, max_wait_ms=5000))
+    started = time.monotonic()
+    waiting = asyncio.ensure_future(  # 500 tokens refill in 30 s: only the release grants it
+        limiter.Acquire(acq(input_tokens=500, max_output_tokens=0, max_wait_ms=20_000))
     )
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
+    await eventually(lambda: has_depth(admin, 1), "the second Acquire waits")
     await limiter.Release(pb.ReleaseRequest(reservation_id=big.reservation_id))
-    grant = await asyncio.wait_for(waiting, 2)
-    assert grant.reserved_input_tokens == 500 and grant.waited_ms >= 40
+    grant = await asyncio.wait_for(waiting, 10)
+    assert grant.reserved_input_tokens == 500
+    assert 0 < grant.waited_ms <= (time.monotonic() - started) * 1000 + 1
 
 
 async def test_try_once_fails_with_retry_after(limiter: pb_grpc.LimiterStub) -> None:
     await limiter.Acquire(acq(input_tokens=1000, max_output_tokens=0))
+    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await limiter.Acquire(acq(input_tokens=600, max_output_tokens=0))
+    elapsed_ms = (time.monotonic() - started) * 1000
     e = err.value
     assert e.code() == Code.RESOURCE_EXHAUSTED
     trailing = dict(e.trailing_metadata() or ())
     retry_ms = int(trailing["retry-after-ms"])
-    # 600 tokens at 1000/min refill: 36 s.
-    assert 35_000 <= retry_ms <= 36_100
+    # 600 tokens at 1000/min refill: 36 s, less what refilled since the first grant.
+    assert 36_000 - elapsed_ms - 100 <= retry_ms <= 36_100
     status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
     info = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(info)
     assert info.retry_delay.seconds * 1000 + info.retry_delay.nanos // 10**6 == retry_ms
+
+
+async def has_depth(admin: pb_grpc.AdminStub, n: int) -> bool:
+    return await queue_depth(admin) == n
 
 
 async def test_grant_never_after_max_wait(
@@ -127,27 +147,18 @@ async def test_grant_never_after_grpc_deadline(
             acq(input_tokens=100, max_output_tokens=0, max_wait_ms=30_000), timeout=0.3
         )
     assert err.value.code() in (Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: has_depth(admin, 0), "the timed-out Acquire left the queue")
     assert len(await open_leases(admin)) == 1
-    depth = (await admin.GetBuckets(pb.GetBucketsRequest(model="tiny"))).buckets[0].queue_depth
-    assert depth == 0
 
 
 async def test_cancelled_call_leaves_the_queue(
     limiter: pb_grpc.LimiterStub, admin: pb_grpc.AdminStub
 ) -> None:
     await limiter.Acquire(acq(input_tokens=1000, max_output_tokens=0))
-    call = limiter.Acquire(acq(input_tokens=100, max_output_tokens=0, max_wait_ms=30_000))
-    await asyncio.sleep(0.1)
-    depth = (await admin.GetBuckets(pb.GetBucketsRequest(model="tiny"))).buckets[0].queue_depth
-    assert depth == 1
+    call = limiter.Acquire(acq(input_tokens=500, max_output_tokens=0, max_wait_ms=30_000))
+    await eventually(lambda: has_depth(admin, 1), "the Acquire waits")
     call.cancel()
-    for _ in range(50):
-        await asyncio.sleep(0.02)
-        buckets = (await admin.GetBuckets(pb.GetBucketsRequest(model="tiny"))).buckets
-        if buckets[0].queue_depth == 0:
-            break
-    assert buckets[0].queue_depth == 0
+    await eventually(lambda: has_depth(admin, 0), "the cancelled Acquire left the queue")
     assert len(await open_leases(admin)) == 1
 
 

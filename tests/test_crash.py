@@ -91,7 +91,12 @@ async def load_then_kill(proc: subprocess.Popen[str], target: str, acked: Acked,
     stop = asyncio.Event()
     workers = [asyncio.create_task(client(target, acked, stop, random.Random(rng.random())))
                for _ in range(4)]
-    await asyncio.sleep(rng.uniform(0.2, 1.0))
+    # Kill after a random amount of work, not of wall time: a loaded machine does less per
+    # second, and the round must still prove something.
+    enough = len(acked.grants) + rng.randint(8, 40)
+    async with asyncio.timeout(60):
+        while len(acked.grants) < enough:
+            await asyncio.sleep(0.005)
     proc.send_signal(signal.SIGKILL)  # a real crash, mid-load
     stop.set()
     await asyncio.gather(*workers)
@@ -173,9 +178,8 @@ async def crash_loop(tmp_path: Path, rounds: int, seed: int) -> Acked:
 
 
 async def test_crash_loop_short(tmp_path: Path) -> None:
-    seed = int(os.environ.get("CRASH_SEED", "0")) or random.randrange(1 << 30)
-    acked = await crash_loop(tmp_path, rounds=4, seed=seed)
-    assert len(acked.grants) > 20, "the load did too little to prove anything"
+    # One seed in make test, so its verdict does not change; the long loop explores.
+    acked = await crash_loop(tmp_path, rounds=4, seed=int(os.environ.get("CRASH_SEED", "1")))
     assert acked.settled
 
 
@@ -183,4 +187,4 @@ async def test_crash_loop_short(tmp_path: Path) -> None:
 async def test_crash_loop_long(tmp_path: Path) -> None:
     seed = int(os.environ.get("CRASH_SEED", "0")) or random.randrange(1 << 30)
     acked = await crash_loop(tmp_path, rounds=50, seed=seed)
-    assert len(acked.grants) > 500
+    assert acked.settled

@@ -16,8 +16,7 @@ from limiterd.ledger.ledger import Granted, Rejected
 from limiterd.ledger.model import AcquireRequest, BucketKey, Outcome
 from limiterd.storage.memory import MemoryJournal
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.conftest import make_test_config
+from tests.conftest import Clocked, make_test_config
 
 
 def config(**settings: object) -> Config:
@@ -65,8 +64,8 @@ async def test_stream_sends_queued_keepalives_then_one_grant(engine: Engine) -> 
     await settle()
     result = task.result()
     assert isinstance(result, Granted) and not result.replayed
-    assert len(events.statuses) in (2, 3)  # no status after the grant
-    assert all(s.waited_s <= 12.01 for s in events.statuses)
+    # At once, then the keepalive at 5 s; none after the grant.
+    assert [s.waited_s for s in events.statuses] == [0.0, 5.0]
 
 
 async def test_estimates_match_real_waits_within_100ms(engine: Engine) -> None:
@@ -244,17 +243,21 @@ async def test_overloads_outside_the_window_do_not_mark(engine: Engine) -> None:
     assert engine.ledger.overloaded_until("claude-*", clock.now()) == 0
 
 
-async def test_acquire_stream_over_a_real_channel(
-    limiter: pb_grpc.LimiterStub, admin: pb_grpc.AdminStub
-) -> None:
+async def test_acquire_stream_over_a_real_channel(clocked: Clocked) -> None:
+    limiter = clocked.limiter
     await limiter.Acquire(pb.AcquireRequest(scope="s", model="tiny", input_tokens=1000))
     call = limiter.AcquireStream(pb.AcquireRequest(
         scope="s", model="tiny", input_tokens=5, max_wait_ms=5000, request_id="st-1"))
-    events = [e async for e in call]
+    stream = aiter(call)
+    first = await anext(stream)
+    assert first.WhichOneof("event") == "queued"
+    assert (first.queued.position, first.queued.estimated_wait_ms) == (1, 300)  # 5 at 1000/min
+    clocked.clock.advance(0.3)
+    events = [first] + [e async for e in stream]
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[0] == "queued" and kinds[-1] == "granted" and kinds.count("granted") == 1
-    assert events[0].queued.position == 1 and 0 < events[0].queued.estimated_wait_ms <= 300
+    assert kinds == ["queued", "granted"]
     assert events[-1].granted.reserved_input_tokens == 5
+    assert events[-1].granted.waited_ms == 300
     # Re-attaching after the grant returns the same grant, not a second one.
     again = [e async for e in limiter.AcquireStream(pb.AcquireRequest(
         scope="s", model="tiny", input_tokens=5, max_wait_ms=5000, request_id="st-1"))]
@@ -263,13 +266,16 @@ async def test_acquire_stream_over_a_real_channel(
     assert again[0].granted.replayed
 
 
-async def test_acquire_stream_failure_is_a_status(limiter: pb_grpc.LimiterStub) -> None:
+async def test_acquire_stream_failure_is_a_status(clocked: Clocked) -> None:
+    limiter = clocked.limiter
     await limiter.Acquire(pb.AcquireRequest(scope="s", model="tiny", input_tokens=1000))
     call = limiter.AcquireStream(pb.AcquireRequest(
         scope="s", model="tiny", input_tokens=500, max_wait_ms=200))
-    seen = []
+    stream = aiter(call)
+    seen = [(await anext(stream)).WhichOneof("event")]
+    clocked.clock.advance(0.2)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for e in call:
+        async for e in stream:
             seen.append(e.WhichOneof("event"))
     assert seen == ["queued"]
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -32,15 +32,22 @@ class ManualSleep:
     def __init__(self) -> None:
         self.asked: list[float] = []
         self._gate: asyncio.Queue[None] = asyncio.Queue()
+        self._sleeping = asyncio.Event()
 
     async def __call__(self, seconds: float) -> None:
         self.asked.append(seconds)
+        self._sleeping.set()
         await self._gate.get()
 
+    async def asleep(self) -> None:
+        """Until the sleeper sleeps (again): whatever it did after the last tick is done."""
+        await asyncio.wait_for(self._sleeping.wait(), 10)
+
     async def tick(self) -> None:
+        await self.asleep()
+        self._sleeping.clear()
         self._gate.put_nowait(None)
-        for _ in range(50):  # let the woken task run its RPC
-            await asyncio.sleep(0.01)
+        await self.asleep()  # the woken keepalive made its RPC and sleeps again
 
 
 def dead_target() -> str:
@@ -123,20 +130,24 @@ async def test_double_settle_is_refused(daemon: Daemon) -> None:
                 await r.report(1, 1)
 
 
-async def test_keepalive_extends_the_lease_before_it_ends(daemon: Daemon) -> None:
-    sleep = ManualSleep()
-    async with Limiter(daemon.target, sleep=sleep, lease_ms=2000) as lim:
-        async with lim.reserve("s1", "tiny", input_tokens=1, max_output_tokens=1) as r:
-            first_expiry = r.lease_expires_at_ms
-            await asyncio.sleep(0.01)
-            assert sleep.asked == [1.0]  # half the lease
-            await asyncio.sleep(0.05)  # a real moment so the extension is visible in ms
-            await sleep.tick()
-            assert r.keepalives == 1 and r.lease_expires_at_ms > first_expiry
-            [lease] = await daemon.open_leases()
-            assert lease.lease_expires_at_ms == r.lease_expires_at_ms
-            r.mark_called()
-            await r.report(1, 1)
+async def test_keepalive_extends_the_lease_before_it_ends() -> None:
+    clock = FakeClock()
+    config = parse_config(CLIENT_TEST_CONFIG, "<client tests>")
+    async with running_server(config=config, clock=clock) as srv, \
+            grpc.aio.insecure_channel(srv.target) as ch:
+        daemon, sleep = Daemon(srv, ch), ManualSleep()
+        async with Limiter(daemon.target, sleep=sleep, lease_ms=2000) as lim:
+            async with lim.reserve("s1", "tiny", input_tokens=1, max_output_tokens=1) as r:
+                first_expiry = r.lease_expires_at_ms
+                await sleep.asleep()
+                assert sleep.asked == [1.0]  # half the lease
+                clock.advance(1.0)
+                await sleep.tick()
+                assert r.keepalives == 1 and r.lease_expires_at_ms == first_expiry + 1000
+                [lease] = await daemon.open_leases()
+                assert lease.lease_expires_at_ms == r.lease_expires_at_ms
+                r.mark_called()
+                await r.report(1, 1)
 
 
 async def test_busy_daemon_answers_resource_exhausted_with_retry_after(daemon: Daemon) -> None:
@@ -222,8 +233,7 @@ async def test_keepalive_keeps_a_long_call_past_its_first_lease(keepalive: bool)
                 if keepalive:
                     await sleep.tick()  # half the lease: KeepAlive -> expires at 1.6 s
                     assert sleep.asked[0] == 0.5 and r.keepalives == 1
-                clock.advance(0.6)  # 1.2 s: past the first lease
-                await asyncio.sleep(0.05)
+                clock.advance(0.6)  # 1.2 s: past the first lease (expiry runs in advance())
                 held = srv.engine.ledger.get(rid)
                 assert held is not None
                 if keepalive:

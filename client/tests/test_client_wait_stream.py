@@ -28,6 +28,7 @@ from limiterd_client import (
     run_call,
 )
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
+from tests.conftest import eventually
 
 # "tiny" refills 1000 input tokens a minute: a holder of all 1000 makes the next caller wait.
 
@@ -148,6 +149,10 @@ async def test_broken_stream_reattaches_and_keeps_its_place(daemon: Daemon) -> N
     assert by_request.count(ra.request_id) == 1 and len(by_request) == 3
 
 
+async def has_leases(daemon: Daemon, n: int) -> bool:
+    return len(await daemon.open_leases()) == n
+
+
 async def test_grant_made_while_detached_is_claimed_on_reattach(daemon: Daemon) -> None:
     """The stream is cut; while the client backs off, the holder releases and the daemon
     grants the detached waiter. The re-attach gets that same grant (replayed)."""
@@ -159,8 +164,7 @@ async def test_grant_made_while_detached_is_claimed_on_reattach(daemon: Daemon) 
             if holder.settled:  # a later sleep (the keepalive's): just wait
                 await asyncio.sleep(3600)
             await holder.release()
-            for _ in range(20):
-                await asyncio.sleep(0.01)  # let the daemon grant the waiter it keeps
+            await eventually(lambda: has_leases(daemon, 1), "the daemon grants the waiter")
 
         cutting = Limiter(channel=ch, sleep=backoff)
         async with cutting.reserve("s1", "tiny", input_tokens=500, max_output_tokens=0,
@@ -224,8 +228,7 @@ async def test_give_up_releases_a_grant_made_in_the_meantime(daemon: Daemon) -> 
 
         async def on_wait(u: WaitUpdate) -> None:
             await holder.release()
-            for _ in range(20):
-                await asyncio.sleep(0.01)
+            await eventually(lambda: has_leases(daemon, 1), "the daemon grants the waiter")
             raise LookupError("the browser went away")
 
         r = lim.reserve("s1", "tiny", input_tokens=500, max_output_tokens=0, max_wait=30,
