@@ -2,22 +2,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
 	node-deps node-test node-proto node-proto-check node-bench
 NODE_DIR := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
 
-setup: $(STAMP)
+setup: $(DEV_STAMP)  ## the venv with the test and lint tools
 
-$(STAMP): pyproject.toml client/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+# Running needs only the daemon's own dependencies; the tools come with the first test.
+$(RUN_STAMP): pyproject.toml client/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ./client -e .
+	touch $@
+
+$(DEV_STAMP): $(RUN_STAMP)
 	$(PY) -m pip install -q -e ./client -e ".[dev]"
-	touch $(STAMP)
+	touch $@
 
-run: setup  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
+run: $(RUN_STAMP)  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
 	$(VENV)/bin/limiterd serve $(ARGS)
 
 test: setup proto-check redis-server node-test  ## all but the long crash loop; properties derandomized
