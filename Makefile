@@ -2,37 +2,42 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RUN_STAMP := $(VENV)/.installed-run
-DEV_STAMP := $(VENV)/.installed-dev
+# One venv; each target installs only what it needs: running, testing, linting.
+RUN := $(VENV)/.installed-run
+TEST := $(VENV)/.installed-test
+LINT := $(VENV)/.installed-lint
+INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && $(PY) -m pip install -q -e ./client -e
 
 .PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
 	node-deps node-test node-proto node-proto-check node-bench
 NODE_DIR := clients/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
 
-setup: $(DEV_STAMP)  ## the venv with the test and lint tools
+setup: $(TEST) $(LINT)  ## the venv with everything a developer uses
 
-# Running needs only the daemon's own dependencies; the tools come with the first test.
-$(RUN_STAMP): pyproject.toml client/pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ./client -e .
+$(RUN): pyproject.toml client/pyproject.toml
+	$(INSTALL) .
 	touch $@
 
-$(DEV_STAMP): $(RUN_STAMP)
-	$(PY) -m pip install -q -e ./client -e ".[dev]"
-	touch $@
+$(TEST): pyproject.toml client/pyproject.toml
+	$(INSTALL) ".[test]"
+	touch $(RUN) $@
 
-run: $(RUN_STAMP)  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
+$(LINT): pyproject.toml client/pyproject.toml
+	$(INSTALL) ".[lint]"
+	touch $(RUN) $@
+
+run: $(RUN)  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
 	$(VENV)/bin/limiterd serve $(ARGS)
 
-test: setup proto-check redis-server node-test  ## all but the long crash loop; properties derandomized
+test: $(TEST) proto-check redis-server node-test  ## all but the long crash loop; properties derandomized
 	LIMITERD_HYPOTHESIS=repeatable $(PY) -m pytest -m "not long" $(ARGS)
 
 # A new exploration seed each run, printed first; `make test-long SEED=n` re-runs one.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
-test-long: setup redis-server  ## the 50-round crash loop; random property exploration
+test-long: $(TEST) redis-server  ## the 50-round crash loop; random property exploration
 	@echo "hypothesis seed $(SEED): re-run with make test-long SEED=$(SEED)"
 	LIMITERD_HYPOTHESIS=explore $(PY) -m pytest -m "long or hypothesis" \
 	  --hypothesis-seed=$(SEED) $(ARGS)
@@ -48,16 +53,16 @@ redis-server:
 	  echo "make test needs redis-server: 'apt-get install redis-server' failed (run as root or install it)"; \
 	  exit 1; }
 
-lint: setup
+lint: $(LINT)
 	$(PY) -m ruff check .
 
-typecheck: setup  ## mypy --strict on the daemon and the client
+typecheck: $(LINT)  ## mypy --strict on the daemon and the client
 	$(PY) -m mypy limiterd client/src/limiterd_client
 
-proto: setup node-proto  ## regenerate the stubs from proto/ (Python and TypeScript)
+proto: $(TEST) node-proto  ## regenerate the stubs from proto/ (Python and TypeScript)
 	$(PY) scripts/codegen.py
 
-proto-check: setup  ## fail when the committed stubs differ from what proto/ generates
+proto-check: $(TEST)  ## fail when the committed stubs differ from what proto/ generates
 	@tmp=$$(mktemp -d) && $(PY) scripts/codegen.py $$tmp && \
 	  diff -r -x __pycache__ $$tmp client/src/limiterd_client/proto > /dev/null || \
 	  { echo "stale stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
@@ -75,22 +80,22 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
-node-test: setup node-deps node-proto-check  ## the Node client's tests (node --test)
+node-test: $(TEST) node-deps node-proto-check  ## the Node client's tests (node --test)
 	cd $(NODE_DIR) && npm test --silent
 
-node-bench: setup node-deps  ## what the Node client adds to an SDK call (never part of make test)
+node-bench: $(TEST) node-deps  ## what the Node client adds to an SDK call (never part of make test)
 	cd $(NODE_DIR) && npm run bench --silent
 
-node-proto: setup node-deps  ## regenerate the TypeScript stubs
+node-proto: $(TEST) node-deps  ## regenerate the TypeScript stubs
 	cd $(NODE_DIR) && PYTHON=$(abspath $(PY)) node scripts/codegen.mjs
 
-node-proto-check: setup node-deps  ## fail when the committed TypeScript stubs are stale
+node-proto-check: $(TEST) node-deps  ## fail when the committed TypeScript stubs are stale
 	@tmp=$$(mktemp -d) && cd $(NODE_DIR) && PYTHON=$(abspath $(PY)) node scripts/codegen.mjs $$tmp && \
 	  diff -r $$tmp src/gen > /dev/null || \
 	  { echo "stale TypeScript stubs: run 'make proto' and commit the result"; rm -rf $$tmp; exit 1; }; \
 	  rm -rf $$tmp
 
-bench: setup  ## never part of `make test`; writes bench/out/results.md and goodput.png
+bench: $(RUN)  ## never part of `make test`; writes bench/out/results.md and goodput.png
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench $(ARGS)
 
