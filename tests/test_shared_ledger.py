@@ -199,6 +199,7 @@ async def test_deadline_is_honored_and_the_place_given_up(redis_url: str) -> Non
         assert isinstance(await a.acquire(req("fast", inp=1, out=0), 1.0), Granted)
 
 
+@pytest.mark.logs_errors  # "unreachable" is the point
 async def test_redis_unreachable_fails_closed_then_recovers(tmp_path: Path) -> None:
     with redis_server(tmp_path / "r", aof=True) as server:
         async with sidecar(server.url) as a:
@@ -343,6 +344,7 @@ async def _at_least(d: dict[str, str], n: int) -> bool:
     return len(d) >= n
 
 
+@pytest.mark.logs_errors  # "unreachable" is the point
 async def test_local_share_while_redis_is_away_then_back_with_nothing_lost(
     tmp_path: Path,
 ) -> None:
