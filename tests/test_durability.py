@@ -217,6 +217,7 @@ def settled_on_disk(db: Path, rid: str) -> bool:
     return row is not None and row[0] is not None
 
 
+@pytest.mark.logs_errors  # the write failure is the point
 async def test_a_report_whose_write_fails_is_unavailable_then_its_retry_is_kept(
     tmp_path: Path,
 ) -> None:
