@@ -8,14 +8,21 @@ are frozen views (limiterd.views); `refresh()` brings them up to date before an 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from limiterd.clock import Clock
 from limiterd.config.model import Config
 from limiterd.engine import StatusCallback
 from limiterd.ledger.ledger import Granted, Rejected
-from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, Reservation
+from limiterd.ledger.model import (
+    AcquireRequest,
+    BucketKey,
+    Change,
+    Outcome,
+    ProviderLimits,
+    Reservation,
+)
 from limiterd.views import BucketView, Stats
 
 
@@ -33,7 +40,7 @@ class Backend(Protocol):
                       on_status: StatusCallback | None = None) -> Granted | Rejected: ...
     async def report(self, reservation_id: str, actual_input: int, actual_output: int,
                      outcome: Outcome, retry_after_s: float,
-                     headers: Mapping[str, str] | None = None) -> tuple[Reservation, bool]: ...
+                     provider: ProviderLimits | None = None) -> tuple[Reservation, bool]: ...
     async def release(self, reservation_id: str) -> tuple[Reservation, bool]: ...
     async def keep_alive(self, reservation_id: str, lease_s: float | None) -> Reservation: ...
 

@@ -14,15 +14,22 @@ import asyncio
 import heapq
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from limiterd.clock import Clock, Timer
 from limiterd.config.model import Config
 from limiterd.ledger.buckets import RATE_DIMS
 from limiterd.ledger.errors import AlreadySettled, QueueFull
-from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Ledger, Rejected, Waiter
-from limiterd.ledger.model import AcquireRequest, BucketKey, Change, Outcome, Reservation
+from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Ledger, Rejected, Waiter, random_id
+from limiterd.ledger.model import (
+    AcquireRequest,
+    BucketKey,
+    Change,
+    Outcome,
+    ProviderLimits,
+    Reservation,
+)
 from limiterd.storage.base import Journal, StorageError
 from limiterd.streams import Streams
 from limiterd.views import BucketView, Stats, lease_order, resolve_scope
@@ -75,10 +82,11 @@ class Engine:
     (limiterd.views); `ledger`, `clock` and `journal` are the engine's own parts, public
     only so tests can look inside."""
 
-    def __init__(self, config: Config, journal: Journal, clock: Clock) -> None:
+    def __init__(self, config: Config, journal: Journal, clock: Clock,
+                 new_id: Callable[[], str] = random_id) -> None:
         self.clock = clock
         self.journal = journal
-        self.ledger = Ledger(config, clock.now())
+        self.ledger = Ledger(config, clock.now(), new_id)
         self._waiting: dict[Waiter, asyncio.Future[Granted | Rejected]] = {}
         self._timer: Timer | None = None
         self._timer_at = math.inf
@@ -300,11 +308,11 @@ class Engine:
         actual_output: int,
         outcome: Outcome,
         retry_after_s: float,
-        headers: Mapping[str, str] | None = None,
+        provider: ProviderLimits | None = None,
     ) -> tuple[Reservation, bool]:
-        """Settle with actual usage. `headers`: the provider's response headers, to correct
-        the ledger from. Raises PersistenceFailing when the settlement could not be made
-        durable (see `_durably`)."""
+        """Settle with actual usage. `provider`: what the provider said of the key's limits
+        (from its response headers), to correct the ledger from. Raises PersistenceFailing
+        when the settlement could not be made durable (see `_durably`)."""
         self._refuse_while_failing()
         now = self.clock.now()
         try:
@@ -315,8 +323,8 @@ class Engine:
             self._after()  # a refused Report may still have paused its budget: journal it
             await self._durably()
             raise
-        if headers and not replayed:
-            for note in self.ledger.sync_from_headers(r.buckets[0], headers, now):
+        if provider is not None and not replayed:
+            for note in self.ledger.sync_from_provider(r.buckets[0], provider, now):
                 log.info("provider sync: %s", note)
         self._after()
         await self._durably()

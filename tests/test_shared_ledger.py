@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from limiterd.api.provider_headers import provider_limits
 from limiterd.clock import SystemClock
 from limiterd.config.loader import ConfigError, check_config, parse_config
 from limiterd.config.model import Config, Settings
@@ -138,8 +139,8 @@ async def test_header_sync_lowers_and_never_raises(redis_url: str) -> None:
     async with sidecar(redis_url) as a:
         g = await granted(a, req(inp=100, out=100))
         await a.report(g.reservation.id, 100, 100, Outcome.OK, 0.0,
-                       {"anthropic-ratelimit-requests-remaining": "2",
-                        "anthropic-ratelimit-output-tokens-remaining": "999999"})
+                       provider_limits({"anthropic-ratelimit-requests-remaining": "2",
+                                        "anthropic-ratelimit-output-tokens-remaining": "999999"}))
         await a.refresh()
         [bucket] = a.buckets()
         levels = {d.name: d.level for d in bucket.dimensions}

@@ -9,6 +9,7 @@ from dataclasses import replace
 import grpc
 import pytest
 
+from limiterd.api.provider_headers import provider_limits
 from limiterd.clock import FakeClock
 from limiterd.config.model import Config
 from limiterd.engine import Engine, WaitStatus
@@ -171,28 +172,28 @@ async def test_rate_limit_headers_lower_a_bucket_beyond_rounding(engine: Engine)
 
     assert levels()[1] == 999_000
     # The provider rounds to thousands: 998,000 remaining is within tolerance.
-    await engine.report(g.reservation.id, 1000, 10, Outcome.OK, 0, {
+    await engine.report(g.reservation.id, 1000, 10, Outcome.OK, 0, provider_limits({
         "anthropic-ratelimit-input-tokens-remaining": "998000",
         "anthropic-ratelimit-input-tokens-limit": "1000000",
-    })
+    }))
     assert levels()[1] == 999_000
     g2 = await engine.acquire(AcquireRequest("s", "claude-x", "", 1000, 1000), 0)
     assert isinstance(g2, Granted)
     # Someone outside limiterd spends the key: the provider says much less remains.
-    await engine.report(g2.reservation.id, 1000, 10, Outcome.OK, 0, {
+    await engine.report(g2.reservation.id, 1000, 10, Outcome.OK, 0, provider_limits({
         "anthropic-ratelimit-input-tokens-remaining": "400000",
         "anthropic-ratelimit-output-tokens-remaining": "150000",
         "anthropic-ratelimit-requests-remaining": "garbage",
-    })
+    }))
     assert levels()[1] == 400_000
     assert levels()[2] == 150_000
     # Never raised from headers (learning is off): capacity stays as configured.
     g3 = await engine.acquire(AcquireRequest("s", "claude-x", "", 10, 10), 0)
     assert isinstance(g3, Granted)
-    await engine.report(g3.reservation.id, 10, 10, Outcome.OK, 0, {
+    await engine.report(g3.reservation.id, 10, 10, Outcome.OK, 0, provider_limits({
         "anthropic-ratelimit-input-tokens-limit": "5000000",
         "anthropic-ratelimit-input-tokens-remaining": "4990000",
-    })
+    }))
     b = next(b for b in engine.ledger.buckets(engine.clock.now()) if b.key == key)
     assert b.caps[1] == 1_000_000 and b.levels[1] < 1_000_000
 
@@ -203,9 +204,9 @@ async def test_learned_limits_raise_capacity_when_allowed() -> None:
     try:
         g = await engine.acquire(AcquireRequest("s", "claude-x", "", 10, 10), 0)
         assert isinstance(g, Granted)
-        await engine.report(g.reservation.id, 10, 10, Outcome.OK, 0, {
+        await engine.report(g.reservation.id, 10, 10, Outcome.OK, 0, provider_limits({
             "anthropic-ratelimit-input-tokens-limit": "5000000",
-        })
+        }))
         key = BucketKey("s", "claude-*")  # the budget claude-x draws on
         b = next(b for b in engine.ledger.buckets(engine.clock.now()) if b.key == key)
         assert b.caps[1] == 5_000_000

@@ -9,6 +9,7 @@ import grpc
 
 from limiterd.api import convert
 from limiterd.api.errors import RpcFailure, exhausted, to_failure
+from limiterd.api.provider_headers import provider_limits
 from limiterd.backend import Backend
 from limiterd.engine import StatusCallback, WaitStatus
 from limiterd.errorlog import ErrorEntry, ErrorLog
@@ -101,9 +102,10 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
     ) -> pb.ReportResponse:
         async def call() -> pb.ReportResponse:
             rid, actual_in, actual_out, outcome, retry_after_s = convert.report_request(request)
-            headers = request.provider.headers if request.HasField("provider") else None
+            told = (provider_limits(request.provider.headers)
+                    if request.HasField("provider") else None)
             r, replayed = await self.engine.report(
-                rid, actual_in, actual_out, outcome, retry_after_s, headers
+                rid, actual_in, actual_out, outcome, retry_after_s, told
             )
             if not replayed and request.outcome != pb.OK:
                 p = request.provider

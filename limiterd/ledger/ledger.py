@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from limiterd.config.model import Config, Limits
@@ -37,6 +37,7 @@ from limiterd.ledger.model import (
     LeaseExtended,
     Outcome,
     PauseSet,
+    ProviderLimits,
     Reservation,
     ReservationOpened,
     ReservationSettled,
@@ -45,6 +46,7 @@ from limiterd.ledger.model import (
     Snapshot,
     State,
 )
+from limiterd.ledger.overload import OverloadMarks
 
 QueueKey = tuple[BucketKey, ...]
 GLOB_CHARS = frozenset("*?[]")
@@ -88,9 +90,18 @@ class Waiter:
     probing: bool = False  # a try-once being evaluated right now: its deadline is `now`
 
 
+def random_id() -> str:
+    """A reservation id: 32 lowercase hex characters, unguessable (the API checks the form)."""
+    return os.urandom(16).hex()
+
+
 class Ledger:
-    def __init__(self, config: Config, now: float) -> None:
+    def __init__(
+        self, config: Config, now: float, new_id: Callable[[], str] = random_id
+    ) -> None:
+        """`new_id` makes reservation ids (injected, like time: tests may count instead)."""
         self._config = config
+        self._new_id = new_id
         self._buckets: dict[BucketKey, Bucket] = {}
         self._open: dict[str, Reservation] = {}
         self._settled: dict[str, Reservation] = {}
@@ -109,8 +120,7 @@ class Ledger:
         self._ended: list[Waiter] = []
         self._next_sweep = now + config.settings.idle_sweep_interval_s
         self._sweep_keys: list[BucketKey] = []
-        self._overload_events: dict[str, deque[float]] = {}
-        self._overloaded: dict[str, float] = {}
+        self._overloads = OverloadMarks()
         self._learned: dict[BucketKey, Limits] = {}  # capacities learned from the provider
         self._waiting = 0  # waiters on every queue
         # Buckets whose waiters' positions or estimates may have changed (a waiter left, a
@@ -273,7 +283,7 @@ class Ledger:
         if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
             self._pause(r.scope, r.buckets[0].budget, now + retry_after_s)
         elif outcome is Outcome.OVERLOADED:
-            self._note_overload(r.buckets[0].budget, now)
+            self._overloads.note(r.buckets[0].budget, now, self._config.settings)
         return self._settle(r, settlement, (0.0, float(d_in), float(d_out)), now), False
 
     def release(self, reservation_id: str, now: float) -> tuple[Reservation, bool]:
@@ -655,7 +665,7 @@ class Ledger:
             self._dirty.add(b.key)
         lease = req.lease_s if req.lease_s is not None else self._config.settings.default_lease_s
         r = Reservation(
-            id=os.urandom(16).hex(),
+            id=self._new_id(),
             scope=req.scope,
             model=req.model,
             user=req.user,
@@ -771,36 +781,17 @@ class Ledger:
 
     # ---- overload awareness and provider sync -------------------------------------------
 
-    def _note_overload(self, budget: str, now: float) -> None:
-        s = self._config.settings
-        events = self._overload_events.setdefault(budget, deque())
-        events.append(now)
-        while events and (events[0] <= now - s.overload_window_s
-                          or len(events) > s.overload_threshold):
-            events.popleft()
-        if len(events) >= s.overload_threshold:
-            until = now + s.overload_cooldown_s
-            if until > self._overloaded.get(budget, 0.0):
-                self._overloaded[budget] = until
-
     def overloaded_until(self, budget: str, now: float) -> float:
-        """When the overload mark on a model budget lifts (0.0: not marked). It lifts on its
-        own. Marks are per budget, not per scope: an overload is the provider's, not a key's."""
-        until = self._overloaded.get(budget)
-        if until is None:
-            return 0.0
-        if until <= now:
-            del self._overloaded[budget]
-            return 0.0
-        return until
+        """When the overload mark on a model budget lifts (0.0: not marked)."""
+        return self._overloads.until(budget, now)
 
     def overloaded_models(self, now: float) -> dict[str, float]:
-        return {m: u for m in list(self._overloaded) if (u := self.overloaded_until(m, now))}
+        return self._overloads.active(now)
 
-    def sync_from_headers(
-        self, key: BucketKey, headers: Mapping[str, str], now: float
+    def sync_from_provider(
+        self, key: BucketKey, told: ProviderLimits, now: float
     ) -> list[str]:
-        """Correct the scope x budget bucket `key` from the provider's rate-limit headers.
+        """Correct the scope x budget bucket `key` from what the provider said.
 
         Lowers a level when the provider says less remains than the ledger believes, by more
         than the provider's rounding (so repeated reports do not thrash). Never raises a level;
@@ -808,18 +799,14 @@ class Ledger:
         for the log.
         """
         b = self._buckets.get(key)
-        if b is None or not headers:
+        if b is None:
             return []
         b.refill(now)
         notes = []
         s = self._config.settings
-        for i, (name, tolerance) in enumerate(
-            (("requests", 1), ("input-tokens", s.sync_tolerance_tokens),
-             ("output-tokens", s.sync_tolerance_tokens))
-        ):
-            limit = _header_int(headers, f"anthropic-ratelimit-{name}-limit")
-            remaining = _header_int(headers, f"anthropic-ratelimit-{name}-remaining")
-            cap = b.caps[i]
+        for i, name in enumerate(RATE_DIMS):
+            tolerance = 1 if i == 0 else s.sync_tolerance_tokens
+            limit, remaining, cap = told.limits[i], told.remaining[i], b.caps[i]
             if cap is None:
                 continue
             if s.learn_limits and limit is not None and limit > cap:
@@ -959,14 +946,3 @@ def check_model_name(model: str) -> None:
         raise InvalidRequest(
             "model", f"{model!r} contains {bad!r}; model ids have no whitespace or * ? [ ]"
         )
-
-
-def _header_int(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        n = int(value.strip())
-    except ValueError:
-        return None
-    return n if n >= 0 else None

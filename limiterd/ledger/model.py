@@ -117,6 +117,15 @@ class BucketLevels:
     as_of: float
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    """What the provider said of a key's limits after a call, per rate dimension (requests,
+    input tokens, output tokens); None where it said nothing. Parsed at the API edge."""
+
+    limits: tuple[int | None, int | None, int | None]
+    remaining: tuple[int | None, int | None, int | None]
+
+
 # ---- Changes: everything the journal records. The ledger emits them; nothing else does.
 
 

@@ -50,12 +50,14 @@ from limiterd.ledger.model import (
     Change,
     Outcome,
     PauseSet,
+    ProviderLimits,
     Reservation,
     ReservationOpened,
     ReservationSettled,
     Settlement,
     State,
 )
+from limiterd.ledger.overload import OverloadMarks
 from limiterd.shared.batch import Batcher
 from limiterd.shared.fallback import Outbox, Pending, scaled, settle_locally
 from limiterd.shared.keys import Keys
@@ -125,33 +127,6 @@ class _Plan:
     user_limits: Limits | None
 
 
-class _OverloadMarks:
-    """The overload mark, kept per sidecar: it reflects what this sidecar's callers reported
-    (the same rule as the local ledger's)."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, float] = {}
-        self._events: dict[str, list[float]] = {}
-
-    def note(self, config: Config, model: str, now: float) -> None:
-        s = config.settings
-        events = [t for t in self._events.get(model, []) if t > now - s.overload_window_s]
-        events.append(now)
-        self._events[model] = events[-s.overload_threshold:]
-        if len(self._events[model]) >= s.overload_threshold:
-            self._until[model] = max(self._until.get(model, 0.0), now + s.overload_cooldown_s)
-
-    def until(self, model: str, now: float) -> float:
-        until = self._until.get(model, 0.0)
-        if until <= now:
-            self._until.pop(model, None)
-            return 0.0
-        return until
-
-    def models(self, now: float) -> dict[str, float]:
-        return {m: u for m in list(self._until) if (u := self.until(m, now))}
-
-
 def _connect(shared: SharedLedger) -> Redis | RedisCluster:
     """A client for a single Redis (or one behind a proxy or managed endpoint), or for a
     Cluster whose nodes are discovered from the one named (every script touches one slot)."""
@@ -174,7 +149,7 @@ class SharedEngine:
         self.clock = clock
         self.shared = shared
         self._config = config
-        self._marks = _OverloadMarks()
+        self._marks = OverloadMarks()
         self._mirror = _Mirror()
         self.keys = Keys(shared.key_prefix)
         # A pooled connection found dead (Redis restarted) is retried once on a new one:
@@ -270,11 +245,11 @@ class SharedEngine:
         m = self._mirror
         return Stats(len(m.leases), self._waiting, self._healthy,
                      sum(1 for v in m.buckets.values() if v.paused_until > now),
-                     tuple(sorted(self._marks.models(now).items())),
+                     tuple(sorted(self._marks.active(now).items())),
                      local_share=self.falling_back)
 
-    def overloaded_until(self, model: str) -> float:
-        return self._marks.until(model, self.clock.now())
+    def overloaded_until(self, budget: str) -> float:
+        return self._marks.until(budget, self.clock.now())
 
     def scopes(self, wanted: str) -> frozenset[str] | None:
         if not wanted:
@@ -368,14 +343,14 @@ class SharedEngine:
         actual_output: int,
         outcome: Outcome,
         retry_after_s: float,
-        headers: Mapping[str, str] | None = None,
+        provider: ProviderLimits | None = None,
     ) -> tuple[Reservation, bool]:
         if self._local is not None and self._local.ledger.get(reservation_id) is not None:
             return await self._local.report(reservation_id, actual_input, actual_output,
-                                            outcome, retry_after_s, headers)
+                                            outcome, retry_after_s, provider)
         try:
             return await self._report_shared(reservation_id, actual_input, actual_output,
-                                             outcome, retry_after_s, headers)
+                                             outcome, retry_after_s, provider)
         except PersistenceFailing:
             return self._keep("report", reservation_id,
                               (actual_input, actual_output, outcome.value, retry_after_s))
@@ -490,7 +465,7 @@ class SharedEngine:
                 if on_status is not None:
                     key = (position, round(eta_s))
                     if key != last_status or now - last_sent >= interval:
-                        overloaded = self._marks.until(req.model, now) > 0
+                        overloaded = self._marks.until(plan.budget, now) > 0
                         await on_status(WaitStatus(position, eta_s, depth, now - started,
                                                    overloaded))
                         last_status, last_sent = key, now
@@ -527,10 +502,10 @@ class SharedEngine:
         actual_output: int,
         outcome: Outcome,
         retry_after_s: float,
-        headers: Mapping[str, str] | None = None,
+        provider: ProviderLimits | None = None,
     ) -> tuple[Reservation, bool]:
-        remaining = [_header(headers, f"anthropic-ratelimit-{n}-remaining")
-                     for n in ("requests", "input-tokens", "output-tokens")]
+        remaining = ["" if provider is None or n is None else str(n)
+                     for n in (provider.remaining if provider else (None, None, None))]
         tolerance = self._config.settings.sync_tolerance_tokens
         r, replayed, reply = await self._settle(
             reservation_id, "report", actual_input, actual_output, outcome.value,
@@ -542,7 +517,7 @@ class SharedEngine:
                                         r.settlement.settled_at  # type: ignore[union-attr]
                                         + retry_after_s))
             elif outcome is Outcome.OVERLOADED:
-                self._marks.note(self._config, r.model, self.clock.now())
+                self._marks.note(r.buckets[0].budget, self.clock.now(), self._config.settings)
             self._emit(changes)
             if len(reply) > 22 and text(reply[22]):
                 log.info("provider sync: lowered %s for %s (dimension:was:now)",
@@ -856,16 +831,6 @@ class SharedEngine:
             listener(changes)
 
 
-def _header(headers: Mapping[str, str] | None, name: str) -> str:
-    if not headers:
-        return ""
-    value = headers.get(name)
-    if value is None:
-        return ""
-    value = value.strip()
-    return value if value.isdigit() else ""
-
-
 @dataclass(frozen=True, slots=True)
 class _Mirror:
     buckets: Mapping[BucketKey, BucketView] = field(default_factory=dict)
@@ -876,7 +841,7 @@ class _Mirror:
 MAX_TAGS_READ = 10_000
 
 
-async def _read_mirror(client: Redis, keys: Keys, marks: _OverloadMarks,
+async def _read_mirror(client: Redis, keys: Keys, marks: OverloadMarks,
                        local_now: float) -> _Mirror:
     """One read of the shared state: the buckets and open leases of every tag in the sweep
     index, levels brought forward to Redis' clock."""
