@@ -101,6 +101,8 @@ class ModelBucket:
         for i, cap in enumerate(self.caps):
             if cap is not None and amounts[i]:
                 self.levels[i] = min(float(cap), self.levels[i] + amounts[i])
+                if not take:  # a Report's debt goes no deeper than one capacity
+                    self.levels[i] = max(-float(cap), self.levels[i])
             if take or amounts[i] > 0:
                 self.granted[i] -= amounts[i]
 
