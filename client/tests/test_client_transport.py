@@ -17,7 +17,7 @@ from wire import Recorder
 from limiterd.ledger.model import Outcome
 from limiterd_client import Limiter, SyncLimiter, estimate_chars
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
-from limiterd_client.transport import limited_http_client
+from limiterd_client.transport import limited_http_client, wrap
 
 SONNET, SCARCE = "claude-sonnet-4-6", "claude-scarce-1"
 MSG: dict[str, Any] = {"max_tokens": 64, "messages": [{"role": "user", "content": "Hi there"}]}
@@ -144,3 +144,14 @@ async def test_the_sync_sdk_with_a_sync_limiter(daemon: Daemon, provider: FakePr
 
     assert await asyncio.to_thread(app) == ("sync", "streamed")
     assert outcomes(daemon) == [(SONNET, Outcome.OK), (SONNET, Outcome.OK)]
+
+
+async def test_wrap_meters_an_existing_client(daemon: Daemon, provider: FakeProvider,
+                                              rec_lim: Any) -> None:
+    rec, lim = rec_lim
+    async with anthropic.AsyncAnthropic(api_key="sk-test", base_url=provider.base_url) as raw:
+        async with wrap(raw, lim) as client:  # a copy: closing it closes its http client
+            await client.messages.create(model=SONNET, **MSG)
+        await raw.messages.create(model=SONNET, **MSG)  # the original stays unmetered
+    assert len(rec.of("Acquire")) == 1 and len(rec.of("Report")) == 1
+    assert provider.models_called() == [SONNET, SONNET]

@@ -45,7 +45,7 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-_TRANSPORT = ("AsyncLimitedTransport", "LimitedTransport", "limited_http_client")
+_TRANSPORT = ("AsyncLimitedTransport", "LimitedTransport", "limited_http_client", "wrap")
 
 
 def __getattr__(name: str) -> object:

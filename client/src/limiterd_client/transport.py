@@ -256,3 +256,10 @@ def limited_http_client(limiter: Limiter | SyncLimiter, **kw: Any) -> Any:
     if isinstance(limiter, SyncLimiter):
         return anthropic.DefaultHttpxClient(transport=LimitedTransport(limiter, **kw))
     return anthropic.DefaultAsyncHttpxClient(transport=AsyncLimitedTransport(limiter, **kw))
+
+
+def wrap(client: Any, limiter: Limiter | SyncLimiter, **kw: Any) -> Any:
+    """An existing SDK client, metered: `client = wrap(client, limiter)`. A copy of it (the
+    SDK's `with_options`) whose http client goes through limiterd; the original is unchanged.
+    Keyword arguments go to the transport, as for `limited_http_client`."""
+    return client.with_options(http_client=limited_http_client(limiter, **kw))
