@@ -28,6 +28,7 @@ from limiterd_client import (
     FailClosed,
     FailOpen,
     Limiter,
+    LimiterUnavailable,
     RetryPolicy,
     SafeCapacity,
     SyncLimiter,
@@ -169,3 +170,23 @@ async def test_sync_answer_is_returned_and_close_flushes_the_report(
     client.close()
     assert lim.pending_settles == 0 and lim.counters.settles_delivered == 1
     assert daemon_process.open_leases() == []
+
+
+async def test_a_caller_waiting_when_the_daemon_drains_gets_unavailable(
+        daemon_process: DaemonProcess) -> None:
+    """SIGTERM ends the waits (CANCELLED or UNAVAILABLE from the daemon): the client says the
+    limiter is unavailable, so the app's policy (fail closed/open, safe capacity) applies."""
+    async with Limiter(daemon_process.target, transport_attempts=1) as lim:
+        for _ in range(2):  # SCARCE admits 2 a minute
+            async with lim.reserve("s", "claude-scarce-1", input_tokens=1,
+                                   max_output_tokens=1) as r:
+                r.mark_called()
+        queued = asyncio.Event()
+        waiter = asyncio.create_task(lim.reserve(
+            "s", "claude-scarce-1", input_tokens=1, max_output_tokens=1, max_wait=50,
+            on_wait=lambda u: queued.set()).__aenter__())
+        await queued.wait()  # it is in the daemon's queue
+        assert daemon_process.proc is not None
+        daemon_process.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(LimiterUnavailable):
+            await waiter
