@@ -48,6 +48,11 @@ log = logging.getLogger("limiterd")
 LIMITER = pb.DESCRIPTOR.services_by_name["Limiter"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVICE_NAMES = (LIMITER, ADMIN)
+# A health "service" that details the ledger: NOT_SERVING while the journal cannot write or
+# the shared ledger's Redis is away (the daemon itself, "", stays SERVING: it still answers,
+# with UNAVAILABLE or from its local share). `grpc_health_probe -service limiterd.ledger`.
+LEDGER_HEALTH = "limiterd.ledger"
+LEDGER_HEALTH_EVERY_S = 1.0
 DRAIN_RETRY_AFTER_S = 1.0  # what a wait ended by shutdown is told: a restart is quick
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (default 700)
 # grpc's own line: "... (Error in bind for address '[::1]:50051': Address already in use)"
@@ -330,7 +335,21 @@ async def start_server(
             raise ListenError(f"cannot serve metrics on {metrics_listen}: {exc}") from exc
     if watch_config_s > 0 and config_path is not None:
         srv.tasks.append(asyncio.create_task(reloader.watch(watch_config_s)))
+    await health_servicer.set(LEDGER_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+    srv.tasks.append(asyncio.create_task(_ledger_health(engine, health_servicer)))
     return srv
+
+
+async def _ledger_health(engine: Backend, servicer: health.aio.HealthServicer) -> None:
+    """Keep the LEDGER_HEALTH status in step with the engine's health."""
+    last = True
+    while True:
+        await asyncio.sleep(LEDGER_HEALTH_EVERY_S)
+        healthy = engine.healthy
+        if healthy != last:
+            last = healthy
+            await servicer.set(LEDGER_HEALTH, health_pb2.HealthCheckResponse.SERVING if healthy
+                               else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 @contextlib.asynccontextmanager

@@ -439,3 +439,35 @@ async def test_stream_position_and_estimate_count_waiters_on_every_sidecar(
         first = statuses[0]
         assert (first.position, first.queue_depth) == (2, 2)  # behind A's caller
         assert first.estimated_wait_s >= 30  # A's 30,000 tokens first, then its own 100
+
+
+async def test_health_details_the_ledger_while_redis_is_away(tmp_path: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from limiterd.server import LEDGER_HEALTH, running_server
+
+    server = RedisServer(tmp_path / "r", aof=True).start()
+    try:
+        async with running_server(config=make_test_config(),
+                                  shared=SharedLedger(server.url, sweep_interval_s=0.05)) as d, \
+                grpc.aio.insecure_channel(d.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            serving = health_pb2.HealthCheckResponse.SERVING
+
+            async def status(service: str) -> int:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                return int(r.status)
+
+            assert await status(LEDGER_HEALTH) == serving
+            server.stop()
+
+            async def ledger_is(want: int) -> bool:
+                return await status(LEDGER_HEALTH) == want
+
+            await until(lambda: ledger_is(health_pb2.HealthCheckResponse.NOT_SERVING))
+            assert await status("") == serving  # the daemon answers (UNAVAILABLE, clearly)
+            server = RedisServer(tmp_path / "r", aof=True, port=server.port).start()
+            await until(lambda: ledger_is(serving))
+    finally:
+        server.stop()

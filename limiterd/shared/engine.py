@@ -741,8 +741,13 @@ class SharedEngine:
     async def _sweep_loop(self) -> None:
         last_refresh = -math.inf
         while not self._stopping:
-            with contextlib.suppress(*UNREACHABLE, PersistenceFailing):
+            try:
                 await self.check_epoch()
+            except UNREACHABLE as exc:
+                self._unhealthy(exc)  # noticed even when no call comes in
+                await asyncio.sleep(self.shared.sweep_interval_s)
+                continue
+            with contextlib.suppress(*UNREACHABLE, PersistenceFailing):
                 self._healthy_again()  # Redis answers: back to the shared ledger
                 await self.sweep()
                 if self.clock.now() - last_refresh >= MIRROR_REFRESH_S:  # metrics' gauges
