@@ -35,7 +35,7 @@ def fmt(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-PARTS = ("floor", "scale", "restart", "goodput", "streams", "gateway", "shared")
+PARTS = ("floor", "scale", "restart", "goodput", "streams", "gateway", "shared", "estimate")
 ALIASES = {"cost": "floor"}  # the part's earlier name
 
 
@@ -144,6 +144,22 @@ def main() -> None:
             ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"),
             ("cycles_ratio", "cycles/s vs SQLite", ".2f"), ("p99_ratio", "p99 vs SQLite", ".2f"),
         ]), ""]
+    if "estimate" in parts:
+        from bench import estimate
+
+        print("wait estimates against actual waits", flush=True)
+        est = estimate.measure()
+        raw["estimate"] = est
+        report += ["## Wait estimates", "",
+                   "Predicted (the first Queued estimate) against actual waits, 10 agents on "
+                   "Opus's Tier 1 output budget, max_tokens 1024, 150-700 used, 2-8 s calls, "
+                   "10 simulated minutes on a fake clock (`bench/estimate.py`):", "",
+                   fmt([{"estimate": k, **v} for k, v in est.items()], [
+                       ("estimate", "estimate", ""), ("waits", "waits", "d"),
+                       ("mean_actual_s", "mean wait s", ".1f"),
+                       ("mean_abs_error_s", "mean abs error s", ".1f"),
+                       ("median_error_s", "median error s", "+.1f"),
+                       ("overestimated_share", "over by > 1 s", ".0%")]), ""]
     verdicts = targets.check(raw)
     raw["targets"] = [vars(v) for v in verdicts]
     report += targets.table(verdicts)

@@ -101,7 +101,7 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
     "overload_cooldown_s": ("overload_cooldown_s", 1),
     "sync_tolerance_tokens": ("sync_tolerance_tokens", None),
 }
-_DAEMON_FLAGS = ("learn_limits",)
+_DAEMON_FLAGS = ("learn_limits", "expect_refunds")
 _TOP_KEYS = ("daemon", "models", "user_limits", "scopes", "ledger")
 _LEDGER_KEYS = ("url", "cluster", "password_env", "password_file", "when_unavailable",
                 "local_share", "key_prefix", "queue_entry_ttl_ms", "sweep_interval_ms")

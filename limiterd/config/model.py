@@ -99,6 +99,8 @@ class Settings:
     # Provider-synchronized ledgers
     sync_tolerance_tokens: int = 1000  # the provider rounds remaining tokens to thousands
     learn_limits: bool = False  # raise capacity when the provider reports a higher limit
+    # Wait estimates count the refunds expected from calls in flight (ledger/refunds.py)
+    expect_refunds: bool = True
 
 
 @dataclass(frozen=True)

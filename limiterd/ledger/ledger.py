@@ -47,6 +47,8 @@ from limiterd.ledger.model import (
     State,
 )
 from limiterd.ledger.overload import OverloadMarks
+from limiterd.ledger.refunds import Refunds, Schedule
+from limiterd.ledger.refunds import seconds_until as expected_wait
 
 QueueKey = tuple[BucketKey, ...]
 GLOB_CHARS = frozenset("*?[]")
@@ -121,6 +123,7 @@ class Ledger:
         self._next_sweep = now + config.settings.idle_sweep_interval_s
         self._sweep_keys: list[BucketKey] = []
         self._overloads = OverloadMarks()
+        self._refunds = Refunds()  # what calls in flight are expected to give back
         self._learned: dict[BucketKey, Limits] = {}  # capacities learned from the provider
         self._waiting = 0  # waiters on every queue
         # Buckets whose waiters' positions or estimates may have changed (a waiter left, a
@@ -280,6 +283,9 @@ class Ledger:
             overrun=Amounts(0, max(0, -d_in), max(0, -d_out)),
             outcome=outcome,
         )
+        for key in r.buckets:
+            self._refunds.reported(key, amounts_tuple(r.reserved),
+                                   (1, actual_input, actual_output), now - r.granted_at)
         if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
             self._pause(r.scope, r.buckets[0].budget, now + retry_after_s)
         elif outcome is Outcome.OVERLOADED:
@@ -473,6 +479,7 @@ class Ledger:
             b.refill(now)
             if b.is_idle_full():
                 del self._buckets[key]
+                self._refunds.forget(key)
                 self._dirty.discard(key)
                 self._changes.append(BucketDropped(key))
         for pause_key, until in list(self._pauses.items()):
@@ -619,12 +626,22 @@ class Ledger:
                     ahead += 1
                     for i in range(3):
                         demand[i] += other.amounts[i]
-            worst = max(worst, self._eta(b, demand, ahead))
+            worst = max(worst, self._eta(b, demand, ahead, self._schedule(b, now), now,
+                                         amounts))
         return max(worst, self._pause_wait(keys, now))
 
-    def _eta(self, b: Bucket, demand: list[float], ahead: int) -> float:
-        """Seconds until `demand` (what waits ahead on `b`, plus the caller's own) fits `b`."""
-        wait = b.seconds_until((demand[0], demand[1], demand[2]))
+    def _eta(self, b: Bucket, demand: list[float], ahead: int, schedule: Schedule,
+             now: float, own: tuple[int, int, int]) -> float:
+        """Seconds until `demand` (what waits ahead on `b`, plus the caller's own) fits `b`:
+        by refill, and by the refunds expected from calls in flight (`schedule`). Those
+        ahead are counted at what they are expected to use, not what they reserve: they
+        too give back the rest at their Report."""
+        if schedule:
+            used = self._refunds.used_share(b.key)
+            cost = [own[i] + used[i] * (demand[i] - own[i]) for i in range(3)]
+            wait = expected_wait(b.levels, b.caps, cost, schedule, now)
+        else:
+            wait = b.seconds_until((demand[0], demand[1], demand[2]))
         mc = b.limits.max_concurrent
         if mc is not None and b.in_flight + ahead >= mc:
             wait = max(wait, CONCURRENCY_RETRY_S)
@@ -680,6 +697,8 @@ class Ledger:
         self._index_request(r)
         heapq.heappush(self._leases, (r.expires_at, r.id))
         self._changes.append(ReservationOpened(r))
+        for key in keys:
+            self._refunds.granted(key, r.id, now, amounts)
         return r
 
     def _plan(self, req: AcquireRequest) -> tuple[QueueKey, tuple[Limits, ...]]:
@@ -742,6 +761,7 @@ class Ledger:
             self._index_request(r)
             heapq.heappush(self._leases, (r.expires_at, r.id))
             for key in r.buckets:
+                self._refunds.granted(key, r.id, r.granted_at, amounts_tuple(r.reserved))
                 held = self._buckets.get(key)
                 if held is None:
                     limits = self._limits_for_key(key)
@@ -859,6 +879,7 @@ class Ledger:
             if b is None:
                 continue
             b.refill(now)
+            schedule = self._schedule(b, now)
             demand, ahead, i = [0.0, 0.0, 0.0], 0, 0
             for other in _by_seq([self._queues[r] for r in b.queues]):
                 a = other.amounts
@@ -866,7 +887,8 @@ class Ledger:
                 demand[1] += a[1]
                 demand[2] += a[2]
                 if other.queue == qk:
-                    estimates[i] = max(estimates[i], self._eta(b, demand, ahead))
+                    estimates[i] = max(estimates[i],
+                                       self._eta(b, demand, ahead, schedule, now, a))
                     i += 1
                 ahead += 1
         positions, depth = [], 0
@@ -882,6 +904,7 @@ class Ledger:
         """queue_statuses for a queue alone on its one bucket (the usual case): positions
         are places in line, and one running sum gives every estimate."""
         b.refill(now)
+        schedule = self._schedule(b, now)
         demand = [0.0, 0.0, 0.0]
         rows = []
         for ahead, w in enumerate(q):
@@ -889,8 +912,15 @@ class Ledger:
             demand[0] += a[0]
             demand[1] += a[1]
             demand[2] += a[2]
-            rows.append((w, ahead + 1, max(pause, self._eta(b, demand, ahead))))
+            rows.append((w, ahead + 1,
+                         max(pause, self._eta(b, demand, ahead, schedule, now, a))))
         return rows
+
+    def _schedule(self, b: Bucket, now: float) -> Schedule:
+        """The refunds expected on `b` from calls in flight (none unless configured)."""
+        if not b.in_flight or not self._config.settings.expect_refunds:
+            return []
+        return self._refunds.schedule(b.key, now, self._open.__contains__, b.in_flight)
 
     # ---- inspection ---------------------------------------------------------------------------
 
