@@ -3,6 +3,7 @@ cause for real (no mocks of sqlite)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -10,13 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from limiterd.clock import FakeClock
+from limiterd.errorlog import ErrorEntry
 from limiterd.ledger.model import (
     Amounts,
     BucketDropped,
@@ -609,6 +613,70 @@ async def test_a_value_sqlite_cannot_hold_fails_the_whole_batch(tmp_path: Path) 
     assert await reopen(path) == Snapshot((), (), ())
 
 
+# ---- the journal and the error log share one connection
+
+
+async def test_batches_and_error_log_writes_at_once_each_stay_whole(tmp_path: Path) -> None:
+    """A transaction is several driver calls; the journal's batches and the error log's
+    writes share the connection, so run together neither may put a statement inside the
+    other's transaction (a second BEGIN fails; a COMMIT would commit half a batch)."""
+    path = tmp_path / "db.sqlite3"
+    j = SqliteJournal(path, clock=FakeClock(T0))
+    await j.open()
+    store = j.error_store()
+    assert store is not None
+    n = 20
+    entries = [ErrorEntry(T0 + i, "team", "claude", "overloaded", 529, "overloaded_error", "",
+                          f"req-{i}", i % 2 == 0) for i in range(n)]  # fmt: skip
+    batches = [
+        [ReservationOpened(res(f"r{i}")), BucketLevels(B_USER, i, 1, 1, T0 + i),
+         PauseSet("team", "claude", T0 + i)]
+        for i in range(n)
+    ]  # fmt: skip
+    await asyncio.gather(
+        *(j.write(b) for b in batches),
+        *(store.write_errors([e], keep_after=0.0, max_rows=1000) for e in entries),
+    )
+    assert await store.load_errors(0.0) == entries
+    await j.close()
+    snap = await reopen(path)
+    assert set(by_id(snap)) == {f"r{i}" for i in range(n)}
+    assert snap.buckets == (BucketLevels(B_USER, n - 1, 1, 1, T0 + n - 1),)
+    assert snap.pauses == (PauseSet("team", "claude", T0 + n - 1),)
+
+
+@pytest.mark.parametrize("begun", [False, True], ids=["BEGIN queued", "BEGIN ran"])
+async def test_a_cancelled_write_keeps_nothing_and_leaves_no_transaction(
+    tmp_path: Path, begun: bool
+) -> None:
+    """A batch is several calls; a cancellation between them must not leave SQLite's write
+    lock held or part of a batch written. A call already queued still runs, then the
+    rollback. Here the cancellation lands while the batch waits for its BEGIN."""
+    path = tmp_path / "db.sqlite3"
+    j = SqliteJournal(path, clock=FakeClock(T0))
+    await j.open()
+    batch = [ReservationOpened(res("a")), BucketLevels(B_USER, 1, 1, 1, T0)]
+    task = asyncio.create_task(j.write(batch))
+    await asyncio.sleep(0)  # the task has queued BEGIN and waits for its answer
+    if begun:  # wait, without letting the task run on, until the driver's thread ran it
+        db = j._conn.db  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while not db.in_transaction and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert db.in_transaction
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    other = sqlite3.connect(path, timeout=0)  # "database is locked" if a BEGIN is still held
+    other.execute("BEGIN IMMEDIATE")
+    other.rollback()
+    other.close()
+    await j.write([ReservationOpened(res("b"))])
+    await j.close()
+    snap = await reopen(path)
+    assert set(by_id(snap)) == {"b"} and snap.buckets == ()
+
+
 # ---- migrations
 
 
@@ -623,9 +691,9 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     await j.write([ReservationOpened(res("a"))])
     await j.close()
 
-    def v2_broken(db: sqlite3.Connection) -> None:
-        db.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
-        db.execute("THIS IS NOT SQL")
+    async def v2_broken(db: aiosqlite.Connection) -> None:
+        await db.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
+        await db.execute("THIS IS NOT SQL")
 
     monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS, v2_broken])
     with pytest.raises(StartupError, match="cannot open"):
@@ -636,8 +704,8 @@ async def test_a_new_migration_is_one_function_and_runs_in_a_transaction(
     con.close()
     assert "note" not in cols
 
-    def v2(db: sqlite3.Connection) -> None:
-        db.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
+    async def v2(db: aiosqlite.Connection) -> None:
+        await db.execute("ALTER TABLE reservations ADD COLUMN note TEXT")
 
     monkeypatch.setattr(mod, "MIGRATIONS", [*mod.MIGRATIONS[:base], v2])
     assert set(by_id(await reopen(path))) == {"a"}

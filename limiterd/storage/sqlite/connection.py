@@ -1,64 +1,67 @@
-"""One sqlite3 connection, used only from its own thread, and the one transaction helper.
+"""One aiosqlite connection, the turns taken on it, and the one transaction helper.
 
-The event loop hands whole units of work (a function taking the connection) to that thread,
-so a batch of many statements costs one hop, not one per statement. Work runs in the order
-it was handed over; a caller that stops waiting does not stop work already started, which is
-why every unit that writes is one transaction that commits or rolls back on its own.
+aiosqlite runs every call on the connection's own thread, in the order the calls were made;
+each call is one hop there and back. A transaction is therefore a short series of awaited
+calls (BEGIN IMMEDIATE, one executemany per kind of row, COMMIT), and nothing else may put a
+statement between them: the journal and the error log share the connection, so each unit of
+work takes its turn (an asyncio lock) for all of its calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception: all of it or none of it."""
-    if db.in_transaction:  # defensive: nothing should be left open, but never nest into it
-        db.execute("ROLLBACK")
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
-            db.execute("ROLLBACK")
-        raise
+import aiosqlite
 
 
 class Connection:
-    """A sqlite3 connection (autocommit: transactions are explicit) owned by one thread."""
+    """An aiosqlite connection in autocommit mode (transactions are explicit), taken in turns."""
 
-    def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="limiterd-sqlite")
-        self._db: sqlite3.Connection | None = None
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._turn = asyncio.Lock()
 
-    async def connect(self, path: Path) -> None:
-        def connect() -> sqlite3.Connection:
-            return sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    @classmethod
+    async def connect(cls, path: Path) -> Connection:
+        return cls(await aiosqlite.connect(path, isolation_level=None))
 
-        self._db = await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The driver's connection, for work that needs no turn (open, before anyone shares)."""
+        return self._db
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` on the connection's thread."""
-        db = self._db
-        if db is None:
-            raise sqlite3.ProgrammingError("the connection is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, db)
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Use the connection alone (reads that must not see half of someone's transaction)."""
+        async with self._turn:
+            yield self._db
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception: all of it or none of it.
+
+        rollback() is sqlite3's: it rolls back only if SQLite is still in the transaction
+        (`in_transaction`), which it is not after it rolled back by itself (SQLITE_FULL), and
+        it checks on the driver's thread, after every call queued before it. So it is also
+        right when a cancellation reached us while a call was still queued: that call runs,
+        then the rollback undoes it.
+        """
+        async with self._turn:
+            db = self._db
+            if db.in_transaction:  # defensive: nothing should be left open; never nest into it
+                await db.rollback()
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield db
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
 
     async def close(self) -> None:
-        """Close the connection (once everything handed over has run) and stop the thread."""
-        db, self._db = self._db, None
-        try:
-            if db is not None:
-                await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
-        finally:
-            self._thread.shutdown(wait=False)
+        """Close the connection once every queued call has run, and end its thread."""
+        async with self._turn:
+            await self._db.close()

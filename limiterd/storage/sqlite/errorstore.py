@@ -8,13 +8,13 @@ from pathlib import Path
 
 from limiterd.errorlog import ErrorEntry, entries_from_rows
 from limiterd.storage.base import HasDriverErrors
-from limiterd.storage.sqlite.connection import Connection, transaction
+from limiterd.storage.sqlite.connection import Connection
 
 DRIVER_ERRORS = (sqlite3.Error, OSError, ValueError, OverflowError)
 
 
 class SqliteErrorStore(HasDriverErrors):
-    """Shares the journal's connection (and so its thread and its transactions' order)."""
+    """Shares the journal's connection, taking turns on it with the journal's batches."""
 
     driver_errors = DRIVER_ERRORS
     guarded = {"load_errors": "error log read", "write_errors": "error log write"}
@@ -26,24 +26,20 @@ class SqliteErrorStore(HasDriverErrors):
         return str(self._path)
 
     async def load_errors(self, since: float) -> list[ErrorEntry]:
-        def load(db: sqlite3.Connection) -> list[ErrorEntry]:
-            rows = db.execute("SELECT * FROM errors WHERE at >= ? ORDER BY at", (since,))
-            return entries_from_rows(rows)
-
-        return await self._conn.run(load)
+        async with self._conn.turn() as db:
+            rows = await db.execute_fetchall(
+                "SELECT * FROM errors WHERE at >= ? ORDER BY at", (since,)
+            )
+        return entries_from_rows(rows)
 
     async def write_errors(
         self, entries: Sequence[ErrorEntry], keep_after: float, max_rows: int
     ) -> None:
         rows = [(e.at, e.scope, e.model, e.outcome, e.http_status, e.error_type, e.error_code,
                  e.provider_request_id, int(e.fell_back)) for e in entries]
-
-        def write(db: sqlite3.Connection) -> None:
-            with transaction(db):
-                db.executemany("INSERT INTO errors VALUES (?,?,?,?,?,?,?,?,?)", rows)
-                db.execute("DELETE FROM errors WHERE at < ?", (keep_after,))
-                db.execute(
-                    "DELETE FROM errors WHERE rowid NOT IN"
-                    " (SELECT rowid FROM errors ORDER BY at DESC LIMIT ?)", (max_rows,))
-
-        await self._conn.run(write)
+        async with self._conn.transaction() as db:
+            await db.executemany("INSERT INTO errors VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            await db.execute("DELETE FROM errors WHERE at < ?", (keep_after,))
+            await db.execute(
+                "DELETE FROM errors WHERE rowid NOT IN"
+                " (SELECT rowid FROM errors ORDER BY at DESC LIMIT ?)", (max_rows,))

@@ -81,10 +81,9 @@ class SqliteJournal(Journal):
             # given: a crash under one name and a restart under another would not see it.
             log.warning("%s has %d hard links: always start limiterd with the same name for "
                         "it, or changes in its write-ahead log may be lost", self.path, links)
-        self._conn = conn = Connection()
         try:
-            await conn.connect(self.path)
-            return await conn.run(self._open_locked)
+            self._conn = conn = await Connection.connect(self.path)
+            return await self._open_connected(conn)
         except NotOurs as exc:
             await self._abandon()
             raise corrupt(self.path, str(exc)) from None
@@ -92,20 +91,21 @@ class SqliteJournal(Journal):
             await self._abandon()
             raise
 
-    def _open_locked(self, db: sqlite3.Connection) -> Snapshot:
-        """On the connection's thread: settings, integrity, schema, rows."""
-        schema.set_pragmas(db, self.synchronous, self.max_size_bytes)
-        schema.quick_check(db)
-        schema.migrate(db, str(self.path), self._clock.now())
-        schema.check_rows(db)
-        return rows.load(db)
+    async def _open_connected(self, conn: Connection) -> Snapshot:
+        """Settings, integrity, schema, rows: no one else uses the connection yet."""
+        db = conn.db
+        await schema.set_pragmas(db, self.synchronous, self.max_size_bytes)
+        await schema.quick_check(db)
+        await schema.migrate(conn, str(self.path), self._clock.now())
+        await schema.check_rows(db)
+        return await rows.load(db)
 
     async def _abandon(self) -> None:
         conn, self._conn = self._conn, None
         try:
             if conn is not None:
                 await conn.close()
-        except sqlite3.Error:
+        except (sqlite3.Error, ValueError):
             pass  # we are already reporting why the open failed
         finally:
             self._lock.release()  # after the connection: see lock.py
@@ -116,8 +116,7 @@ class SqliteJournal(Journal):
         if self._conn is None:
             raise StorageError(f"{self.path} is not open")
         if changes:
-            batch = plan.plan(changes)
-            await self._conn.run(lambda db: plan.apply(db, batch))
+            await plan.apply(self._conn, plan.plan(changes))
 
     # ---- close
 
@@ -127,7 +126,8 @@ class SqliteJournal(Journal):
             if conn is not None:
                 try:
                     # Leave no WAL behind: a copied or backed-up file is then complete.
-                    await conn.run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+                    async with conn.turn() as db:
+                        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 finally:
                     await conn.close()
         finally:

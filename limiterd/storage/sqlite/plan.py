@@ -8,10 +8,11 @@ because the engine retries a failed batch merged with newer changes.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
+
+import aiosqlite
 
 from limiterd.ledger.model import (
     BucketDropped,
@@ -28,7 +29,7 @@ from limiterd.ledger.model import (
     State,
 )
 from limiterd.storage.base import StorageError
-from limiterd.storage.sqlite.connection import transaction
+from limiterd.storage.sqlite.connection import Connection
 
 # One statement per kind of row.
 
@@ -171,19 +172,23 @@ def plan(changes: Iterable[Change]) -> Plan:
     )
 
 
-def apply(db: sqlite3.Connection, p: Plan) -> None:
-    """Write one planned batch as one transaction. Runs on the connection's thread."""
-    with transaction(db):
-        if p.forget_before is not None:
-            db.execute(_FORGET, (p.forget_before,))
-        for sql, rows in (
-            (_DELETE_RESERVATION, p.deletes),
-            (_UPSERT_RESERVATION, p.upserts),
-            (_EXTEND, p.extends),
-            (_SETTLE, p.settles),
-            (_UPSERT_BUCKET, p.bucket_upserts),
-            (_DELETE_BUCKET, p.bucket_deletes),
-            (_UPSERT_PAUSE, p.pauses),
-        ):
-            if rows:
-                db.executemany(sql, rows)
+async def apply(conn: Connection, p: Plan) -> None:
+    """Write one planned batch as one transaction: BEGIN, one call per kind of row, COMMIT."""
+    async with conn.transaction() as db:
+        await _apply(db, p)
+
+
+async def _apply(db: aiosqlite.Connection, p: Plan) -> None:
+    if p.forget_before is not None:
+        await db.execute(_FORGET, (p.forget_before,))
+    for sql, rows in (
+        (_DELETE_RESERVATION, p.deletes),
+        (_UPSERT_RESERVATION, p.upserts),
+        (_EXTEND, p.extends),
+        (_SETTLE, p.settles),
+        (_UPSERT_BUCKET, p.bucket_upserts),
+        (_DELETE_BUCKET, p.bucket_deletes),
+        (_UPSERT_PAUSE, p.pauses),
+    ):
+        if rows:
+            await db.executemany(sql, rows)

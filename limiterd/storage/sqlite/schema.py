@@ -7,12 +7,14 @@ appended here. All of them run in one transaction at open: every step or none.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
+
+import aiosqlite
 
 from limiterd.ledger.model import Outcome, State
 from limiterd.storage.base import StartupError
-from limiterd.storage.sqlite.connection import transaction
+from limiterd.storage.sqlite.connection import Connection
 
 Synchronous = Literal["NORMAL", "FULL"]
 
@@ -30,10 +32,10 @@ class NotOurs(Exception):
     any, says what is wrong with it."""
 
 
-Migration = Callable[[sqlite3.Connection], None]
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
 
 
-def _v1(db: sqlite3.Connection) -> None:
+async def _v1(db: aiosqlite.Connection) -> None:
     # No index on (scope, request_id): the ledger answers idempotency lookups from memory,
     # so such an index would only slow every insert.
     for sql in (
@@ -64,75 +66,80 @@ def _v1(db: sqlite3.Connection) -> None:
             PRIMARY KEY (scope, model)
         ) WITHOUT ROWID""",
     ):
-        db.execute(sql)
+        await db.execute(sql)
 
 
-def _v2(db: sqlite3.Connection) -> None:
+async def _v2(db: aiosqlite.Connection) -> None:
     # The error log (limiterd.errorlog): failed provider outcomes, bounded by age and rows.
-    db.execute(
+    await db.execute(
         """CREATE TABLE errors (
             at REAL NOT NULL, scope TEXT NOT NULL, model TEXT NOT NULL, outcome TEXT NOT NULL,
             http_status INTEGER NOT NULL, error_type TEXT NOT NULL, error_code TEXT NOT NULL,
             provider_request_id TEXT NOT NULL, fell_back INTEGER NOT NULL
         )"""
     )
-    db.execute("CREATE INDEX errors_at ON errors (at)")
+    await db.execute("CREATE INDEX errors_at ON errors (at)")
 
 
 MIGRATIONS: list[Migration] = [_v1, _v2]
 
 
-def set_pragmas(db: sqlite3.Connection, synchronous: Synchronous, max_bytes: int | None) -> None:
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+async def set_pragmas(
+    db: aiosqlite.Connection, synchronous: Synchronous, max_bytes: int | None
+) -> None:
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     # A garbage file fails here with SQLITE_NOTADB: this is the first read of the header.
-    mode = db.execute("PRAGMA journal_mode = WAL").fetchall()
+    mode = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
     if not mode or str(mode[0][0]).lower() != "wal":
         raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
-    db.execute(f"PRAGMA synchronous = {synchronous}")
-    db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
-    db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-    db.execute("PRAGMA foreign_keys = OFF")
+    await db.execute(f"PRAGMA synchronous = {synchronous}")
+    await db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+    await db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+    await db.execute("PRAGMA foreign_keys = OFF")
     if max_bytes is not None:
-        page = int(db.execute("PRAGMA page_size").fetchone()[0])
-        db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
+        page = int(next(iter(await db.execute_fetchall("PRAGMA page_size")))[0])
+        await db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
 
 
-def quick_check(db: sqlite3.Connection) -> None:
-    rows = db.execute("PRAGMA quick_check").fetchall()
+async def quick_check(db: aiosqlite.Connection) -> None:
+    rows = list(await db.execute_fetchall("PRAGMA quick_check"))
     if [tuple(r) for r in rows] != [("ok",)]:
         raise NotOurs("; ".join(str(r[0]) for r in rows[:3]))
 
 
-def migrate(db: sqlite3.Connection, where: str, now: float) -> None:
+async def migrate(conn: Connection, where: str, now: float) -> None:
     """Bring the file to the newest schema; drop pauses that ran out while we were down."""
     latest = len(MIGRATIONS)
-    with transaction(db):
-        version = _version(db)
+    async with conn.transaction() as db:
+        version = await _version(db)
         if version > latest:
             raise StartupError(
                 f"{where} was written by a newer limiterd (schema {version}, "
                 f"this build knows up to {latest}): upgrade limiterd or point --db elsewhere"
             )
         if version == 0:
-            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+            await db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
         for migration in MIGRATIONS[version:]:
-            migration(db)
+            await migration(db)
         if version < latest:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(latest),))
-        db.execute("DELETE FROM pauses WHERE until < ?", (now,))
+            await db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(latest),)
+            )
+        await db.execute("DELETE FROM pauses WHERE until < ?", (now,))
 
 
-def _tables(db: sqlite3.Connection) -> set[str]:
-    return {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+async def _tables(db: aiosqlite.Connection) -> set[str]:
+    rows = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
+    return {str(r[0]) for r in rows}
 
 
-def _version(db: sqlite3.Connection) -> int:
-    tables = _tables(db)
+async def _version(db: aiosqlite.Connection) -> int:
+    tables = await _tables(db)
     if not tables:
         return 0
     if "meta" not in tables:
         raise NotOurs
-    rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+    rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'schema_version'"))
     try:
         return int(rows[0][0])
     except (IndexError, TypeError, ValueError):
@@ -174,10 +181,10 @@ _ROW_CHECKS: dict[str, str] = {
 }
 
 
-def check_rows(db: sqlite3.Connection) -> None:
+async def check_rows(db: aiosqlite.Connection) -> None:
     """Raise NotOurs naming the first table with a row limiterd cannot read."""
-    tables = _tables(db)
+    tables = await _tables(db)
     for table, ok in _ROW_CHECKS.items():
         bad = f"SELECT 1 FROM {table} WHERE NOT ({ok}) LIMIT 1"
-        if table in tables and db.execute(bad).fetchone():
+        if table in tables and list(await db.execute_fetchall(bad)):
             raise NotOurs(f"a row in {table} is not one limiterd wrote")
