@@ -441,6 +441,7 @@ async def test_stream_position_and_estimate_count_waiters_on_every_sidecar(
         assert first.estimated_wait_s >= 30  # A's 30,000 tokens first, then its own 100
 
 
+@pytest.mark.logs_errors  # "unreachable" is the point
 async def test_health_details_the_ledger_while_redis_is_away(tmp_path: Path) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
