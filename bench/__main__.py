@@ -54,6 +54,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run, 1 run each")
     p.add_argument("--only", default=",".join(PARTS),
                    help=f"comma-separated parts to run, from {','.join(PARTS)}")
+    p.add_argument("--goodput-setups", default="",
+                   help="goodput: comma-separated setups (default all), e.g. limiterd")
+    p.add_argument("--goodput-runs", type=int, default=1,
+                   help="goodput: runs of each setup in a row (each row is one run)")
     a = p.parse_args()
     try:
         parts = parse_parts(a.only)
@@ -104,7 +108,11 @@ def main() -> None:
         from bench import goodput
 
         print("goodput against a simulated provider", flush=True)
-        rows = goodput.run_all(quick=a.quick, out=OUT)
+        setups = tuple(x for x in a.goodput_setups.split(",") if x) or goodput.SETUPS
+        if unknown := set(setups) - set(goodput.SETUPS):
+            p.error(f"--goodput-setups: unknown {','.join(sorted(unknown))}; "
+                    f"choose from {','.join(goodput.SETUPS)}")
+        rows = goodput.run_all(quick=a.quick, out=OUT, setups=setups, runs=a.goodput_runs)
         raw["goodput"] = rows
         report += goodput.report(rows)
     if "streams" in parts:

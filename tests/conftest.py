@@ -32,6 +32,7 @@ default_lease_ms = 60000
 max_lease_ms = 600000
 max_wait_ms = 60000
 max_waiters_per_queue = 300
+refill_allowance_ms = 0  # exact refill times here; the allowance has its own tests
 
 [models."tiny"]
 requests_per_minute = 10

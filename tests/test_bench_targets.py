@@ -89,3 +89,23 @@ def test_shared_ledger_verdicts() -> None:
         "sidecar on Redis p99 <= 2x SQLite sidecar": ("1.90x", True),
     }
     assert parse_parts("shared") == {"shared"}
+
+
+def test_goodput_steady_utilization_leaves_out_the_start_and_the_tail() -> None:
+    """The start-up burst (buckets start full) and the tail do not count in the steady
+    figure; the whole-run figure counts everything against capacity + refill."""
+    from bench import goodput
+    from bench.goodput_config import KEY_LIMITS
+
+    itpm, otpm = KEY_LIMITS["itpm"], KEY_LIMITS["otpm"]
+    burst = [{"t": 1.0, "status": 200, "input": itpm, "output": otpm}]
+    # From 15 s to 55 s: exactly the per-minute rate, one event a second.
+    steady = [{"t": 15.0 + i, "status": 200, "input": itpm / 60, "output": otpm / 120}
+              for i in range(40)]
+    tail = [{"t": 57.0, "status": 200, "input": itpm, "output": 0},
+            {"t": 20.0, "status": 429, "input": 0, "output": 0}]
+    r = goodput.summarize("limiterd", 60.0, burst + steady + tail, [])
+    assert r["steady_input_pct"] == pytest.approx(100.0)
+    assert r["steady_output_pct"] == pytest.approx(50.0)
+    assert r["input_budget_pct"] == pytest.approx(100 * (2 * itpm + 40 * itpm / 60) / (2 * itpm))
+    assert r["provider_429"] == 1

@@ -143,6 +143,17 @@ def test_daemon_value_must_be_positive(tmp_path: Path, key: str) -> None:
     assert only_problem(path) == f"{path}: daemon.{key}: must be a positive integer, got 0"
 
 
+def test_refill_allowance_is_ms_and_may_be_zero(tmp_path: Path) -> None:
+    assert Settings().refill_allowance_s == 0.1  # the shipped default (issue 15)
+    path = write(tmp_path, "[daemon]\nrefill_allowance_ms = 250\n")
+    assert load_config(path).settings.refill_allowance_s == 0.25
+    path = write(tmp_path, "[daemon]\nrefill_allowance_ms = 0\n")
+    assert load_config(path).settings.refill_allowance_s == 0.0  # off
+    path = write(tmp_path, "[daemon]\nrefill_allowance_ms = -1\n")
+    assert only_problem(path) == (
+        f"{path}: daemon.refill_allowance_ms: must be an integer >= 0, got -1")
+
+
 def test_default_lease_above_max(tmp_path: Path) -> None:
     path = write(tmp_path, "[daemon]\ndefault_lease_ms = 7200000\n")  # max stays 3600000
     assert only_problem(path) == (

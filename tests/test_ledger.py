@@ -45,8 +45,9 @@ def config(
     users: dict[str, Limits] | None = None,
     **settings: Any,
 ) -> Config:
+    # Exact refill arithmetic here; the refill allowance has its own tests (0 unless given).
     return Config(
-        settings=Settings(**settings),
+        settings=Settings(**{"refill_allowance_s": 0.0, **settings}),
         models=tuple(ModelRule(k, v) for k, v in (models or {"m": M}).items()),
         user_models=tuple(ModelRule(k, v) for k, v in (users or {}).items()),
     )
@@ -148,6 +149,45 @@ def test_refill_is_continuous_and_never_above_capacity() -> None:
     assert levels(led, SHARED, T0 + 45) == pytest.approx((45.0, 450.0, 225.0))
     assert levels(led, SHARED, T0 + 60) == pytest.approx((60.0, 600.0, 300.0))
     assert levels(led, SHARED, T0 + 3600) == (60.0, 600.0, 300.0)  # capped, exactly
+
+
+def test_a_burst_from_full_refills_only_after_the_allowance() -> None:
+    """Issue 15: the provider starts refilling when a request arrives, after the grant. A
+    burst takes a full bucket (300 output/min, 5 per s) down; a caller waiting for the exact
+    refill of 10 tokens is granted 2 s + the allowance after it, never sooner."""
+    led = Ledger(config(refill_allowance_s=0.1), T0)
+    grant(led, req(0, 200), T0)  # from full: the output refill holds until T0 + 0.1
+    grant(led, req(0, 100), T0 + 0.05)  # already below capacity: no new hold
+    assert levels(led, SHARED, T0 + 0.1)[2] == pytest.approx(0.0, abs=1e-9)
+    w = wait(led, req(0, 10), T0 + 0.1, T0 + 60)
+    assert led.next_wakeup() == pytest.approx(T0 + 2.1)
+    assert led.wait_status(w, T0 + 0.1)[1] == pytest.approx(2.0)
+    led.advance(T0 + 2.09)
+    assert w.result is None and levels(led, SHARED, T0 + 2.09)[2] == pytest.approx(9.95)
+    led.advance(T0 + 2.1)
+    assert isinstance(w.result, Granted) and w.result.reservation.granted_at == T0 + 2.1
+
+
+def test_the_allowance_is_journaled_and_survives_a_restart() -> None:
+    cfg = config(refill_allowance_s=0.1)
+    led, journal = Ledger(cfg, T0), FoldedJournal()
+    grant(led, req(0, 300), T0)
+    journal.write(led.take_changes())
+    again = Ledger(cfg, T0 + 0.05)  # a crash and a fast restart, inside the allowance
+    again.restore(journal.snapshot(), T0 + 0.05)
+    w = wait(again, req(0, 10), T0 + 0.05, T0 + 60)
+    assert again.next_wakeup() == pytest.approx(T0 + 2.1)
+    again.advance(T0 + 2.1)
+    assert isinstance(w.result, Granted)
+
+
+def test_no_allowance_when_it_is_off() -> None:
+    led = Ledger(config(refill_allowance_s=0.0), T0)
+    grant(led, req(0, 300), T0)
+    w = wait(led, req(0, 10), T0, T0 + 60)
+    assert led.next_wakeup() == pytest.approx(T0 + 2)
+    led.advance(T0 + 2)
+    assert isinstance(w.result, Granted)
 
 
 def test_unlimited_dimensions_are_not_checked() -> None:

@@ -89,15 +89,20 @@ class ModelBucket:
     as_of: float
     first_seen: float
     granted: list[float]  # takes less refunds, since first_seen (debt is usage, not a grant)
+    refill_from: float = 0.0  # the refill allowance: nothing refills before this
 
     def refill(self, now: float) -> None:
-        dt = max(0.0, now - self.as_of)
+        dt = max(0.0, now - max(self.as_of, self.refill_from))
         self.as_of = max(self.as_of, now)
         for i, cap in enumerate(self.caps):
             if cap is not None:
                 self.levels[i] = min(float(cap), self.levels[i] + cap * dt / 60.0)
 
     def add(self, amounts: tuple[float, float, float], take: bool = False) -> None:
+        if take and any(c is not None and a and lv >= c
+                        for c, a, lv in zip(self.caps, amounts, self.levels, strict=True)):
+            # Taken from full: the provider refills from the request's arrival.
+            self.refill_from = self.as_of + CONFIG.settings.refill_allowance_s
         for i, cap in enumerate(self.caps):
             if cap is not None and amounts[i]:
                 self.levels[i] = min(float(cap), self.levels[i] + amounts[i])

@@ -100,7 +100,9 @@ _DAEMON: dict[str, tuple[str, int | None]] = {
     "overload_threshold": ("overload_threshold", None),
     "overload_cooldown_s": ("overload_cooldown_s", 1),
     "sync_tolerance_tokens": ("sync_tolerance_tokens", None),
+    "refill_allowance_ms": ("refill_allowance_s", 1000),
 }
+_DAEMON_ZERO_OK = ("refill_allowance_ms",)  # 0 turns it off
 _DAEMON_FLAGS = ("learn_limits", "expect_refunds")
 _TOP_KEYS = ("daemon", "models", "user_limits", "scopes", "ledger")
 _LEDGER_KEYS = ("url", "cluster", "password_env", "password_file", "when_unavailable",
@@ -235,10 +237,11 @@ class _Problems:
         self.add(path, f"must be a table, got {_show(value)}")
         return None
 
-    def integer(self, value: Any, path: str) -> int | None:
+    def integer(self, value: Any, path: str, minimum: int = 1) -> int | None:
         # bool is an int subclass in Python; `true` is never a limit
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            self.add(path, f"must be a positive integer, got {_show(value)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            self.add(path, f"must be {kind}, got {_show(value)}")
             return None
         if value > MAX_LIMIT:
             self.add(path, f"must be at most {MAX_LIMIT}, got {value}")
@@ -253,7 +256,9 @@ def _settings(value: Any, p: _Problems) -> Settings:
     p.unknown_keys(table, (*_DAEMON, *_DAEMON_FLAGS), "daemon")
     values: dict[str, float | int | bool] = {}
     for key, (name, divisor) in _DAEMON.items():
-        if key in table and (n := p.integer(table[key], _key("daemon", key))) is not None:
+        minimum = 0 if key in _DAEMON_ZERO_OK else 1
+        if key in table and (n := p.integer(table[key], _key("daemon", key),
+                                            minimum)) is not None:
             values[name] = n if divisor is None else n / divisor
     for key in _DAEMON_FLAGS:
         if key in table:

@@ -101,6 +101,9 @@ class Settings:
     learn_limits: bool = False  # raise capacity when the provider reports a higher limit
     # Wait estimates count the refunds expected from calls in flight (ledger/refunds.py)
     expect_refunds: bool = True
+    # A take from a full bucket holds its refill this long: the provider starts refilling
+    # when the request arrives, after the grant (limiterd/ledger/buckets.py). 0 = off.
+    refill_allowance_s: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,16 @@ tokens must not lock a key out for centuries). The provider's own window is a mi
 debt than a minute's limit would only make callers wait for tokens the provider has already
 forgotten.
 Concurrency is not a rate: it is a count of open reservations against `max_concurrent`.
+
+Refill allowance: the provider starts refilling its bucket when a request arrives, some
+milliseconds after limiterd grants it. While both buckets sit full the gap does not matter
+(both clamp), but when a grant takes a full bucket below capacity, limiterd's refill would
+start first and stay ahead of the provider's by rate x delay until the bucket fills again: the
+first caller waiting for an exact refill would be sent a little early (a 429). So a take from
+a full dimension moves the bucket's refill clock (`as_of`) forward by an allowance
+(Settings.refill_allowance_s, 100 ms by default): nothing refills before then. It costs up to
+rate x allowance per dimension per burst from full. Kept in `as_of`, the allowance is journaled
+with the levels and survives a restart.
 """
 
 from __future__ import annotations
@@ -100,10 +110,18 @@ class Bucket:
         mc = self.limits.max_concurrent
         return mc is None or self.in_flight < mc
 
-    def take(self, amounts: tuple[int, int, int]) -> None:
+    def take(self, amounts: tuple[int, int, int], now: float, allowance: float = 0.0) -> None:
+        """Take `amounts` (after refill). Taken from full, the bucket refills again only
+        `allowance` seconds after `now` (see the module's docstring)."""
+        caps, levels = self.caps, self.levels
+        from_full = False
         for i in range(3):
-            if self.caps[i] is not None:
-                self.levels[i] -= amounts[i]
+            cap = caps[i]
+            if cap is not None:
+                from_full = from_full or (amounts[i] > 0 and levels[i] >= cap)
+                levels[i] -= amounts[i]
+        if from_full and allowance > 0:
+            self.as_of = max(self.as_of, now + allowance)
         self.in_flight += 1
 
     def give(self, amounts: tuple[float, float, float]) -> None:
@@ -113,15 +131,17 @@ class Bucket:
             if cap is not None and amounts[i]:
                 self.levels[i] = bounded(self.levels[i] + amounts[i], cap)
 
-    def seconds_until(self, demand: tuple[float, float, float]) -> float:
-        """Refill time until `demand` fits on the rate dimensions (0 if it fits now)."""
+    def seconds_until(self, demand: tuple[float, float, float], now: float) -> float:
+        """Time from `now` until `demand` fits on the rate dimensions (0 if it fits now),
+        counting a refill held by the allowance."""
         worst = 0.0
+        held = max(0.0, self.as_of - now)
         for i in range(3):
             cap = self.caps[i]
             if cap is not None:
                 deficit = demand[i] - self.levels[i]
                 if deficit > EPS:
-                    worst = max(worst, deficit * 60.0 / cap)
+                    worst = max(worst, held + deficit * 60.0 / cap)
         return worst
 
     def is_idle_full(self) -> bool:

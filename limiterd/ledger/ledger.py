@@ -588,7 +588,7 @@ class Ledger:
                     self._moved.add(k)
 
     def _plan_retry(self, w: Waiter, bs: list[Bucket], paused_until: float, now: float) -> None:
-        wait = max(b.seconds_until(w.amounts) for b in bs)
+        wait = max(b.seconds_until(w.amounts, now) for b in bs)
         if wait <= 0 and paused_until <= now:
             return  # only a concurrency slot is missing: a settlement will wake it
         # At unix-time magnitudes a float second has ~1e-7 s of resolution: a timer can fire a
@@ -639,9 +639,10 @@ class Ledger:
         if schedule:
             used = self._refunds.used_share(b.key)
             cost = [own[i] + used[i] * (demand[i] - own[i]) for i in range(3)]
-            wait = expected_wait(b.levels, b.caps, cost, schedule, now)
+            # A refill held by the allowance starts later (buckets.py).
+            wait = max(0.0, b.as_of - now) + expected_wait(b.levels, b.caps, cost, schedule, now)
         else:
-            wait = b.seconds_until((demand[0], demand[1], demand[2]))
+            wait = b.seconds_until((demand[0], demand[1], demand[2]), now)
         mc = b.limits.max_concurrent
         if mc is not None and b.in_flight + ahead >= mc:
             wait = max(wait, CONCURRENCY_RETRY_S)
@@ -677,8 +678,9 @@ class Ledger:
         now: float,
         since: float,
     ) -> Reservation:
+        allowance = self._config.settings.refill_allowance_s
         for b in buckets:
-            b.take(amounts)
+            b.take(amounts, now, allowance)
             self._dirty.add(b.key)
         lease = req.lease_s if req.lease_s is not None else self._config.settings.default_lease_s
         r = Reservation(
