@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ import pytest
 from limiterd.api.provider_headers import provider_limits
 from limiterd.clock import SystemClock
 from limiterd.config.loader import ConfigError, check_config, parse_config
-from limiterd.config.model import Config, Settings
+from limiterd.config.model import Config
 from limiterd.engine import PersistenceFailing, WaitStatus
 from limiterd.ledger.errors import AlreadySettled, InvalidRequest
 from limiterd.ledger.ledger import Granted, Rejected
@@ -402,15 +402,9 @@ async def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> No
         assert r.state is State.RELEASED
 
 
-@dataclass(frozen=True, slots=True)
-class _WithAllowance(Settings):
-    refill_allowance_s: float = 0.5  # the local ledger's setting (issue 15), made long here
-
-
 async def test_a_burst_from_full_holds_refill_for_the_allowance(redis_url: str) -> None:
     fast = parse_config(FAST, "<fast>")
-    config = replace(fast, settings=_WithAllowance(**{
-        f.name: getattr(fast.settings, f.name) for f in fields(Settings)}))
+    config = replace(fast, settings=replace(fast.settings, refill_allowance_s=0.5))  # long
     async with sidecar(redis_url, config) as a:
         burst = await granted(a, req("fast", inp=60_000, out=0))  # from full to empty
         refused = await a.acquire(req("fast", inp=100, out=0), 0.0)
