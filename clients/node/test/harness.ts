@@ -21,6 +21,7 @@ export const CONFIG = `
 default_lease_ms = 60000
 max_lease_ms = 600000
 max_wait_ms = 60000
+refill_allowance_ms = 0  # exact refill times here; the allowance has its own tests
 
 [models."claude-test"]
 requests_per_minute = 1000
