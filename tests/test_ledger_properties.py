@@ -43,6 +43,9 @@ CONFIG = Config(
     settings=Settings(
         default_lease_s=30.0, max_waiters_per_queue=4, max_settlements=40,
         settlement_retention_s=90.0, idle_sweep_interval_s=5.0,
+        # The model refills exactly; the allowance (and how a restart cuts it short) is
+        # tested in test_ledger.py, and test_ledger_invariants runs with it on.
+        refill_allowance_s=0.0,
     ),
     models=(ModelRule("a", Limits(30, 600, 300, 3)), ModelRule("b", Limits(60, 300, 200))),
     user_models=(ModelRule("a", Limits(12, 400, None, 2)),),
@@ -89,20 +92,15 @@ class ModelBucket:
     as_of: float
     first_seen: float
     granted: list[float]  # takes less refunds, since first_seen (debt is usage, not a grant)
-    refill_from: float = 0.0  # the refill allowance: nothing refills before this
 
     def refill(self, now: float) -> None:
-        dt = max(0.0, now - max(self.as_of, self.refill_from))
+        dt = max(0.0, now - self.as_of)
         self.as_of = max(self.as_of, now)
         for i, cap in enumerate(self.caps):
             if cap is not None:
                 self.levels[i] = min(float(cap), self.levels[i] + cap * dt / 60.0)
 
     def add(self, amounts: tuple[float, float, float], take: bool = False) -> None:
-        if take and any(c is not None and a and lv >= c
-                        for c, a, lv in zip(self.caps, amounts, self.levels, strict=True)):
-            # Taken from full: the provider refills from the request's arrival.
-            self.refill_from = self.as_of + CONFIG.settings.refill_allowance_s
         for i, cap in enumerate(self.caps):
             if cap is not None and amounts[i]:
                 self.levels[i] = min(float(cap), self.levels[i] + amounts[i])

@@ -16,8 +16,8 @@ start first and stay ahead of the provider's by rate x delay until the bucket fi
 first caller waiting for an exact refill would be sent a little early (a 429). So a take from
 a full dimension moves the bucket's refill clock (`as_of`) forward by an allowance
 (Settings.refill_allowance_s, 100 ms by default): nothing refills before then. It costs up to
-rate x allowance per dimension per burst from full. Kept in `as_of`, the allowance is journaled
-with the levels and survives a restart.
+rate x allowance per dimension per burst from full. A restart inside the allowance ends it
+(restore never takes a refill time from the future; see Ledger.restore).
 """
 
 from __future__ import annotations
