@@ -182,6 +182,15 @@ class RunningServer:
     def server(self) -> grpc.aio.Server:
         return self.servers[0]
 
+    @property
+    def metrics_target(self) -> str:
+        """host:port that /metrics is served on, as bound (a port 0 asked for reads as the
+        one the kernel gave), or "" when not served."""
+        if self.metrics_http is None:
+            return ""
+        host, port = self.metrics_http[0].server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def cut_short(self) -> None:
         """During stop(): cancel the calls still in flight now instead of after the grace.
         (A second stop with no grace ends a pending graceful one.)"""
@@ -416,7 +425,7 @@ async def serve(options: ServeOptions) -> None:
         srv.target,
         f" (admin on {srv.admin_target})" if srv.admin_target != srv.target else "",
         srv.engine.describe(), srv.reloader.source,
-        f"; metrics on http://{options.metrics_listen}/metrics" if options.metrics_listen else "",
+        f"; metrics on http://{srv.metrics_target}/metrics" if srv.metrics_target else "",
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

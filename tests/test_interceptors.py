@@ -3,7 +3,6 @@ included), and the admin token over reflection."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -14,8 +13,7 @@ from limiterd.server import Security, running_server
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import make_test_config
-from tests.test_metrics_labels import body
-from tests.test_process import free_port
+from tests.metrics_scrape import body_once, calls_counted
 
 # Field 1 (scope), length-delimited, says 100 bytes follow; 1 does.
 TRUNCATED = b"\x0a\x64x"
@@ -51,8 +49,7 @@ async def test_malformed_requests_are_invalid_argument_with_throttled_logs(
 
 
 async def test_acquire_stream_counts_like_acquire() -> None:
-    port = free_port()
-    async with running_server(config=make_test_config(), metrics_listen=f"127.0.0.1:{port}") as d:
+    async with running_server(config=make_test_config(), metrics_listen="127.0.0.1:0") as d:
         async with grpc.aio.insecure_channel(d.target) as ch:
             stub = pb_grpc.LimiterStub(ch)
             events = [e async for e in stub.AcquireStream(pb.AcquireRequest(
@@ -64,7 +61,9 @@ async def test_acquire_stream_counts_like_acquire() -> None:
                     pass
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             await stub.Acquire(pb.AcquireRequest(scope="t", model="tiny", input_tokens=1))
-        text = await asyncio.to_thread(body, port)
+        # Counted when grpc says each call is done, which may follow the answer.
+        both = (calls_counted("AcquireStream", 2), calls_counted("Acquire", 1))
+        text = await body_once(d.metrics_target, lambda m: all(c(m) for c in both))
     assert 'limiterd_acquires_total{result="granted"} 2.0' in text
     assert 'limiterd_acquires_total{result="timed_out"} 1.0' in text
     assert 'limiterd_acquire_wait_seconds_count 2.0' in text

@@ -4,7 +4,6 @@ invent fold into `other`, so /metrics stays the same size however many they inve
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import grpc
 
@@ -12,13 +11,7 @@ from limiterd.server import running_server
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import make_test_config
-from tests.test_process import free_port
-
-
-def body(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text: str = r.read().decode()
-    return text
+from tests.metrics_scrape import body_once, calls_counted
 
 
 async def use_models(stub: pb_grpc.LimiterStub, names: list[str]) -> None:
@@ -38,16 +31,16 @@ async def use_models(stub: pb_grpc.LimiterStub, names: list[str]) -> None:
 
 
 async def test_invented_model_names_do_not_grow_metrics() -> None:
-    port = free_port()
-    async with running_server(config=make_test_config(), metrics_listen=f"127.0.0.1:{port}") as d:
+    async with running_server(config=make_test_config(), metrics_listen="127.0.0.1:0") as d:
         async with grpc.aio.insecure_channel(d.target) as ch:
             stub = pb_grpc.LimiterStub(ch)
             # "claude-*" is a configured rule: any name under it is granted.
             await use_models(stub, ["tiny", "claude-x1", *["claude-x0"] * 6])
-            small = await asyncio.to_thread(body, port)
+            # Compared once every call made so far is counted (grpc's done callback).
+            small = await body_once(d.metrics_target, calls_counted("Report", 8))
             invented = [f"claude-invented-{i}" for i in range(2000)]
             await use_models(stub, [*invented, *["claude-invented-hot"] * 6])
-            large = await asyncio.to_thread(body, port)
+            large = await body_once(d.metrics_target, calls_counted("Report", 8 + 2006))
     # Every name under "claude-*" spends that one budget, and is labelled by its name.
     assert "claude-invented" not in large and "claude-x0" not in large
     assert 'model="tiny"' in large and 'model="claude-*"' in large

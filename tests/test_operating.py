@@ -12,41 +12,30 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from limiterd.server import Security, running_server
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import TEAM_A, TEST_CONFIG_TOML, make_test_config
+from tests.metrics_scrape import calls_counted, scrape, scrape_once
 from tests.test_process import ROOT, free_port, limiterd, wait_serving
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        body = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 async def test_metrics_move_as_calls_are_made() -> None:
-    port = free_port()
-    async with running_server(config=make_test_config(), metrics_listen=f"127.0.0.1:{port}") as d:
+    async with running_server(config=make_test_config(), metrics_listen="127.0.0.1:0") as d:
+        port = d.metrics_target
         before = await asyncio.to_thread(scrape, port)
         assert before[("limiterd_open_reservations", ())] == 0
         async with grpc.aio.insecure_channel(d.target) as ch:
             stub = pb_grpc.LimiterStub(ch)
             g = await stub.Acquire(pb.AcquireRequest(scope=TEAM_A, model="tiny",
                                                      input_tokens=300, max_output_tokens=200))
-            mid = await asyncio.to_thread(scrape, port)
+            mid = await scrape_once(port, calls_counted("Acquire", 1))
             assert mid[("limiterd_open_reservations", ())] == 1
             assert mid[("limiterd_acquires_total", (("result", "granted"),))] == 1
             level = ("limiterd_bucket_level",
@@ -61,7 +50,7 @@ async def test_metrics_move_as_calls_are_made() -> None:
                                                      input_tokens=5000))
             await stub.Acquire(pb.AcquireRequest(scope="unconfigured", model="tiny",
                                                  input_tokens=1, user="alice"))
-        after = await asyncio.to_thread(scrape, port)
+        after = await scrape_once(port, calls_counted("Acquire", 3))
     assert after[("limiterd_reports_total", (("outcome", "RATE_LIMITED"),))] == 1
     tokens = "limiterd_tokens_total"
     assert after[(tokens, (("dimension", "input_tokens"), ("kind", "refunded")))] == 50
