@@ -50,6 +50,13 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+PICKS = 5
+
+
+class PortTaken(RuntimeError):
+    """redis-server could not bind its port: another process holds it."""
+
+
 class RedisServer:
     """One redis-server process. `aof`: append-only file with fsync on every write (so a
     kill -9 loses nothing acknowledged); otherwise no persistence at all."""
@@ -59,6 +66,9 @@ class RedisServer:
         self.workdir = workdir
         self.aof = aof
         self.port = port or free_port()
+        # A port picked here can be taken before redis binds it: then another is picked. A
+        # port asked for, or kept for a restart (clients hold its URL), stays as it is.
+        self._may_repick = port is None
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -67,6 +77,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        for _ in range(PICKS):
+            try:
+                return self._start()
+            except PortTaken:
+                if not self._may_repick:
+                    raise
+                self.port = free_port()
+        raise RuntimeError(f"no free port for redis-server in {PICKS} picks")
+
+    def _start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -82,8 +102,11 @@ class RedisServer:
             if self.proc.poll() is not None:
                 log = self.workdir / "redis.log"
                 tail = log.read_text()[-500:] if log.exists() else ""
+                if "Address already in use" in tail:
+                    raise PortTaken(tail)
                 raise RuntimeError(f"redis-server exited at start: {tail}")
             if self.ping():
+                self._may_repick = False
                 return self
             time.sleep(0.02)  # polling a process coming up, not racing the code under test
         raise RuntimeError(f"redis-server did not answer on port {self.port}")

@@ -15,7 +15,7 @@ import pytest
 
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.test_process import free_port, limiterd, wait_serving
+from tests.test_process import serve
 from tests.test_sqlite_journal import tmpfs
 
 CONFIG = """
@@ -47,10 +47,8 @@ def test_no_answered_change_is_lost_when_the_journal_fails(tmp_path: Path) -> No
     config.write_text(CONFIG)
     with tmpfs(tmp_path / "fs", "4m") as disk:
         db = disk / "limiterd.sqlite3"
-        target = f"127.0.0.1:{free_port()}"
-        proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
+        proc, target = serve("--config", str(config), "--db", str(db))
         try:
-            wait_serving(target, proc)
             with grpc.insecure_channel(target) as ch:
                 stub = pb_grpc.LimiterStub(ch)
                 grants = [stub.Acquire(pb.AcquireRequest(
@@ -93,10 +91,8 @@ def test_no_answered_change_is_lost_when_the_journal_fails(tmp_path: Path) -> No
             proc.communicate()
 
         filler.unlink()
-        target = f"127.0.0.1:{free_port()}"
-        proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
+        proc, target = serve("--config", str(config), "--db", str(db))
         try:
-            wait_serving(target, proc)
             with grpc.insecure_channel(target) as ch:
                 stub, admin = pb_grpc.LimiterStub(ch), pb_grpc.AdminStub(ch)
                 leases = open_leases(admin)

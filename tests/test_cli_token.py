@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_process import ROOT, free_port, wait_serving
+from tests.test_process import ANY_PORT, ROOT, serve
 
 TOKEN = "s3cret-token-value"
 
@@ -20,14 +20,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
-    target = f"127.0.0.1:{free_port()}"
-    full = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client' / 'src'}",
-                LIMITERD_LISTEN=target, **env)
-    proc = subprocess.Popen([sys.executable, "-m", "limiterd", "serve", "--db", ":memory:",
-                             *args], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    wait_serving(target, proc)
-    return proc, target
+    return serve("--db", ":memory:", *args, listen="", env={"LIMITERD_LISTEN": ANY_PORT, **env})
 
 
 def stop(proc: subprocess.Popen[str]) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.test_process import free_port, limiterd, wait_serving
+from tests.test_process import serve
 
 CONFIG = """
 [daemon]
@@ -154,10 +154,8 @@ async def crash_loop(tmp_path: Path, rounds: int, seed: int) -> Acked:
     db = tmp_path / "state" / "limiterd.sqlite3"
     acked = Acked()
     for round_no in range(rounds):
-        target = f"127.0.0.1:{free_port()}"
-        proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
+        proc, target = serve("--config", str(config), "--db", str(db))
         try:
-            wait_serving(target, proc)
             if round_no:
                 await verify(target, acked, rng)
             await load_then_kill(proc, target, acked, rng)
@@ -165,10 +163,8 @@ async def crash_loop(tmp_path: Path, rounds: int, seed: int) -> Acked:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
-    target = f"127.0.0.1:{free_port()}"
-    proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
+    proc, target = serve("--config", str(config), "--db", str(db))
     try:
-        wait_serving(target, proc)
         await verify(target, acked, rng)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import TEST_CONFIG_TOML
 from tests.test_operating import cli
-from tests.test_process import free_port, limiterd, wait_serving
+from tests.test_process import serve
 
 T0 = 1_700_000_000.0
 CONFIG = Config(models=(ModelRule("m", Limits(60, 600, 300)),))
@@ -76,10 +76,8 @@ def test_reset_forgives_debt_and_wakes_waiters() -> None:
 
 @contextmanager
 def daemon(config: Path, db: Path) -> Iterator[pb_grpc.LimiterStub]:
-    target = f"127.0.0.1:{free_port()}"
-    proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
+    proc, target = serve("--config", str(config), "--db", str(db))
     try:
-        wait_serving(target, proc)
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.LimiterStub(ch)
             stub.target = target  # type: ignore[attr-defined]

@@ -644,15 +644,13 @@ async def test_sigterm_lets_a_stream_in_flight_finish(
 
 async def test_every_part_its_own_process(tmp_path: Path, provider: FakeProvider) -> None:
     """`limiterd serve` and `limiterd gateway` as the operator starts them, the SDK as an app."""
-    from tests.test_process import free_port, limiterd, wait_serving
+    from tests.test_process import serve
 
     config = tmp_path / "limiterd.toml"
     config.write_text(DAEMON_CONFIG)
-    target = f"127.0.0.1:{free_port()}"
-    daemon = limiterd("serve", "--listen", target, "--config", str(config), "--db",
-                      str(tmp_path / "state.sqlite3"))
+    daemon, target = await asyncio.to_thread(
+        serve, "--config", str(config), "--db", str(tmp_path / "state.sqlite3"))
     try:
-        await asyncio.to_thread(wait_serving, target, daemon)
         gw = await start_gateway(tmp_path, target, provider.base_url)
         try:
             async with sdk(gw, "sk-procs") as client:

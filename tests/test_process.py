@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -23,18 +25,69 @@ from tests.conftest import TEST_CONFIG_TOML
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+# Daemons listen on port 0 and the test reads the port from the start-up line: a port picked
+# free beforehand can be taken by another process before the daemon binds it.
+ANY_PORT = "127.0.0.1:0"
+SERVING = re.compile(r"limiterd serving on (\S+?)(?: \(admin on (\S+?)\))?;")
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound, never listening, held meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
-def limiterd(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client' / 'src'}")
-    return subprocess.Popen(
+class Daemon(subprocess.Popen[str]):
+    """A limiterd process. What it wrote to stderr while the test waited for its start-up
+    line is given back at the front of communicate()'s stderr."""
+
+    said = ""
+
+    def communicate(self, input: str | None = None,  # noqa: A002 (Popen's own name)
+                    timeout: float | None = None) -> tuple[str, str]:
+        out, err = super().communicate(input, timeout)
+        return out, self.said + (err or "")
+
+    def serving_on(self, timeout: float = 30) -> str:
+        """The address the daemon says it serves on, once it says so (it is serving then)."""
+        assert self.stderr is not None
+        fd, deadline, said = self.stderr.fileno(), time.monotonic() + timeout, b""
+        while (found := SERVING.search(said.decode(errors="replace"))) is None:
+            left = deadline - time.monotonic()
+            assert left > 0, f"daemon did not say where it serves: {said.decode()!r}"
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self.said = said.decode(errors="replace")
+                    out, err = self.communicate(timeout=10)
+                    raise AssertionError(f"daemon exited ({self.returncode}): {err}")
+                said += chunk
+        self.said = said.decode(errors="replace")
+        return found.group(1)
+
+
+def limiterd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Daemon:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client' / 'src'}", **(env or {}))
+    return Daemon(
         [sys.executable, "-m", "limiterd", *args], cwd=cwd or ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def serve(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+          listen: str = ANY_PORT) -> tuple[Daemon, str]:
+    """`limiterd serve` on a port of the kernel's choosing; the process and its target,
+    once it serves."""
+    proc = limiterd("serve", *(("--listen", listen) if listen else ()), *args, cwd=cwd, env=env)
+    try:
+        return proc, proc.serving_on()
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        raise
 
 
 def wait_serving(target: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
@@ -62,11 +115,9 @@ def config_file(tmp_path: Path) -> Path:
 @contextmanager
 def running_daemon(config_file: Path, grace_s: int = 5
                    ) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    target = f"127.0.0.1:{free_port()}"
-    proc = limiterd("serve", "--listen", target, "--config", str(config_file),
-                    "--db", ":memory:", "--grace", str(grace_s))
+    proc, target = serve("--config", str(config_file), "--db", ":memory:",
+                         "--grace", str(grace_s))
     try:
-        wait_serving(target, proc)
         yield proc, target
     finally:
         if proc.poll() is None:
@@ -138,7 +189,7 @@ def test_invalid_config_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[models."m"]\nrequests_per_minute = -1\n')
     proc = limiterd("serve", "--config", str(bad), "--db", ":memory:",
-                    "--listen", f"127.0.0.1:{free_port()}")
+                    "--listen", ANY_PORT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert f"{bad}: models.m.requests_per_minute" in err or "requests_per_minute" in err

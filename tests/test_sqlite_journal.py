@@ -749,7 +749,7 @@ def refused_start(proc: subprocess.Popen[str]) -> str:
 def test_symlink_and_hard_link_meet_the_same_lock(tmp_path: Path) -> None:
     # Three real daemons on one file, through its path, a symlink and a hard link: each once
     # took its own lock and granted nearly the whole bucket. Only the first may start.
-    from tests.test_process import free_port, limiterd, wait_serving
+    from tests.test_process import ANY_PORT, limiterd, serve
 
     db = tmp_path / "a" / "limiterd.sqlite3"
     db.parent.mkdir()
@@ -757,12 +757,10 @@ def test_symlink_and_hard_link_meet_the_same_lock(tmp_path: Path) -> None:
     (tmp_path / "link.sqlite3").symlink_to(db)
     (tmp_path / "b").mkdir()
     os.link(db, tmp_path / "b" / "hard.sqlite3")
-    target = f"127.0.0.1:{free_port()}"
-    first = limiterd("serve", "--listen", target, "--db", str(db))
+    first, _ = serve("--db", str(db))
     try:
-        wait_serving(target, first)
         for other in (tmp_path / "link.sqlite3", tmp_path / "b" / "hard.sqlite3"):
-            proc = limiterd("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(other))
+            proc = limiterd("serve", "--listen", ANY_PORT, "--db", str(other))
             err = refused_start(proc)
             assert proc.returncode == 1, err
             assert err.strip() == (
@@ -841,11 +839,11 @@ async def test_unreadable_rows_stop_the_start_with_one_line(tmp_path: Path, case
 
 @pytest.mark.parametrize("case", ["unknown state", "broken JSON"])
 async def test_the_daemon_says_so_in_one_line_not_a_traceback(tmp_path: Path, case: str) -> None:
-    from tests.test_process import free_port, limiterd
+    from tests.test_process import ANY_PORT, limiterd
 
     path = tmp_path / "db.sqlite3"
     await database_with(path, BAD_ROWS[case])
-    proc = limiterd("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", str(path))
+    proc = limiterd("serve", "--listen", ANY_PORT, "--db", str(path))
     err = refused_start(proc)
     assert proc.returncode == 1, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
