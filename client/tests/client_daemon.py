@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import cast
 
 import grpc
@@ -74,8 +75,9 @@ class Daemon:
 
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (for "connection refused")."""
+def refused_target() -> Iterator[str]:
+    """A loopback address that refuses connections: its port bound, never listening, and held
+    while the test runs (a port merely found free could be taken and answered meanwhile)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield f"127.0.0.1:{s.getsockname()[1]}"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from client_daemon import CLIENT_TEST_CONFIG, Daemon
+from client_daemon import CLIENT_TEST_CONFIG, Daemon, refused_target
 from fake_provider import FakeProvider
 
 from limiterd.config.loader import parse_config
@@ -24,6 +24,9 @@ async def daemon() -> AsyncIterator[Daemon]:
             await asyncio.sleep(0)
             leases = await d.open_leases()
             assert leases == [], f"leaked reservations: {leases}"
+
+
+dead = pytest.fixture(refused_target)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import anthropic
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon, free_port
+from client_daemon import Daemon
 from fake_provider import FakeProvider, Reply
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -91,10 +91,10 @@ def test_good_targets_are_accepted() -> None:
         SyncLimiter(target).close()
 
 
-async def test_wait_ready_waits_for_the_daemon_or_says_it_is_not_there(daemon: Daemon) -> None:
+async def test_wait_ready_waits_for_the_daemon_or_says_it_is_not_there(
+        daemon: Daemon, dead: str) -> None:
     async with Limiter(daemon.target) as lim:
         await lim.wait_ready(10)
-    dead = f"127.0.0.1:{free_port()}"
     async with Limiter(dead) as lim:
         with pytest.raises(LimiterUnavailable, match=f"{dead} did not accept a connection"):
             await lim.wait_ready(0.3)
@@ -264,8 +264,8 @@ async def test_a_span_per_call_with_its_events_when_opentelemetry_is_there(
 
 # -- when the daemon is away -----------------------------------------------------------------
 
-async def test_safe_capacity_is_per_model() -> None:
-    async with Limiter(f"127.0.0.1:{free_port()}", transport_attempts=1,
+async def test_safe_capacity_is_per_model(dead: str) -> None:
+    async with Limiter(dead, transport_attempts=1,
                        on_unavailable=SafeCapacity(requests_per_minute=1,
                                                    tokens_per_minute=1000)) as lim:
         for model in (OPUS, SONNET):  # one pool would refuse the second
@@ -277,9 +277,9 @@ async def test_safe_capacity_is_per_model() -> None:
 
 
 async def test_fail_open_warns_at_most_every_few_seconds_with_a_count(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, dead: str) -> None:
     ft = FakeTime()
-    async with Limiter(f"127.0.0.1:{free_port()}", transport_attempts=1,
+    async with Limiter(dead, transport_attempts=1,
                        on_unavailable=FailOpen(), clock=ft.clock) as lim:
         with caplog.at_level(logging.WARNING, "limiterd_client"):
             for _ in range(50):

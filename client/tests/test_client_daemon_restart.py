@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import anthropic
 import grpc
 import pytest
-from client_daemon import CLIENT_TEST_CONFIG, free_port
+from client_daemon import CLIENT_TEST_CONFIG
 from fake_provider import FakeProvider, Reply
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from wire import Recorder
@@ -43,10 +45,12 @@ MSG: dict[str, Any] = {"max_tokens": 64, "messages": [{"role": "user", "content"
 
 
 class DaemonProcess:
-    """`limiterd serve` as a real process on a fixed port and a SQLite file."""
+    """`limiterd serve` as a real process and a SQLite file. The first start takes a port of
+    the kernel's choosing (read from its log: one picked free beforehand can be taken first);
+    restarts keep it, as callers hold the target."""
 
     def __init__(self, tmp: Path) -> None:
-        self.target = f"127.0.0.1:{free_port()}"
+        self.target = "127.0.0.1:0"
         self.config = tmp / "limiterd.toml"
         self.config.write_text(CLIENT_TEST_CONFIG)
         self.db = tmp / "limiterd.sqlite3"
@@ -60,12 +64,22 @@ class DaemonProcess:
                 [sys.executable, "-m", "limiterd", "serve", "--listen", self.target,
                  "--config", str(self.config), "--db", str(self.db)],
                 cwd=ROOT, env=env, stdout=log, stderr=log)
+        if self.target.endswith(":0"):
+            self.target = self._serving_on()
         with grpc.insecure_channel(self.target) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             req = health_pb2.HealthCheckRequest()
             # wait_for_ready: the call waits for the daemon's port instead of a sleep loop
             status = health.Check(req, timeout=30, wait_for_ready=True).status
             assert status == health_pb2.HealthCheckResponse.SERVING, self.log.read_text()
+
+    def _serving_on(self) -> str:
+        deadline = time.monotonic() + 30
+        while (found := re.search(r"limiterd serving on (\S+?);", self.log.read_text())) is None:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, f"no start-up line: {self.log.read_text()}"
+            time.sleep(0.02)  # polling the daemon's log for its start-up line
+        return found.group(1)
 
     def kill(self) -> None:
         assert self.proc is not None

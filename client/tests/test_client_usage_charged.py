@@ -10,7 +10,7 @@ import anthropic
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon, free_port
+from client_daemon import Daemon
 from fake_provider import FakeProvider, Reply
 from wire import Recorder
 
@@ -70,11 +70,11 @@ async def test_a_failed_attempt_reports_what_it_used(
                    else (acquire.input_tokens, acquire.max_output_tokens))
 
 
-async def test_a_connection_never_made_is_charged_nothing(daemon: Daemon) -> None:
+async def test_a_connection_never_made_is_charged_nothing(daemon: Daemon, dead: str) -> None:
     rec = Recorder()
     async with grpc.aio.insecure_channel(daemon.target, interceptors=[rec]) as ch:
         client = anthropic.AsyncAnthropic(api_key="sk-test",
-                                          base_url=f"http://127.0.0.1:{free_port()}")
+                                          base_url=f"http://{dead}")
         ad = AsyncAnthropicAdapter(client, Limiter(channel=ch), retry=RetryPolicy.none())
         with pytest.raises(ProviderError) as info:
             await ad.create(model=SONNET, **MSG)
