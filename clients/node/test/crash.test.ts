@@ -5,11 +5,11 @@ import { test } from "node:test";
 import Anthropic from "@anthropic-ai/sdk";
 import { limitedFetch, scopeForApiKey } from "limiterd-client";
 import { FakeProvider } from "./fake-provider.js";
-import { freePort, limiterFor, openLeases, startDaemon, waitFor } from "./harness.js";
+import { limiterFor, openLeases, portOf, startDaemon, waitFor } from "./harness.js";
 
 test("daemon killed mid-call: the answer is kept, the Report delivered later", async () => {
-  const port = await freePort();
-  const first = await startDaemon({ port });
+  const first = await startDaemon();
+  const port = portOf(first.target);
   const provider = await new FakeProvider().start();
   const limiter = limiterFor(first, { transportAttempts: 2, rpcTimeoutMs: 1000, logger: { warn: () => {} } });
   try {
@@ -49,8 +49,8 @@ test("daemon killed mid-call: the answer is kept, the Report delivered later", a
 });
 
 test("a daemon restarted without its state refuses the Report: the answer is still returned", async () => {
-  const port = await freePort();
-  const first = await startDaemon({ port, db: ":memory:" });
+  const first = await startDaemon({ db: ":memory:" });
+  const port = portOf(first.target);
   const provider = await new FakeProvider().start();
   const warnings: string[] = [];
   const limiter = limiterFor(first, { logger: { warn: (m) => warnings.push(m) } });

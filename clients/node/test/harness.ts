@@ -66,6 +66,9 @@ export async function freePort(): Promise<number> {
   });
 }
 
+/** The port of a "host:port" target (a restarted daemon keeps its address). */
+export const portOf = (target: string): number => Number(target.slice(target.lastIndexOf(":") + 1));
+
 export interface Daemon {
   readonly target: string;
   readonly db: string;
@@ -96,18 +99,28 @@ export async function startDaemon(options: {
   const config = join(dir, "limiterd.toml");
   writeFileSync(config, options.config ?? CONFIG);
   const db = options.db ?? join(dir, "journal.sqlite3");
-  const target = options.listen ?? `127.0.0.1:${options.port ?? await freePort()}`;
-  const proc = spawn(LIMITERD, ["serve", "--listen", target, "--db", db, "--config", config,
-    "--watch-config", "0", "--grace", "1", "--log-level", "warning", ...(options.args ?? [])], {
+  // Port 0 unless one is asked for (a restart keeps its address): the daemon's start-up line
+  // says which port it got. A port picked free beforehand can be taken before the daemon binds.
+  const listen = options.listen ?? `127.0.0.1:${options.port ?? 0}`;
+  const proc = spawn(LIMITERD, ["serve", "--listen", listen, "--db", db, "--config", config,
+    "--watch-config", "0", "--grace", "1", "--log-level", "info", ...(options.args ?? [])], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   let stderr = "";
-  proc.stderr!.on("data", (b: Buffer) => { stderr += b.toString(); });
+  const said = new Promise<string>((ok) => {
+    proc.stderr!.on("data", (b: Buffer) => {
+      stderr += b.toString();
+      const found = /limiterd serving on (\S+?)[;( ]/.exec(stderr);
+      if (found?.[1]) ok(found[1]);
+    });
+  });
+  const died = exited(proc).then(() => { throw new Error(`limiterd exited before serving:\n${stderr}`); });
+  const target = await Promise.race([said, died]);
   const probe = new Limiter({ target, rpcTimeoutMs: 1000, ...(options.probe ?? {}) });
   try {
     await Promise.race([
       probe.waitReady({ timeoutMs: 30_000 }),
-      exited(proc).then(() => { throw new Error(`limiterd exited before serving:\n${stderr}`); }),
+      died,
     ]);
   } finally {
     await probe.close();
