@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import TEAM_A, TEST_CONFIG_TOML, make_test_config
 from tests.metrics_scrape import calls_counted, scrape, scrape_once
-from tests.test_process import ROOT, free_port, limiterd, wait_serving
+from tests.test_process import ROOT, refused_port, serve, wait_for
 
 
 async def test_metrics_move_as_calls_are_made() -> None:
@@ -75,11 +74,9 @@ def daemon_with_config(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], 
     (mount / "..v1" / "limiterd.toml").write_text(TEST_CONFIG_TOML)
     os.symlink("..v1", mount / "..data")
     os.symlink("..data/limiterd.toml", mount / "limiterd.toml")
-    target = f"127.0.0.1:{free_port()}"
-    proc = limiterd("serve", "--listen", target, "--config", str(mount / "limiterd.toml"),
-                    "--db", str(tmp_path / "db.sqlite3"), "--watch-config", "0.2")
+    proc, target = serve("--config", str(mount / "limiterd.toml"),
+                         "--db", str(tmp_path / "db.sqlite3"), "--watch-config", "0.2")
     try:
-        wait_serving(target, proc)
         yield proc, target, mount
     finally:
         if proc.poll() is None:
@@ -138,10 +135,16 @@ def test_cli_against_a_running_daemon(
     assert out.returncode == 1 and out.stderr.startswith("limiterd: NOT_FOUND")
     out = cli("release", "--target", target, "nope")
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
-    out = cli("leases", "--target", f"127.0.0.1:{free_port()}")
+    with refused_port() as port:
+        out = cli("leases", "--target", f"127.0.0.1:{port}")
     assert out.returncode == 3
     assert out.stderr.count("\n") == 1 and "cannot reach the daemon" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# The watcher looks every 0.2 s; the bound only turns a watcher that never sees the change into
+# a failure (5 s was missed once on a loaded machine).
+RELOAD_BOUND_S = 60
 
 
 def test_reload_keeps_reservations_and_rejects_bad_configs(
@@ -155,11 +158,7 @@ def test_reload_keeps_reservations_and_rejects_bad_configs(
     # A ConfigMap update: the watcher follows the symlink swap.
     swap_config(mount, "..v2", TEST_CONFIG_TOML.replace(
         "input_tokens_per_minute = 1000\n", "input_tokens_per_minute = 2000\n", 1))
-    for _ in range(50):
-        if tiny_capacity(target) == 2000:
-            break
-        time.sleep(0.1)
-    assert tiny_capacity(target) == 2000
+    wait_for(lambda: tiny_capacity(target) == 2000, timeout=RELOAD_BOUND_S)
     leases = json.loads(cli("leases", "--target", target, "--json").stdout)
     assert [r["reservation_id"] for r in leases] == [grant.reservation_id]
     # An invalid config is rejected; the running one stays in force.
@@ -170,11 +169,7 @@ def test_reload_keeps_reservations_and_rejects_bad_configs(
     # SIGHUP applies a good one.
     swap_config(mount, "..v4", TEST_CONFIG_TOML)
     proc.send_signal(signal.SIGHUP)
-    for _ in range(50):
-        if tiny_capacity(target) == 1000:
-            break
-        time.sleep(0.1)
-    assert tiny_capacity(target) == 1000
+    wait_for(lambda: tiny_capacity(target) == 1000, timeout=RELOAD_BOUND_S)
 
 
 def make_certs(d: Path) -> dict[str, Path]:
@@ -236,10 +231,8 @@ async def test_admin_token_guards_admin_calls_only() -> None:
 
 
 async def test_admin_on_a_separate_listener() -> None:
-    admin_port = free_port()
-    async with running_server(config=make_test_config(),
-                              admin_listen=f"127.0.0.1:{admin_port}") as d:
-        assert d.admin_target == f"127.0.0.1:{admin_port}"
+    async with running_server(config=make_test_config(), admin_listen="127.0.0.1:0") as d:
+        assert d.admin_target.startswith("127.0.0.1:") and d.admin_target != d.target
         async with grpc.aio.insecure_channel(d.target) as ch:
             await pb_grpc.LimiterStub(ch).Acquire(pb.AcquireRequest(
                 scope="s", model="tiny", input_tokens=1))
@@ -257,10 +250,7 @@ def test_error_log_survives_a_restart_and_filters(tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
 
     def start() -> tuple[subprocess.Popen[str], str]:
-        target = f"127.0.0.1:{free_port()}"
-        proc = limiterd("serve", "--listen", target, "--config", str(config), "--db", str(db))
-        wait_serving(target, proc)
-        return proc, target
+        return serve("--config", str(config), "--db", str(db))
 
     proc, target = start()
     try:
