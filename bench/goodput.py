@@ -15,15 +15,21 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from bench.cost import ENV, ROOT, free_port, wait_serving
 from bench.goodput_config import KEY_LIMITS, MODEL, limiter_toml
+from bench.shared import redis
 
-SETUPS = ("sdk", "local", "limiterd", "gateway")
+SETUPS = ("sdk", "local", "limiterd", "gateway", "sidecars", "redis")
 LABELS = {"sdk": "SDK retries only", "local": "per-process limiter",
-          "limiterd": "limiterd (shared)", "gateway": "limiterd gateway (no code change)"}
+          "limiterd": "limiterd (shared)", "gateway": "limiterd gateway (no code change)",
+          "sidecars": "a sidecar per app, separate ledgers",
+          "redis": "a sidecar per app, one Redis ledger"}
+# Setups where each app has its own sidecar (the app code is the `limiterd` one).
+SIDECAR_SETUPS = ("sidecars", "redis")
 APPS, AGENTS = 3, 6
 WINDOW_S = 5.0
 # The steady part of a run: after the start-up burst (every bucket starts full) and before
@@ -41,19 +47,26 @@ def run_setup(mode: str, seconds: float, tmp: Path, overloads: list[list[float]]
     cfg = tmp / "provider.json"
     cfg.write_text(json.dumps({"models": {MODEL: {**KEY_LIMITS, "overloads": overloads}}}))
     provider = _start([sys.executable, "-m", "bench.provider", str(port), str(log), str(cfg)])
-    daemon = gateway = None
-    target = ""
+    gateway = None
+    daemons: list[subprocess.Popen[bytes]] = []
+    targets = [""] * APPS
     url = f"http://127.0.0.1:{port}"
+    stack = ExitStack()
     try:
         time.sleep(0.5)
+        conf = tmp / "limiterd.toml"
+        conf.write_text(limiter_toml(KEY_LIMITS))
         if mode in ("limiterd", "gateway"):
-            target = f"127.0.0.1:{free_port()}"
-            conf = tmp / "limiterd.toml"
-            conf.write_text(limiter_toml(KEY_LIMITS))
-            daemon = _start([sys.executable, "-m", "limiterd", "serve", "--listen", target,
-                             "--config", str(conf), "--db", str(tmp / f"goodput-{mode}.sqlite3"),
-                             "--log-level", "warning", "--watch-config", "0"])
-            wait_serving(target)
+            targets = [_daemon(daemons, conf, ["--db", str(tmp / f"goodput-{mode}.sqlite3")])]
+        elif mode == "sidecars":  # each sidecar alone believes it holds the key's full limits
+            targets = [_daemon(daemons, conf, ["--db", str(tmp / f"goodput-{mode}-{i}.sqlite3")])
+                       for i in range(APPS)]
+        elif mode == "redis":
+            rdir = tmp / "redis"
+            rdir.mkdir(exist_ok=True)
+            ledger = stack.enter_context(redis(rdir))
+            targets = [_daemon(daemons, conf, ["--ledger", ledger]) for _ in range(APPS)]
+        target = targets[0]
         if mode == "gateway":
             # The apps are the plain SDK pointed at the gateway (ANTHROPIC_BASE_URL): the
             # same code as the "sdk" setup, its default retries included.
@@ -66,16 +79,18 @@ def run_setup(mode: str, seconds: float, tmp: Path, overloads: list[list[float]]
                               "--config", str(gw_conf), "--log-level", "warning"])
             url = f"http://127.0.0.1:{gw_port}"
             _wait_http(url + "/limiterd/health")
-        apps = [_start([sys.executable, "-m", "bench.app", mode, str(AGENTS), str(seconds),
-                        url, str(tmp / f"app-{mode}-{i}.jsonl"), target,
+        app_mode = "limiterd" if mode in SIDECAR_SETUPS else mode
+        apps = [_start([sys.executable, "-m", "bench.app", app_mode, str(AGENTS), str(seconds),
+                        url, str(tmp / f"app-{mode}-{i}.jsonl"), targets[i % len(targets)],
                         str(i + 1)]) for i in range(APPS)]
         for a in apps:
             a.wait(seconds + 180)
     finally:
-        for p in (gateway, daemon, provider):
+        for p in (gateway, *daemons, provider):
             if p is not None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+        stack.close()
     events = [json.loads(line) for line in log.read_text().splitlines()]
     # The run starts when the first request reaches the provider, not when the provider
     # started: on a loaded machine the apps take many seconds to start, and counting from the
@@ -85,6 +100,16 @@ def run_setup(mode: str, seconds: float, tmp: Path, overloads: list[list[float]]
     calls = [json.loads(line) for i in range(APPS)
              for line in (tmp / f"app-{mode}-{i}.jsonl").read_text().splitlines()]
     return summarize(mode, seconds, events, calls)
+
+
+def _daemon(started: list[subprocess.Popen[bytes]], conf: Path, ledger_args: list[str]) -> str:
+    """Start one `limiterd serve` with the key's full limits; returns its address once SERVING."""
+    target = f"127.0.0.1:{free_port()}"
+    started.append(_start([sys.executable, "-m", "limiterd", "serve", "--listen", target,
+                           "--config", str(conf), *ledger_args,
+                           "--log-level", "warning", "--watch-config", "0"]))
+    wait_serving(target)
+    return target
 
 
 def _wait_http(url: str, timeout: float = 60.0) -> None:
@@ -124,6 +149,7 @@ def summarize(mode: str, seconds: float, events: list[dict[str, Any]],
     steady = [e for e in ok if lo <= e["t"] < hi]
     steady_min = max(hi - lo, 1e-9) / 60.0
     return {
+        "mode": mode,
         "setup": LABELS[mode],
         "provider_429": sum(1 for e in events if e["status"] == 429),
         "provider_529": sum(1 for e in events if e["status"] == 529),
@@ -159,6 +185,7 @@ def run_all(quick: bool, out: Path, setups: tuple[str, ...] = SETUPS,
                 r = run_setup(mode, seconds, Path(tmp), overloads)
             r["run"] = n
             print(f"    429s {r['provider_429']}, 529s {r['provider_529']}, "
+                  f"{r['failed']} failed, "
                   f"{r['completed_per_min']:.1f} completed/min, input budget "
                   f"{r['input_budget_pct']:.0f}% whole run, {r['steady_input_pct']:.0f}% "
                   f"steady ({STEADY_FROM_S:.0f} s to end - {STEADY_TAIL_S:.0f} s)", flush=True)
@@ -180,8 +207,9 @@ def plot(rows: list[dict[str, Any]], seconds: float, path: Path) -> None:
     for r in rows:
         xs = [WINDOW_S * (i + 0.5) for i in range(len(r["series_util"]))]
         ax1.plot(xs, [100 * u for u in r["series_util"]], marker="o", label=r["setup"])
-        ax2.bar([x + (rows.index(r) - 1) * WINDOW_S / 4 for x in xs], r["series_429"],
-                width=WINDOW_S / 4, label=r["setup"])
+        width = WINDOW_S / (len(rows) + 1)
+        ax2.bar([x + (rows.index(r) - (len(rows) - 1) / 2) * width for x in xs],
+                r["series_429"], width=width, label=r["setup"])
     ax1.axhline(100, color="grey", linestyle="--", linewidth=1)
     ax1.set_ylabel("input tokens served\n% of the per-minute rate")
     ax1.legend()

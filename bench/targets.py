@@ -18,6 +18,7 @@ STREAMS_P99_VS_IDLE_MAX = 3.0  # probe p99 with 10,000 waiting streams / idle, a
 GATEWAY_TTFB_MAX = 1.1  # time to first byte through the gateway / direct, streamed, p50
 SHARED_CYCLES_MIN = 0.7  # a sidecar on Redis: Acquire+Report/s at least this share of SQLite's
 SHARED_P99_MAX = 2.0  # and its p99 at most this multiple of the SQLite sidecar's
+GOODPUT_BUDGET_MIN_PCT = 95.0  # a sidecar per app on one Redis: input budget served, at least
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,27 @@ def check(raw: dict[str, Any]) -> list[Verdict]:
                            f"{r['cycles_ratio']:.2f}x", r["cycles_ratio"] >= SHARED_CYCLES_MIN))
         out.append(Verdict(f"sidecar on Redis p99 <= {SHARED_P99_MAX:.0f}x SQLite sidecar",
                            f"{r['p99_ratio']:.2f}x", r["p99_ratio"] <= SHARED_P99_MAX))
+    out += _shared_goodput(raw.get("goodput", []))
+    return out
+
+
+def _shared_goodput(rows: list[dict[str, Any]]) -> list[Verdict]:
+    """A sidecar per app on one Redis ledger, against one daemon shared by the same apps:
+    no more provider 429s, no failed request, most of the budget served."""
+    by_mode = {r.get("mode"): r for r in rows}
+    redis, one = by_mode.get("redis"), by_mode.get("limiterd")
+    if redis is None:
+        return []
+    out = []
+    if one is not None:
+        out.append(Verdict("sidecars on one Redis: provider 429s <= one shared daemon's",
+                           f"{redis['provider_429']} vs {one['provider_429']}",
+                           redis["provider_429"] <= one["provider_429"]))
+    out.append(Verdict("sidecars on one Redis: 0 failed requests", f"{redis['failed']} failed",
+                       redis["failed"] == 0))
+    pct = float(redis["input_budget_pct"])
+    out.append(Verdict(f"sidecars on one Redis: >= {GOODPUT_BUDGET_MIN_PCT:.0f}% of the "
+                       "input budget", f"{pct:.0f}%", pct >= GOODPUT_BUDGET_MIN_PCT))
     return out
 
 

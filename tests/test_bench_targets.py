@@ -109,3 +109,23 @@ def test_goodput_steady_utilization_leaves_out_the_start_and_the_tail() -> None:
     assert r["steady_output_pct"] == pytest.approx(50.0)
     assert r["input_budget_pct"] == pytest.approx(100 * (2 * itpm + 40 * itpm / 60) / (2 * itpm))
     assert r["provider_429"] == 1
+
+
+def goodput_row(mode: str, r429: int, failed: int, pct: float) -> dict[str, Any]:
+    return {"mode": mode, "provider_429": r429, "failed": failed, "input_budget_pct": pct}
+
+
+def test_shared_goodput_verdicts_compare_with_one_shared_daemon() -> None:
+    raw = {"goodput": [goodput_row("limiterd", 1, 0, 90.0), goodput_row("sidecars", 30, 0, 99.0),
+                       goodput_row("redis", 2, 0, 96.0)]}
+    got = {v.target: (v.measured, v.met) for v in targets.check(raw)}
+    assert got == {
+        "sidecars on one Redis: provider 429s <= one shared daemon's": ("2 vs 1", False),
+        "sidecars on one Redis: 0 failed requests": ("0 failed", True),
+        "sidecars on one Redis: >= 95% of the input budget": ("96%", True),
+    }
+    raw = {"goodput": [goodput_row("limiterd", 3, 0, 90.0), goodput_row("redis", 3, 1, 94.0)]}
+    assert [v.met for v in targets.check(raw)] == [True, False, False]
+    # Without the Redis setup in the run there is nothing to hold against the target.
+    assert targets.check({"goodput": [goodput_row("limiterd", 1, 0, 90.0)]}) == []
+
