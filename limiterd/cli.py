@@ -104,7 +104,8 @@ def read_admin_token(token: str | None, path: str | None) -> str | None:
                    f"Default: $XDG_STATE_HOME/limiterd/limiterd.sqlite3 if XDG_STATE_HOME is set, "
                    f"else ./{DEFAULT_DB}.")
 @click.option("--ledger", default=None,
-              help="Share the ledger with other sidecars: redis://host:6379/0 or rediss://... "
+              help="Share the ledger with other sidecars: redis://host:6379/0, rediss://... or "
+                   "redis+sentinel://sentinel1:26379,sentinel2:26379/mymaster/0 "
                    "(overrides [ledger] url in the config). The password comes from "
                    "$LIMITERD_REDIS_PASSWORD or --redis-password-file, never from here. "
                    "Default: the local ledger, journaled to --db.")

@@ -62,7 +62,7 @@ class RedisServer:
     kill -9 loses nothing acknowledged); otherwise no persistence at all."""
 
     def __init__(self, workdir: Path, aof: bool = False, port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), config: Path | None = None) -> None:
         self.workdir = workdir
         self.aof = aof
         self.port = port or free_port()
@@ -70,6 +70,7 @@ class RedisServer:
         # port asked for, or kept for a restart (clients hold its URL), stays as it is.
         self._may_repick = port is None
         self.extra = extra
+        self.config = config  # a config file read first (a sentinel's must be writable)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +90,8 @@ class RedisServer:
     def _start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            redis_server_binary(), *((str(self.config),) if self.config else ()),
+            "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.workdir), "--save", "", "--daemonize", "no",
             "--logfile", str(self.workdir / "redis.log"),
             "--appendonly", "yes" if self.aof else "no",
@@ -143,6 +145,35 @@ def redis_server(workdir: Path, **kw: object) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def redis_sentinel(workdir: Path, master: RedisServer,
+                   service: str = "mymaster") -> Iterator[RedisServer]:
+    """`redis-server --sentinel` on loopback, monitoring `master` under the name `service`;
+    yields once it names that master's address."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "sentinel.conf"  # Sentinel rewrites it: one file of its own
+    conf.write_text(f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
+                    f"sentinel down-after-milliseconds {service} 5000\n")
+    sentinel = RedisServer(workdir, config=conf, extra=("--sentinel",)).start()
+    try:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed (it comes with redis-server)", pytrace=False)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            named = subprocess.run(
+                [cli, "-p", str(sentinel.port), "sentinel", "get-master-addr-by-name", service],
+                capture_output=True, text=True, timeout=10).stdout.split()
+            if named == ["127.0.0.1", str(master.port)]:
+                break
+            time.sleep(0.05)  # polling the sentinel coming up, not racing the code under test
+        else:
+            raise RuntimeError(f"the sentinel on port {sentinel.port} does not name {service}")
+        yield sentinel
+    finally:
+        sentinel.stop()
 
 
 @contextmanager

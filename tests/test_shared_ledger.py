@@ -234,7 +234,28 @@ def test_config_selects_the_shared_ledger(tmp_path: Path) -> None:
     assert "ledger: local" in check_config(None)
 
 
+def test_config_names_a_sentinel_address(tmp_path: Path) -> None:
+    path = tmp_path / "limiterd.toml"
+    path.write_text(TEST_CONFIG_TOML + '\n[ledger]\n'
+                    'url = "redis+sentinel://10.0.0.5:26379,[::1]:26380,s3/ledger/2"\n')
+    assert ("ledger: shared on Redis, master 'ledger' db 2 via Sentinel "
+            "10.0.0.5:26379,::1:26380,s3:26379 (fail_closed") in check_config(path)
+    cfg = parse_config(path.read_text(), str(path))
+    assert cfg.ledger is not None and cfg.ledger.sentinel is not None
+    assert cfg.ledger.sentinel.sentinels == (("10.0.0.5", 26379), ("::1", 26380), ("s3", 26379))
+    assert not cfg.ledger.sentinel.tls
+    tls = SharedLedger("rediss+sentinel://s1:26379/ledger").sentinel
+    assert tls is not None and tls.tls and tls.db == 0
+
+
 @pytest.mark.parametrize("table, problem", [
+    ('url = "redis+sentinel://h:26379"', "ledger.url: 'redis+sentinel://h:26379': no master "
+     "name"),
+    ('url = "redis+sentinel://h:x/m/0"', "sentinel 'h:x' is not host:port"),
+    ('url = "redis+sentinel://h:26379,/m/0"', "sentinel '' is not host:port"),
+    ('url = "redis+sentinel://h:26379/m/zero"', "db must be a number, got 'zero'"),
+    ('url = "redis+sentinel://:pw@h:26379/m/0"', "ledger.url: put no password in the URL"),
+    ('url = "redis+sentinel://h:26379/m/0"\ncluster = true', "names a master, not a Cluster"),
     ('url = "redis://:secret@h:6379/0"', "ledger.url: put no password in the URL"),
     ('url = "http://h:6379"', "ledger.url: 'http://h:6379': expected redis://"),
     ('password_env = "X"', "ledger.url: missing"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, redis_sentinel, redis_server
 from tests.test_process import ANY_PORT, limiterd
 
 CONFIG = """
@@ -55,16 +56,17 @@ Sidecar = tuple[str, subprocess.Popen[str]]
 
 
 @contextmanager
-def sidecars(tmp_path: Path, redis: RedisServer, n: int,
-             logs: list[str] | None = None) -> Iterator[list[Sidecar]]:
-    """`n` daemons on `redis`; their stderr goes to `logs` once they have stopped."""
+def sidecars(tmp_path: Path, redis: RedisServer, n: int, logs: list[str] | None = None,
+             ledger: str | None = None) -> Iterator[list[Sidecar]]:
+    """`n` daemons on `redis` (found through `ledger` when given, e.g. a Sentinel address);
+    their stderr goes to `logs` once they have stopped."""
     config = tmp_path / "limiterd.toml"
     config.write_text(CONFIG)
     procs = []
     try:
         for _ in range(n):
             proc = limiterd("serve", "--listen", ANY_PORT, "--config", str(config),
-                            "--ledger", redis.url)
+                            "--ledger", ledger or redis.url)
             procs.append(("", proc))
         procs[:] = [(proc.serving_on(), proc) for _, proc in procs]
         yield procs
@@ -117,6 +119,36 @@ async def test_three_sidecars_on_one_redis_never_grant_more_than_the_budget(
     assert len(logs) == 3
     for log in logs:  # the start-up line says which ledger (and no password)
         assert f"ledger shared on Redis at {redis.url} (fail_closed" in log
+
+
+async def test_sidecars_find_the_master_through_sentinel(tmp_path: Path) -> None:
+    """The address names only the sentinel and the master's name: the master's port is learnt
+    from the sentinel, and both sidecars' grants spend the one budget in that master."""
+    logs: list[str] = []
+    with redis_server(tmp_path / "redis") as redis, \
+            redis_sentinel(tmp_path / "sentinel", redis, "ledger-main") as sentinel:
+        address = f"redis+sentinel://127.0.0.1:{sentinel.port}/ledger-main/0"
+        with sidecars(tmp_path, redis, 2, logs, ledger=address) as procs:
+            (ta, _), (tb, _) = procs
+            async with grpc.aio.insecure_channel(ta) as cha, \
+                    grpc.aio.insecure_channel(tb) as chb:
+                sa, sb = pb_grpc.LimiterStub(cha), pb_grpc.LimiterStub(chb)
+                got = await sa.Acquire(acq("fast", input_tokens=60_000), timeout=10)
+                assert got.reservation_id
+                with pytest.raises(grpc.aio.AioRpcError) as err:  # the budget A spent
+                    await sb.Acquire(acq("fast", input_tokens=60_000), timeout=10)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert redis_keys(redis), "nothing was written to the master the sentinel names"
+    assert len(logs) == 2
+    for log in logs:
+        assert (f"ledger shared on Redis, master 'ledger-main' db 0 via Sentinel "
+                f"127.0.0.1:{sentinel.port} (fail_closed") in log
+
+
+def redis_keys(redis: RedisServer) -> list[str]:
+    out = subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(redis.port),
+                          "--scan"], capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout.split()
 
 
 async def test_a_killed_sidecar_stops_blocking_and_its_leases_lapse(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ Format (deploy/limiterd.example.toml is the commented version; every section is 
 
     [ledger]                           # optional: share the ledger with other sidecars
     url = "redis://redis:6379/0"       # or rediss://; `limiterd serve --ledger URL` overrides
+                                       # Sentinel: redis+sentinel://s1:26379,s2:26379/mymaster/0
     cluster = false                    # true: url names one node of a Redis Cluster
     password_env = "LIMITERD_REDIS_PASSWORD"  # or password_file = "/run/secrets/redis"
     when_unavailable = "fail_closed"   # UNAVAILABLE until Redis answers; or "local_share":

@@ -28,6 +28,7 @@ from typing import Any
 from redis import exceptions as rx
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from limiterd.clock import Clock
@@ -127,18 +128,27 @@ class _Plan:
     user_limits: Limits | None
 
 
-def _connect(shared: SharedLedger) -> Redis | RedisCluster:
-    """A client for a single Redis (or one behind a proxy or managed endpoint), or for a
-    Cluster whose nodes are discovered from the one named (every script touches one slot)."""
+def _connect(shared: SharedLedger) -> tuple[Redis | RedisCluster, Sentinel | None]:
+    """A client for a single Redis (or one behind a proxy or managed endpoint), for a Cluster
+    whose nodes are discovered from the one named (every script touches one slot), or for the
+    master that Sentinel names (asked again on every new connection, so a failover is followed;
+    the Sentinel's own clients are returned to be closed with it)."""
     options: dict[str, Any] = dict(
         password=shared.password(), socket_timeout=shared.timeout_s,
         socket_connect_timeout=shared.timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         retry_on_error=[rx.ConnectionError, rx.TimeoutError],
     )
+    if (where := shared.sentinel) is not None:
+        timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            list(where.sentinels), sentinel_kwargs={**timeouts, "ssl": where.tls}, **options)
+        master = sentinel.master_for(where.service, db=where.db, ssl=where.tls,
+                                     health_check_interval=30)
+        return master, sentinel
     if shared.cluster:
-        return RedisCluster.from_url(shared.url, **options)
-    return Redis.from_url(shared.url, health_check_interval=30, **options)
+        return RedisCluster.from_url(shared.url, **options), None
+    return Redis.from_url(shared.url, health_check_interval=30, **options), None
 
 
 class SharedEngine:
@@ -155,7 +165,11 @@ class SharedEngine:
         # A pooled connection found dead (Redis restarted) is retried once on a new one:
         # every script is idempotent (acquire by its reservation id), so a retry after a
         # lost reply answers the same, never twice.
-        self.client: Any = client or _connect(shared)  # Redis or RedisCluster
+        self._sentinel: Sentinel | None = None
+        connected: Redis | RedisCluster | None = client
+        if connected is None:
+            connected, self._sentinel = _connect(shared)
+        self.client: Any = connected  # Redis or RedisCluster
         self.scripts = Scripts.register(self.client)
         self._batch = Batcher(self.client, self.scripts)
         self._epoch: str | None = None  # see check_epoch
@@ -206,6 +220,9 @@ class SharedEngine:
         if self._local is not None:
             await self._local.stop()
         await self.client.aclose()
+        if self._sentinel is not None:
+            for asked in self._sentinel.sentinels:
+                await asked.aclose()
 
     def end_waits(self, retry_after_s: float) -> int:
         """The daemon is stopping: waiting callers leave their queues and hear ShuttingDown
