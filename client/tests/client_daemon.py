@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import cast
 
 import grpc
+import pytest
 
-from limiterd.ledger.model import Reservation
+from limiterd.engine import Engine
+from limiterd.ledger.model import Change, Reservation, ReservationOpened, ReservationSettled
 from limiterd.server import RunningServer
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
@@ -53,11 +56,30 @@ output_tokens_per_minute = 1000
 """
 
 
+# The ledgers the contract-level client tests run over (`backend` fixture, client conftest).
+BACKENDS = ("local", "redis")
+over_backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
 class Daemon:
     def __init__(self, srv: RunningServer, channel: grpc.aio.Channel) -> None:
         self.srv = srv
         self.target = srv.target
         self.admin = pb_grpc.AdminStub(channel)
+        # The shared ledger keeps settled reservations in Redis, not in this process: they are
+        # recorded here as it announces them (before it answers the call that settled them).
+        self._opened: dict[str, Reservation] = {}
+        self._settled: list[Reservation] = []
+        if not isinstance(srv.engine, Engine):
+            srv.engine.add_listener(self._observe)
+
+    def _observe(self, changes: Sequence[Change]) -> None:
+        for c in changes:
+            if isinstance(c, ReservationOpened):
+                self._opened[c.reservation.id] = c.reservation
+            elif isinstance(c, ReservationSettled) and c.reservation_id in self._opened:
+                self._settled.append(replace(self._opened.pop(c.reservation_id),
+                                             settlement=c.settlement))
 
     async def open_leases(self) -> list[pb.Lease]:
         return list((await self.admin.ListLeases(pb.ListLeasesRequest())).leases)
@@ -69,8 +91,9 @@ class Daemon:
 
     def settled(self) -> list[Reservation]:
         """Settled reservations in settle order (read from the daemon's ledger)."""
-        return sorted(self.srv.engine.ledger._settled.values(),
-                      key=lambda r: r.settlement.settled_at if r.settlement else 0.0)
+        engine = self.srv.engine
+        held = engine.ledger._settled.values() if isinstance(engine, Engine) else self._settled
+        return sorted(held, key=lambda r: r.settlement.settled_at if r.settlement else 0.0)
 
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,11 +14,25 @@ from fake_provider import FakeProvider
 
 from limiterd.config.loader import parse_config
 from limiterd.server import running_server
+from limiterd.shared.settings import SharedLedger
+from tests.redis_server import redis_server
 
 
 @pytest.fixture
-async def daemon() -> AsyncIterator[Daemon]:
-    async with running_server(config=parse_config(CLIENT_TEST_CONFIG, "<client tests>")) as srv:
+def backend(request: pytest.FixtureRequest) -> str:
+    """The daemon's ledger: "local" unless a test is parametrized with `over_backends`."""
+    return str(getattr(request, "param", "local"))
+
+
+@pytest.fixture
+async def daemon(backend: str, tmp_path: Path) -> AsyncIterator[Daemon]:
+    config = parse_config(CLIENT_TEST_CONFIG, "<client tests>")
+    async with AsyncExitStack() as stack:
+        shared = None
+        if backend == "redis":  # a real redis-server of the test's own
+            redis = stack.enter_context(redis_server(tmp_path / "redis"))
+            shared = SharedLedger(redis.url)
+        srv = await stack.enter_async_context(running_server(config=config, shared=shared))
         async with grpc.aio.insecure_channel(srv.target) as ch:
             d = Daemon(srv, ch)
             yield d

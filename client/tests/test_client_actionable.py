@@ -11,7 +11,7 @@ import anthropic
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon
+from client_daemon import Daemon, over_backends
 from fake_provider import FakeProvider, Reply
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -91,6 +91,7 @@ def test_good_targets_are_accepted() -> None:
         SyncLimiter(target).close()
 
 
+@over_backends
 async def test_wait_ready_waits_for_the_daemon_or_says_it_is_not_there(
         daemon: Daemon, dead: str) -> None:
     async with Limiter(daemon.target) as lim:
@@ -143,6 +144,7 @@ def test_cancelled_by_a_draining_daemon_is_unavailable_not_a_generic_error() -> 
 
 # -- a paused model, give-up reasons ------------------------------------------------------
 
+@over_backends
 async def test_a_paused_model_says_so_and_until_when(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         async with lim.reserve("s", SONNET, input_tokens=1, max_output_tokens=1) as r:
@@ -154,6 +156,7 @@ async def test_a_paused_model_says_so_and_until_when(daemon: Daemon) -> None:
                 pass
 
 
+@over_backends
 async def test_giving_up_says_why_and_which_models_were_tried(
         daemon: Daemon, provider: FakeProvider, sdk: Any) -> None:
     ft = FakeTime()
@@ -202,6 +205,7 @@ async def test_too_large_for_one_model_falls_back_to_one_it_fits(
 
 # -- streams honor the limiter-wait trigger; hooks; spans ------------------------------------
 
+@over_backends
 async def test_a_stream_hops_on_the_live_wait_estimate_like_a_plain_call(
         daemon: Daemon, provider: FakeProvider, sdk: Any) -> None:
     events: list[CallEvent] = []
@@ -224,6 +228,7 @@ async def test_a_stream_hops_on_the_live_wait_estimate_like_a_plain_call(
     assert waits[0].wait.estimated_wait_s > 3
 
 
+@over_backends
 async def test_events_for_retry_fallback_and_give_up(
         daemon: Daemon, provider: FakeProvider, sdk: Any) -> None:
     seen: list[tuple[str, str, str]] = []
@@ -242,6 +247,7 @@ async def test_events_for_retry_fallback_and_give_up(
                     ("give_up", SONNET, "the provider's answer is not retryable (http_400)")]
 
 
+@over_backends
 async def test_a_span_per_call_with_its_events_when_opentelemetry_is_there(
         daemon: Daemon, provider: FakeProvider, sdk: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:

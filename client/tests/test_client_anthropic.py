@@ -12,7 +12,7 @@ import anthropic
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon
+from client_daemon import Daemon, over_backends
 from fake_provider import FakeProvider, Reply
 from wire import Recorder
 
@@ -108,6 +108,7 @@ def test_estimator_counts_system_messages_and_tools() -> None:
     assert estimate_chars({}) == 0
 
 
+@over_backends
 async def test_create_reserves_reports_usage_and_turns_sdk_retries_off(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -133,6 +134,7 @@ async def test_create_reserves_reports_usage_and_turns_sdk_retries_off(
     assert provider.models_called() == [OPUS, OPUS]
 
 
+@over_backends
 async def test_429_retry_after_is_honoured_and_pauses_the_scope_on_the_daemon(
         daemon: Daemon, provider: FakeProvider, lim: Limiter, rec: Recorder) -> None:
     paused: list[int] = []
@@ -156,6 +158,7 @@ async def test_429_retry_after_is_honoured_and_pauses_the_scope_on_the_daemon(
     assert first.provider.error_type == "rate_limit_error"
 
 
+@over_backends
 async def test_ratelimit_headers_reach_the_daemon_and_correct_its_bucket(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     provider.script(SONNET, Reply.ok(headers=(("anthropic-ratelimit-requests-remaining", "4"),
@@ -165,6 +168,7 @@ async def test_ratelimit_headers_reach_the_daemon_and_correct_its_bucket(
     assert dims["requests"].capacity == 1000 and dims["requests"].level < 10
 
 
+@over_backends
 async def test_5xx_then_connection_reset_are_retried(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -174,6 +178,7 @@ async def test_5xx_then_connection_reset_are_retried(
     assert [o for _, o in outcomes(daemon)] == [Outcome.ERROR, Outcome.ERROR, Outcome.OK]
 
 
+@over_backends
 async def test_non_retryable_400_is_raised_at_once(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -187,6 +192,7 @@ async def test_non_retryable_400_is_raised_at_once(
     assert ft.sleeps == []
 
 
+@over_backends
 async def test_overloaded_falls_back_with_per_model_adjustment(
         daemon: Daemon, provider: FakeProvider, lim: Limiter, rec: Recorder) -> None:
     ft = FakeTime()
@@ -212,6 +218,7 @@ async def test_overloaded_falls_back_with_per_model_adjustment(
     assert "anthropic-ratelimit-tokens-reset" in reports[2].provider.headers
 
 
+@over_backends
 async def test_rate_limited_beyond_threshold_hops_at_once(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -221,6 +228,7 @@ async def test_rate_limited_beyond_threshold_hops_at_once(
     assert result.path == (Hop(OPUS, SONNET, "rate_limited"),) and ft.sleeps == []
 
 
+@over_backends
 async def test_timeout_hops(daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
     provider.script(OPUS, Reply.error(408, "timeout_error", "Request timed out"))
@@ -229,6 +237,7 @@ async def test_timeout_hops(daemon: Daemon, provider: FakeProvider, lim: Limiter
     assert result.path == (Hop(OPUS, SONNET, "timeout"),)
 
 
+@over_backends
 async def test_limiter_wait_beyond_budget_hops_to_the_next_bucket(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -242,6 +251,7 @@ async def test_limiter_wait_beyond_budget_hops_to_the_next_bucket(
     assert lim.counters.fallbacks == 1
 
 
+@over_backends
 async def test_ask_callback_can_veto(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -262,6 +272,7 @@ async def test_ask_callback_can_veto(
     assert all(r.settlement and r.settlement.state is State.REPORTED for r in daemon.settled())
 
 
+@over_backends
 async def test_ask_callback_can_pick_a_later_model(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -275,6 +286,7 @@ async def test_ask_callback_can_pick_a_later_model(
     assert result.model == HAIKU and result.models_tried == (OPUS, HAIKU)
 
 
+@over_backends
 async def test_ask_returning_a_model_outside_the_chain_is_a_clear_error(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -293,6 +305,7 @@ def test_fallback_policy_validation() -> None:
         FallbackPolicy(CHAIN, adjust={"other": lambda p: p})
 
 
+@over_backends
 async def test_stream_delivers_text_and_reports_usage(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -306,6 +319,7 @@ async def test_stream_delivers_text_and_reports_usage(
     assert res.settlement is not None and res.settlement.refunded.output_tokens == 64 - 3
 
 
+@over_backends
 async def test_stream_overload_event_before_any_text_is_retried(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -315,6 +329,7 @@ async def test_stream_overload_event_before_any_text_is_retried(
     assert outcomes(daemon) == [(SONNET, Outcome.OVERLOADED), (SONNET, Outcome.OK)]
 
 
+@over_backends
 async def test_stream_cut_after_text_raises_partial_and_reports_what_was_used(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -335,6 +350,7 @@ async def test_stream_cut_after_text_raises_partial_and_reports_what_was_used(
     assert st.refunded.output_tokens == 64 - e.usage.output_tokens
 
 
+@over_backends
 async def test_stream_overload_event_after_text_is_partial_and_overloaded(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -346,6 +362,7 @@ async def test_stream_overload_event_after_text_is_partial_and_overloaded(
     assert outcomes(daemon) == [(SONNET, Outcome.OVERLOADED)]
 
 
+@over_backends
 async def test_stream_consumer_breaking_early_reports_cancelled(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -364,6 +381,7 @@ async def test_daemon_down_fails_closed_and_the_provider_is_never_called(
     assert provider.requests == []
 
 
+@over_backends
 async def test_sync_adapter_create_fallback_and_stream(
         daemon: Daemon, provider: FakeProvider) -> None:
     ft = FakeTime()
@@ -393,6 +411,7 @@ async def test_stream_param_on_create_is_refused(provider: FakeProvider, lim: Li
         await adapter(provider, lim, FakeTime()).create(model=SONNET, stream=True, **MSG)
 
 
+@over_backends
 async def test_sdk_timeout_maps_to_a_timeout_and_hops(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     ft = FakeTime()
@@ -406,6 +425,7 @@ async def test_sdk_timeout_maps_to_a_timeout_and_hops(
     assert outcomes(daemon) == [(OPUS, Outcome.ERROR), (SONNET, Outcome.OK)]
 
 
+@over_backends
 async def test_connection_refused_is_retried_then_raised(
         daemon: Daemon, lim: Limiter) -> None:
     ft = FakeTime()
@@ -419,6 +439,7 @@ async def test_connection_refused_is_retried_then_raised(
     assert [o for _, o in outcomes(daemon)] == [Outcome.ERROR] * 3
 
 
+@over_backends
 async def test_count_tokens_estimator_reserves_the_api_count(
         daemon: Daemon, provider: FakeProvider, lim: Limiter) -> None:
     client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=provider.base_url)

@@ -8,7 +8,7 @@ import socket
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import CLIENT_TEST_CONFIG, Daemon
+from client_daemon import CLIENT_TEST_CONFIG, Daemon, over_backends
 from wire import LoseAnswers, Recorder
 
 from limiterd.clock import FakeClock
@@ -58,6 +58,7 @@ def dead_target() -> str:
     return f"127.0.0.1:{port}"
 
 
+@over_backends
 async def test_reserve_report_settles_with_actual_usage(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         async with lim.reserve("s1", "tiny", input_tokens=300, max_output_tokens=400) as r:
@@ -70,6 +71,7 @@ async def test_reserve_report_settles_with_actual_usage(daemon: Daemon) -> None:
     assert res.request_id == r.request_id and len(r.request_id) == 32
 
 
+@over_backends
 async def test_exception_before_the_call_releases(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         with pytest.raises(KeyError):
@@ -79,6 +81,7 @@ async def test_exception_before_the_call_releases(daemon: Daemon) -> None:
     assert res.settlement is not None and res.settlement.state is State.RELEASED
 
 
+@over_backends
 async def test_exception_after_the_call_reports_error_with_best_known_usage(
         daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
@@ -93,6 +96,7 @@ async def test_exception_after_the_call_reports_error_with_best_known_usage(
     assert (st.refunded.input_tokens, st.refunded.output_tokens) == (10, 93)
 
 
+@over_backends
 async def test_cancelled_block_reports_cancelled(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         started = asyncio.Event()
@@ -112,6 +116,7 @@ async def test_cancelled_block_reports_cancelled(daemon: Daemon) -> None:
     assert res.settlement is not None and res.settlement.outcome is Outcome.CANCELLED
 
 
+@over_backends
 async def test_leaving_without_report_reports_the_reserved_amounts(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         async with lim.reserve("s1", "tiny", input_tokens=100, max_output_tokens=200) as r:
@@ -122,6 +127,7 @@ async def test_leaving_without_report_reports_the_reserved_amounts(daemon: Daemo
     assert st.refunded.input_tokens == st.refunded.output_tokens == 0
 
 
+@over_backends
 async def test_double_settle_is_refused(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         async with lim.reserve("s1", "tiny", input_tokens=1, max_output_tokens=1) as r:
@@ -150,6 +156,7 @@ async def test_keepalive_extends_the_lease_before_it_ends() -> None:
                 await r.report(1, 1)
 
 
+@over_backends
 async def test_busy_daemon_answers_resource_exhausted_with_retry_after(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         async with lim.reserve("s1", "claude-scarce-1", input_tokens=1, max_output_tokens=1):
@@ -162,6 +169,7 @@ async def test_busy_daemon_answers_resource_exhausted_with_retry_after(daemon: D
                 assert info.value.retry_after_ms > 1000
 
 
+@over_backends
 async def test_never_fits_and_invalid_argument(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         with pytest.raises(LimiterRejected):
@@ -199,6 +207,7 @@ async def test_down_daemon_fail_open_and_safe_capacity() -> None:
                 pass
 
 
+@over_backends
 async def test_lost_acquire_answer_is_retried_with_the_same_request_id_and_replayed(
         daemon: Daemon) -> None:
     rec = Recorder()

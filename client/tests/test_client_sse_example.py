@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from client_daemon import Daemon
+from client_daemon import Daemon, over_backends
 
 from limiterd_client import Limiter, Reservation
 
@@ -52,6 +52,7 @@ async def hold_all(lim: Limiter) -> Reservation:
     return r
 
 
+@over_backends
 async def test_sse_forwards_queued_then_granted(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         holder = await hold_all(lim)
@@ -73,6 +74,7 @@ async def test_sse_forwards_queued_then_granted(daemon: Daemon) -> None:
     assert served.model == "tiny" and served.reserved.input_tokens == 500
 
 
+@over_backends
 async def test_sse_busy_and_a_browser_that_hangs_up(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         holder = await hold_all(lim)

@@ -10,7 +10,7 @@ import anthropic
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon
+from client_daemon import Daemon, over_backends
 from fake_provider import FakeProvider, Reply
 from wire import Recorder
 
@@ -43,6 +43,7 @@ def outcomes(daemon: Daemon) -> list[tuple[str, Outcome | None]]:
     return [(r.model, r.settlement.outcome if r.settlement else None) for r in daemon.settled()]
 
 
+@over_backends
 async def test_create_keeps_the_sdk_types_and_reports_usage_and_headers(
         daemon: Daemon, provider: FakeProvider, rec_lim: Any) -> None:
     rec, lim = rec_lim
@@ -62,6 +63,7 @@ async def test_create_keeps_the_sdk_types_and_reports_usage_and_headers(
     assert await daemon.open_leases() == []
 
 
+@over_backends
 async def test_a_stream_with_tool_use_keeps_every_sdk_event_and_reports_its_usage(
         daemon: Daemon, provider: FakeProvider, rec_lim: Any) -> None:
     rec, lim = rec_lim
@@ -80,6 +82,7 @@ async def test_a_stream_with_tool_use_keeps_every_sdk_event_and_reports_its_usag
     assert await daemon.open_leases() == []
 
 
+@over_backends
 async def test_provider_errors_stay_the_sdks_and_a_refusal_uses_nothing(
         daemon: Daemon, provider: FakeProvider, rec_lim: Any) -> None:
     rec, lim = rec_lim
@@ -97,6 +100,7 @@ async def test_provider_errors_stay_the_sdks_and_a_refusal_uses_nothing(
     assert second.provider.headers["retry-after"] == "7"
 
 
+@over_backends
 async def test_the_sdks_own_retries_are_each_reserved_and_reported(
         daemon: Daemon, provider: FakeProvider, rec_lim: Any) -> None:
     rec, lim = rec_lim
@@ -108,6 +112,7 @@ async def test_the_sdks_own_retries_are_each_reserved_and_reported(
     assert len(rec.of("Acquire")) == 2
 
 
+@over_backends
 async def test_a_limiter_that_cannot_grant_answers_as_a_429(
         daemon: Daemon, provider: FakeProvider, rec_lim: Any) -> None:
     rec, lim = rec_lim
@@ -120,6 +125,7 @@ async def test_a_limiter_that_cannot_grant_answers_as_a_429(
     assert provider.models_called() == [SCARCE, SCARCE]  # the third never left
 
 
+@over_backends
 async def test_an_app_that_stops_reading_a_stream_reports_what_it_got(
         daemon: Daemon, provider: FakeProvider, rec_lim: Any) -> None:
     rec, lim = rec_lim
@@ -130,6 +136,7 @@ async def test_an_app_that_stops_reading_a_stream_reports_what_it_got(
     assert outcomes(daemon) == [(SONNET, Outcome.CANCELLED)]
 
 
+@over_backends
 async def test_the_sync_sdk_with_a_sync_limiter(daemon: Daemon, provider: FakeProvider) -> None:
     provider.script(SONNET, Reply.ok("sync", tool_use=TOOL), Reply.ok("streamed"))
 
@@ -146,6 +153,7 @@ async def test_the_sync_sdk_with_a_sync_limiter(daemon: Daemon, provider: FakePr
     assert outcomes(daemon) == [(SONNET, Outcome.OK), (SONNET, Outcome.OK)]
 
 
+@over_backends
 async def test_wrap_meters_an_existing_client(daemon: Daemon, provider: FakeProvider,
                                               rec_lim: Any) -> None:
     rec, lim = rec_lim

@@ -10,7 +10,7 @@ import anthropic
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon
+from client_daemon import Daemon, over_backends
 from fake_provider import FakeProvider, Reply
 from wire import Recorder
 
@@ -54,6 +54,7 @@ async def test_three_overloads_on_opus_leave_its_output_budget_whole(
     (Reply.error(400, "invalid_request_error", "bad"), "nothing"),
     (Reply.server_error(500), "reserved"),  # unknown work: the safe side
 ])
+@over_backends
 async def test_a_failed_attempt_reports_what_it_used(
         daemon: Daemon, provider: FakeProvider, reply: Reply, charged: str) -> None:
     rec = Recorder()
@@ -70,6 +71,7 @@ async def test_a_failed_attempt_reports_what_it_used(
                    else (acquire.input_tokens, acquire.max_output_tokens))
 
 
+@over_backends
 async def test_a_connection_never_made_is_charged_nothing(daemon: Daemon, dead: str) -> None:
     rec = Recorder()
     async with grpc.aio.insecure_channel(daemon.target, interceptors=[rec]) as ch:

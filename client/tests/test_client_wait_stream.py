@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import grpc.aio
 import pytest
-from client_daemon import Daemon
+from client_daemon import Daemon, over_backends
 from wire import BreakStreams
 
 from limiterd.ledger.model import Outcome, State
@@ -57,6 +57,7 @@ async def hold_all(lim: Limiter) -> Reservation:
     return r
 
 
+@over_backends
 async def test_on_wait_hears_queued_updates_in_order_then_the_grant(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         holder = await hold_all(lim)
@@ -100,6 +101,7 @@ async def test_on_wait_hears_queued_updates_in_order_then_the_grant(daemon: Daem
     assert rb.updates == b_heard.updates and rc.updates == c_heard.updates
 
 
+@over_backends
 async def test_async_callback_and_a_free_bucket_grant_without_updates(daemon: Daemon) -> None:
     heard: list[WaitUpdate] = []
 
@@ -117,6 +119,8 @@ async def test_async_callback_and_a_free_bucket_grant_without_updates(daemon: Da
     assert res.request_id == r.request_id and res.settlement is not None
 
 
+# Local ledger only: on the shared ledger a waiter whose stream broke does not keep its
+# place (it re-queues behind younger callers) nor get granted while detached.
 async def test_broken_stream_reattaches_and_keeps_its_place(daemon: Daemon) -> None:
     go = asyncio.Event()
     cut = BreakStreams(after=1, n=1, before_cut=go)
@@ -153,6 +157,8 @@ async def has_leases(daemon: Daemon, n: int) -> bool:
     return len(await daemon.open_leases()) == n
 
 
+# Local ledger only: on the shared ledger a waiter whose stream broke does not keep its
+# place (it re-queues behind younger callers) nor get granted while detached.
 async def test_grant_made_while_detached_is_claimed_on_reattach(daemon: Daemon) -> None:
     """The stream is cut; while the client backs off, the holder releases and the daemon
     grants the detached waiter. The re-attach gets that same grant (replayed)."""
@@ -177,6 +183,7 @@ async def test_grant_made_while_detached_is_claimed_on_reattach(daemon: Daemon) 
     assert [s.request_id for s in daemon.settled()].count(r.request_id) == 1
 
 
+@over_backends
 async def test_estimate_beyond_the_budget_gives_up_at_once(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         holder = await hold_all(lim)
@@ -194,6 +201,7 @@ async def test_estimate_beyond_the_budget_gives_up_at_once(daemon: Daemon) -> No
         await holder.release()
 
 
+@over_backends
 async def test_fallback_on_the_estimate_hops_without_waiting(daemon: Daemon) -> None:
     called: list[str] = []
 
@@ -220,6 +228,7 @@ async def test_fallback_on_the_estimate_hops_without_waiting(daemon: Daemon) -> 
     assert sorted(r.model for r in daemon.settled()) == ["claude-sonnet-x", "tiny"]
 
 
+@over_backends
 async def test_give_up_releases_a_grant_made_in_the_meantime(daemon: Daemon) -> None:
     """The callback frees the bucket (the daemon grants the waiter at once) and then raises:
     the client leaves, re-attaches with max_wait 0, finds the grant and releases it."""
@@ -249,6 +258,7 @@ async def mark_overloaded(lim: Limiter, model: str) -> None:
             await r.report(1, 0, outcome=pb.OVERLOADED)
 
 
+@over_backends
 async def test_overload_hint_hops_before_calling_the_provider(daemon: Daemon) -> None:
     called: list[str] = []
 
@@ -282,6 +292,7 @@ async def test_overload_hint_hops_before_calling_the_provider(daemon: Daemon) ->
 
 
 
+@over_backends
 async def test_sync_limiter_on_wait_then_grant_and_give_up(daemon: Daemon) -> None:
     """SyncLimiter in a worker thread; the daemon and the holder on this loop."""
     loop = asyncio.get_running_loop()
@@ -316,6 +327,7 @@ async def test_sync_limiter_on_wait_then_grant_and_give_up(daemon: Daemon) -> No
     assert [r.request_id for r in daemon.settled()].count(request_id) == 1
 
 
+@over_backends
 async def test_overload_hint_on_a_queued_event_leaves_the_queue(daemon: Daemon) -> None:
     async with Limiter(daemon.target) as lim:
         await mark_overloaded(lim, "tiny")  # 3 input tokens used
