@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from limiterd_client import check_target
+
 # A daemon bound to every address is reached over loopback from inside its namespace.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 
@@ -23,11 +25,10 @@ def bind_target(listen: str) -> str:
 
 def dial_target(listen: str) -> str:
     """What a client on the same host dials to reach a daemon started with `--listen listen`.
-    Raises ValueError for something that is neither a socket nor HOST:PORT."""
+    Raises ValueError, saying what to write instead, for anything the client library would
+    refuse too (a URL, no port, an empty socket path): one check for both."""
     target = bind_target(listen)
-    if target.startswith("unix:"):
-        return target
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT or a unix socket, got {listen!r}")
-    return f"{_WILDCARDS.get(host, host)}:{port}"
+    if not target.startswith(("unix:", "unix-abstract:")):
+        host, sep, port = target.rpartition(":")
+        target = f"{_WILDCARDS.get(host, host)}{sep}{port}" if sep else target
+    return check_target(target)

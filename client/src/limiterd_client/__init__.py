@@ -6,7 +6,7 @@ The anthropic adapter imports `anthropic` only when it is used (pip install
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._core import Counters
+from ._core import Counters, check_target
 from .anthropic_adapter import (
     AnthropicAdapter,
     AsyncAnthropicAdapter,
@@ -58,7 +58,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "__version__", "AnthropicAdapter", "AsyncAnthropicAdapter", "Attempt", "CallEvent",
-    "CallResult", "Counters",
+    "CallResult", "Counters", "check_target",
     "FailClosed", "FailOpen", "FallbackPolicy", "FallbackTriggers", "Hop", "HopProposal",
     "Limiter", "LimiterBusy", "LimiterError", "LimiterInvalidArgument", "LimiterRejected",
     "LimiterUnavailable", "ModelOverloadedHint", "PartialResponseError", "ProviderError",
