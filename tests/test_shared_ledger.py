@@ -487,3 +487,108 @@ async def test_health_details_the_ledger_while_redis_is_away(tmp_path: Path) -> 
             await until(lambda: ledger_is(serving))
     finally:
         server.stop()
+
+
+# ---- re-attach by request_id, on any sidecar --------------------------------------------
+
+
+class Heard:
+    """An on_status callback for a stream: keeps what it heard, lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.statuses: list[WaitStatus] = []
+        self.changed = asyncio.Event()
+
+    async def __call__(self, status: WaitStatus) -> None:
+        self.statuses.append(status)
+        self.changed.set()
+
+    async def first(self) -> WaitStatus:
+        await asyncio.wait_for(self.changed.wait(), 10)
+        return self.statuses[0]
+
+
+async def _broken_stream(e: SharedEngine, r: AcquireRequest) -> WaitStatus:
+    """A stream that waits on `e`, is heard once, then breaks (its caller goes away)."""
+    heard = Heard()
+    call = asyncio.ensure_future(e.acquire(r, 30.0, heard))
+    status = await heard.first()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    return status
+
+
+async def test_a_broken_stream_reattaches_on_another_sidecar_and_keeps_its_place(
+    redis_url: str,
+) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        holder = await granted(a, req(inp=1000, out=0))  # "tiny" is empty now
+        first = await _broken_stream(a, req(inp=500, out=0, rid="x"))
+        assert first.position == 1
+        younger_heard = Heard()
+        younger = asyncio.ensure_future(b.acquire(req(inp=500, out=0), 30.0, younger_heard))
+        assert (await younger_heard.first()).position == 2  # behind the detached one
+        again_heard = Heard()
+        again = asyncio.ensure_future(b.acquire(req(inp=500, out=0, rid="x"), 30.0,
+                                                again_heard))
+        back = await again_heard.first()
+        assert (back.position, back.queue_depth) == (1, 2)  # its place, kept for it in Redis
+        assert back.waited_s >= first.waited_s
+        await a.release(holder.reservation.id)  # 1000 back: x, then the younger one
+        got, other = await again, await younger
+        assert isinstance(got, Granted) and isinstance(other, Granted) and not got.replayed
+        assert got.reservation.request_id == "x"
+        assert got.reservation.granted_at <= other.reservation.granted_at
+        await b.refresh()
+        assert sorted(r.id for r in b.leases()) == sorted(
+            [got.reservation.id, other.reservation.id])  # x granted once, not also on A
+        assert not await _queued_at(a, "tiny", 1)
+
+
+async def test_a_grant_made_while_detached_is_replayed_on_another_sidecar(
+    redis_url: str,
+) -> None:
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        holder = await granted(a, req(inp=1000, out=0))
+        await _broken_stream(a, req(inp=500, out=0, rid="x"))
+        await a.release(holder.reservation.id)  # its turn comes while it is away
+
+        async def granted_while_away() -> bool:
+            await b.refresh()
+            return [r.request_id for r in b.leases()] == ["x"]
+
+        await until(granted_while_away)
+        [made] = b.leases()
+        back = await b.acquire(req(inp=500, out=0, rid="x"), 30.0, Heard())
+        assert isinstance(back, Granted) and back.replayed
+        assert back.reservation.id == made.id
+        r, _ = await b.report(made.id, 500, 0, Outcome.OK, 0.0)
+        assert r.state is State.REPORTED
+
+
+async def test_a_detached_place_ends_with_the_grace_and_with_a_dead_sidecar(
+    redis_url: str,
+) -> None:
+    config = make_test_config()
+    config = replace(config, settings=replace(config.settings, reattach_grace_s=0.3))
+    async with sidecar(redis_url, config) as a, \
+            sidecar(redis_url, queue_entry_ttl_s=1.0) as b:
+        await granted(a, req(inp=1000, out=0))
+        await _broken_stream(a, req(inp=500, out=0, rid="x"))
+        assert await _queued_at(a, "tiny", 1)
+        await until(lambda: _queued_at(a, "tiny", 0, exactly=True))  # its grace ran out
+        # Not a new place either: a late re-attach queues again, at the back.
+        await _broken_stream(b, req(inp=10, out=0, rid="y"))
+    async with sidecar(redis_url) as c:
+        # B stopped without leaving (as if killed): the detached place it renewed stops
+        # blocking within its 1 s entry expiry, well before its 10 s grace.
+        assert await _queued_at(c, "tiny", 1)
+        got = await c.acquire(req(inp=10, out=0), 5.0)
+        assert isinstance(got, Granted)
+
+
+async def _queued_at(e: SharedEngine, model: str, n: int, exactly: bool = False) -> bool:
+    await e.sweep()
+    depth = int(await e.client.zcard(Keys().base("s1", model) + "q"))
+    return depth == n if exactly else depth >= n

@@ -28,6 +28,7 @@ CONFIG = """
 [daemon]
 default_lease_ms = 600000
 max_waiters_per_queue = 1000
+reattach_grace_ms = 60000  # a broken stream's place outlives its sidecar's entry expiry
 
 [models."audit"]
 requests_per_minute = 60
@@ -158,17 +159,23 @@ async def test_a_killed_sidecar_stops_blocking_and_its_leases_lapse(tmp_path: Pa
             sa, sb = pb_grpc.LimiterStub(cha), pb_grpc.LimiterStub(chb)
             held = await sa.Acquire(acq("one", lease_ms=1000))  # the only slot, short lease
             await sa.Acquire(acq("fast", input_tokens=60_000))  # the whole budget
-            # A's caller waits for half a minute of refill: it claims the bucket...
+            # A's callers wait for half a minute of refill: they claim the bucket...
             waiter = asyncio.ensure_future(
                 sa.Acquire(acq("fast", input_tokens=30_000, max_wait_ms=60_000)))
             await until_queued(redis, "fast")
+            # ...one of them on a stream that breaks: A keeps its place for the 60 s grace...
+            stream = sa.AcquireStream(acq("fast", input_tokens=100, max_wait_ms=60_000,
+                                          request_id="detached"))
+            assert (await anext(aiter(stream))).queued.position == 2
+            stream.cancel()
             with pytest.raises(grpc.aio.AioRpcError) as err:  # ...so B's small one waits
                 await sb.Acquire(acq("fast", input_tokens=10))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             os.kill(a.pid, signal.SIGKILL)
             a.wait()
             waiter.cancel()
-            # A's entry is no longer renewed: it stops blocking within its 1 s expiry.
+            # A's entries (the detached one too) are no longer renewed: they stop blocking
+            # within their 1 s expiry, not after the grace.
             small = await sb.Acquire(acq("fast", input_tokens=10, max_wait_ms=10_000))
             assert small.waited_ms < 10_000
             # A's lease lapses in Redis; B's sweep settles it and the slot comes back.

@@ -119,8 +119,7 @@ async def test_async_callback_and_a_free_bucket_grant_without_updates(daemon: Da
     assert res.request_id == r.request_id and res.settlement is not None
 
 
-# Local ledger only: on the shared ledger a waiter whose stream broke does not keep its
-# place (it re-queues behind younger callers) nor get granted while detached.
+@over_backends
 async def test_broken_stream_reattaches_and_keeps_its_place(daemon: Daemon) -> None:
     go = asyncio.Event()
     cut = BreakStreams(after=1, n=1, before_cut=go)
@@ -157,8 +156,7 @@ async def has_leases(daemon: Daemon, n: int) -> bool:
     return len(await daemon.open_leases()) == n
 
 
-# Local ledger only: on the shared ledger a waiter whose stream broke does not keep its
-# place (it re-queues behind younger callers) nor get granted while detached.
+@over_backends
 async def test_grant_made_while_detached_is_claimed_on_reattach(daemon: Daemon) -> None:
     """The stream is cut; while the client backs off, the holder releases and the daemon
     grants the detached waiter. The re-attach gets that same grant (replayed)."""

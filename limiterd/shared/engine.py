@@ -33,7 +33,14 @@ from redis.backoff import ExponentialBackoff
 
 from limiterd.clock import Clock
 from limiterd.config.model import Config, Limits
-from limiterd.engine import Engine, PersistenceFailing, ShuttingDown, StatusCallback, WaitStatus
+from limiterd.engine import (
+    Engine,
+    PersistenceFailing,
+    ShuttingDown,
+    StatusCallback,
+    Superseded,
+    WaitStatus,
+)
 from limiterd.ledger.buckets import RATE_DIMS, capacities
 from limiterd.ledger.errors import (
     AlreadySettled,
@@ -128,6 +135,23 @@ class _Plan:
     user_limits: Limits | None
 
 
+@dataclass(slots=True)
+class _Wait:
+    """One Acquire call's place in its tag's queue (ticket 0: none yet). `rid` is the call's
+    id: the reservation's if granted, and the owner of its queue entry."""
+
+    req: AcquireRequest
+    plan: _Plan
+    rid: str
+    lease_s: float
+    started: float
+    deadline: float
+    try_once: bool
+    detachable: bool  # a stream with a request_id: keeps its place when it breaks
+    ticket: int = 0
+    calling: bool = False  # a script call is on its way (its undo handles a cancel)
+
+
 def _connect(shared: SharedLedger) -> tuple[Redis | RedisCluster, Sentinel | None]:
     """A client for a single Redis (or one behind a proxy or managed endpoint), for a Cluster
     whose nodes are discovered from the one named (every script touches one slot), or for the
@@ -183,6 +207,7 @@ class SharedEngine:
         self._healthy = True
         self._listeners: list[ChangeListener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._calls: set[asyncio.Future[list[Any]]] = set()  # script calls on their way
         self._stopping = False
         self._draining: ShuttingDown | None = None  # set: waits end at once with this
         self._local: Engine | None = None  # local_share: the ledger used while Redis is away
@@ -217,6 +242,8 @@ class SharedEngine:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        # A call its caller left (a detached wait cancelled above) still holds a connection.
+        await asyncio.gather(*self._calls, return_exceptions=True)
         if self._local is not None:
             await self._local.stop()
         await self.client.aclose()
@@ -436,38 +463,62 @@ class SharedEngine:
         max_wait_s: float,
         on_status: StatusCallback | None = None,
     ) -> Granted | Rejected:
-        plan = self._plan(req)
         settings = self._config.settings
-        lease_s = req.lease_s if req.lease_s is not None else settings.default_lease_s
-        started = self.clock.now()
-        deadline = started + max_wait_s
-        rid = os.urandom(16).hex()
-        ticket = 0
+        now = self.clock.now()
+        w = _Wait(req, self._plan(req), os.urandom(16).hex(),
+                  req.lease_s if req.lease_s is not None else settings.default_lease_s,
+                  now, now + max_wait_s, max_wait_s <= 0,
+                  # A stream that breaks keeps its place for the grace (lua/acquire.lua).
+                  on_status is not None and bool(req.request_id))
+        self._waiting += 1
+        try:
+            return await self._wait(w, on_status)
+        except asyncio.CancelledError:
+            if not w.calling:  # else the call's undo hears of it, with its reply
+                self._gone(w)
+            raise
+        except Superseded:
+            raise  # the place is the newer call's now
+        except BaseException:
+            if w.ticket:
+                self._background(self._leave(w))
+            raise
+        finally:
+            self._waiting -= 1
+
+    async def _wait(self, w: _Wait, on_status: StatusCallback | None) -> Granted | Rejected:
+        """Try until granted, refused or past the deadline; wait in the tag's queue between
+        tries. Raises Superseded when a re-attach by the same request_id took the place."""
+        plan = w.plan
         wake = asyncio.Event()
         self._wakes.setdefault(plan.base, set()).add(wake)
         last_status: tuple[int, int] | None = None
         last_sent = -math.inf
-        interval = settings.stream_update_interval_s
-        self._waiting += 1
+        interval = self._config.settings.stream_update_interval_s
         try:
             while True:
-                args = self._acquire_args(req, plan, rid, lease_s, ticket, max_wait_s <= 0)
-                make_args = functools.partial(self._acquire_args, req, plan, rid, lease_s, 0,
-                                              max_wait_s <= 0)
+                args = self._acquire_args(w, w.ticket)
+                make_args = functools.partial(self._acquire_args, w, 0)
                 wake.clear()
+                w.calling = True
                 reply = await self._shielded(
-                    self._first_acquire(plan.base, rid, lease_s, make_args) if ticket == 0
+                    self._first_acquire(plan.base, w.rid, w.lease_s, make_args) if w.ticket == 0
                     else self._run(self.scripts.acquire, plan.base, args),
-                    lambda r: self._undo(r, req, plan),
+                    lambda r: self._undo(r, w),
                 )
+                w.calling = False
                 kind = text(reply[0])
                 if kind == "G":
+                    w.ticket = 0
                     r = reservation_from(reply)
                     self._remember(r.id, plan.base)
                     replayed = text(reply[1]) == "1"
                     if not replayed:
                         self._emit([ReservationOpened(r)])
                     return Granted(r, replayed)
+                if kind == "S":
+                    w.ticket = 0
+                    raise Superseded("a newer Acquire with this request_id took over")
                 if kind == "R":
                     return Rejected(float(text(reply[1])))
                 if kind == "E":
@@ -475,7 +526,7 @@ class SharedEngine:
                     if why == "request_id":
                         raise InvalidRequest("request_id", text(reply[2]))
                     raise QueueFull(int(text(reply[2])), float(text(reply[3])))
-                ticket = int(text(reply[1]))
+                w.ticket = int(text(reply[1]))
                 refill_s, eta_s = float(text(reply[3])), float(text(reply[4]))
                 position, depth = int(text(reply[5])), int(text(reply[6]))
                 now = self.clock.now()
@@ -483,35 +534,59 @@ class SharedEngine:
                     key = (position, round(eta_s))
                     if key != last_status or now - last_sent >= interval:
                         overloaded = self._marks.until(plan.budget, now) > 0
-                        await on_status(WaitStatus(position, eta_s, depth, now - started,
-                                                   overloaded))
+                        # Waited since the place was taken (before a re-attach, too).
+                        waited = max(now - w.started, float(text(reply[7])))
+                        await on_status(WaitStatus(position, eta_s, depth, waited, overloaded))
                         last_status, last_sent = key, now
                 # Try again when woken, when the refill is due, or to renew the entry.
-                at = min(deadline, now + self.shared.queue_entry_ttl_s / 3)
+                at = min(w.deadline, now + self.shared.queue_entry_ttl_s / 3)
                 if refill_s > 0:
                     at = min(at, now + refill_s)
                 if on_status is not None:
                     at = min(at, last_sent + interval)
                 if self._draining is None:
                     await self._sleep(wake, at)
-                if self._draining is not None:  # leaves the queue below
+                if self._draining is not None:  # leaves the queue (the caller's except)
                     raise ShuttingDown(self._draining.retry_after_s)
-                if self.clock.now() >= deadline:  # never granted late
-                    await self._leave(plan, ticket)
-                    ticket = 0
+                if self.clock.now() >= w.deadline:  # never granted late
+                    await self._leave(w)
+                    w.ticket = 0
                     return Rejected(eta_s)
-        except BaseException:
-            if ticket:
-                self._background(self._leave(plan, ticket))
-            raise
         finally:
-            self._waiting -= 1
             waiters = self._wakes.get(plan.base)
             if waiters is not None:
                 waiters.discard(wake)
                 if not waiters:
                     del self._wakes[plan.base]
 
+    def _gone(self, w: _Wait) -> None:
+        """The caller went away while waiting. A stream with a request_id keeps its place for
+        the re-attach grace (waited on here, detached, so it is granted in its turn); any
+        other caller leaves the queue."""
+        if not w.ticket or self._stopping:
+            return  # stopping: its entry expires as a dead sidecar's would
+        if w.detachable and self._draining is None:
+            grace = self._config.settings.reattach_grace_s
+            w.deadline = min(w.deadline, self.clock.now() + grace)
+            self._background(self._detached(w))
+        else:
+            self._background(self._leave(w))
+
+    async def _detached(self, w: _Wait) -> None:
+        """Wait on for a caller whose stream broke, until its grace ends. A grant made now is
+        kept in Redis under its request_id: the re-attach replays it (on any sidecar), or it
+        lapses by its lease like any other. A re-attach takes the place over (Superseded)."""
+        w.detachable = False  # once: a cancel now (the daemon stops) ends it
+        try:
+            result = await self._wait(w, None)
+        except (Superseded, asyncio.CancelledError):
+            return  # cancelled: the daemon stops; its entry expires like a dead sidecar's
+        except (ShuttingDown, LedgerError, PersistenceFailing):
+            if w.ticket:
+                await self._leave(w)
+            return
+        if isinstance(result, Granted) and not result.replayed:
+            self._mine[result.reservation.id] = result.reservation
     async def _report_shared(
         self,
         reservation_id: str,
@@ -578,13 +653,13 @@ class SharedEngine:
             per_user.limits if per_user is not None else None,
         )
 
-    def _acquire_args(self, req: AcquireRequest, plan: _Plan, rid: str, lease_s: float,
-                      ticket: int, try_once: bool) -> list[Any]:
+    def _acquire_args(self, w: _Wait, ticket: int) -> list[Any]:
         s = self._config.settings
+        req, plan = w.req, w.plan
         user_caps = _caps(plan.user_limits) if plan.user_limits is not None else [""] * 4
         return [
-            rid, req.request_id, req.scope, req.model, req.user, req.input_tokens,
-            req.max_output_tokens, repr(lease_s), ticket, int(try_once),
+            w.rid, req.request_id, req.scope, req.model, req.user, req.input_tokens,
+            req.max_output_tokens, repr(w.lease_s), ticket, int(w.try_once),
             repr(self.shared.queue_entry_ttl_s), s.max_waiters_per_queue,
             int(plan.base in self._known or self.clock.now() < self._safe_until),
             *_caps(plan.limits),
@@ -687,15 +762,19 @@ class SharedEngine:
         self._remember(reservation_id, base)
         return reservation_from(reply), text(reply[1]) == "1", reply
 
-    async def _leave(self, plan: _Plan, ticket: int) -> None:
+    async def _leave(self, w: _Wait) -> None:
+        """Give up the place `w` holds (not one a re-attach took over)."""
         with contextlib.suppress(PersistenceFailing):
-            await self._run(self.scripts.leave, plan.base, [ticket, plan.user_bucket])
+            await self._run(self.scripts.leave, w.plan.base,
+                            [w.ticket, w.plan.user_bucket, w.rid, w.req.request_id])
 
     async def _shielded(self, call: Coroutine[Any, Any, list[Any]],
                         undo: Callable[[list[Any]], Coroutine[Any, Any, None]]) -> list[Any]:
         """Run a script call to its end even if the caller goes away meanwhile; then `undo`
         what it did for nobody (a grant no one can claim, a queue entry no one renews)."""
         task = asyncio.ensure_future(call)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -705,13 +784,14 @@ class SharedEngine:
             task.add_done_callback(done)
             raise
 
-    async def _undo(self, reply: list[Any], req: AcquireRequest, plan: _Plan) -> None:
+    async def _undo(self, reply: list[Any], w: _Wait) -> None:
         kind = text(reply[0])
-        if kind == "G" and text(reply[1]) == "0" and not req.request_id:
+        if kind == "G" and text(reply[1]) == "0" and not w.req.request_id:
             with contextlib.suppress(LedgerError, PersistenceFailing):
                 await self.release(text(reply[2]))
         elif kind == "W":
-            await self._leave(plan, int(text(reply[1])))
+            w.ticket = int(text(reply[1]))
+            self._gone(w)
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -5,7 +5,8 @@
 --   the user bucket's ub ('' = users are not limited), the user caps (same four),
 --   the budget's name, the refill allowance in seconds.
 -- Replies: {'G', replayed, id, reservation...} granted; {'W', ticket, since, refill_s, eta_s,
---   position, depth} waiting; {'R', eta_s} try-once refused; {'E', why, detail} refused.
+--   position, depth, waited_s} waiting; {'R', eta_s} try-once refused; {'E', why, detail}
+--   refused; {'S'} a newer Acquire with the same request_id took this caller's place.
 local id, rid, scope, model, user = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local amounts = {1, tonumber(ARGV[9]), tonumber(ARGV[10])}
 local lease_s, ticket, try_once = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13] == '1'
@@ -24,6 +25,15 @@ sweep_lapsed(now, 20)
 local mine = hash(BASE .. 'r:' .. id)
 if mine.st ~= nil then return res_reply('G', id, mine, false) end
 
+-- A caller that re-attached by its request_id (on any sidecar) owns this place now.
+-- (Its entry may be gone, too: a try-once call by the request_id ended the wait.)
+if ticket > 0 then
+  local e = entry(tostring(ticket))
+  if e ~= nil and e.owner ~= id then return {'S'} end
+  local held = rid ~= '' and redis.call('GET', BASE .. 'rw:' .. rid)
+  if e == nil and held and held ~= ticket .. '|' .. id then return {'S'} end
+end
+
 -- A repeated request_id gets the original grant back (or is refused if it asks otherwise).
 if rid ~= '' then
   local prior = redis.call('GET', BASE .. 'rq:' .. rid)
@@ -34,8 +44,26 @@ if rid ~= '' then
           or tonumber(r.ro) ~= amounts[3] then
         return {'E', 'request_id', 'already used for a different request'}
       end
-      if ticket > 0 then leave(tostring(ticket), ub) end
+      if ticket > 0 then leave_owned(tostring(ticket), ub, id, rid) end
       return res_reply('G', prior, r, true)
+    end
+  end
+end
+
+-- Re-attach: a caller whose stream broke calls again with its request_id, here or on another
+-- sidecar, while its place is kept (the old call's sidecar renews it for the grace). It takes
+-- the place over: same ticket, same since; the old call hears 'S' on its next try. A try-once
+-- call (the client abandons the wait) takes it over to end it.
+if rid ~= '' and ticket == 0 then
+  local held = redis.call('GET', BASE .. 'rw:' .. rid)
+  if held then
+    local t, owner = string.match(held, '^(%d+)|(.*)$')
+    local e = t and entry(t)
+    if e and e.owner == owner and e.exp >= now then
+      if e.ub ~= (ub or '') or e.amounts[2] ~= amounts[2] or e.amounts[3] ~= amounts[3] then
+        return {'E', 'request_id', 'already used for a different request'}
+      end
+      ticket = tonumber(t)
     end
   end
 end
@@ -103,12 +131,16 @@ if not any then
   redis.call('PEXPIRE', BASE .. 'l', ms(lease_s + IDLE_TTL))
   if rid ~= '' then redis.call('SET', BASE .. 'rq:' .. rid, id, 'PX', ms(lease_s + RETENTION)) end
   if ticket > 0 then leave(tostring(ticket), ub) end
+  if rid ~= '' then redis.call('DEL', BASE .. 'rw:' .. rid) end
   return res_reply('G', id, r, false)
 end
 
 if try_once then
   local eta = estimate()
-  if ticket > 0 then leave(tostring(ticket), ub) end
+  if ticket > 0 then  -- it took a kept place over: the place ends, the old call hears 'S'
+    leave(tostring(ticket), ub)
+    redis.call('SET', BASE .. 'rw:' .. rid, ticket .. '|' .. id, 'PX', ms(queue_ttl + IDLE_TTL))
+  end
   return {'R', fmt(eta)}
 end
 
@@ -136,9 +168,10 @@ if not claimed then redis.call('ZADD', zkeys[1], ticket, ticket) end
 local qttl = ms(queue_ttl + IDLE_TTL)
 for _, z in ipairs(zkeys) do redis.call('PEXPIRE', z, qttl) end
 redis.call('HSET', BASE .. 'qx', ticket, table.concat({fmt(now + queue_ttl), fmt(since),
-  amounts[1], amounts[2], amounts[3], ub or ''}, '|'))
+  amounts[1], amounts[2], amounts[3], id, ub or ''}, '|'))
 redis.call('PEXPIRE', BASE .. 'qx', qttl)
 redis.call('PEXPIRE', BASE .. 'seq', qttl)
+if rid ~= '' then redis.call('SET', BASE .. 'rw:' .. rid, ticket .. '|' .. id, 'PX', qttl) end
 
 local refill_s = paused and (pause - now) or 0
 for _, b in ipairs(buckets) do refill_s = math.max(refill_s, seconds_until(b, amounts, now)) end
@@ -147,4 +180,5 @@ for _, z in ipairs(zkeys) do
   position = position + redis.call('ZCOUNT', z, '-inf', '(' .. ticket)
   depth = depth + redis.call('ZCARD', z)
 end
-return {'W', ticket, fmt(since), fmt(refill_s), fmt(estimate()), position, depth}
+return {'W', ticket, fmt(since), fmt(refill_s), fmt(estimate()), position, depth,
+        fmt(math.max(0, now - since))}

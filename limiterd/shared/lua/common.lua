@@ -11,7 +11,8 @@
 --   base..'rq:'..rid   string  request_id -> reservation id (idempotency)
 --   base..'seq'        string  ticket counter of the wait queue
 --   base..'q', base..'uq:'..ub  zset  waiters claiming that bucket, by ticket (FIFO)
---   base..'qx'         hash  ticket -> "expiry|since|requests|input|output|ub"
+--   base..'qx'         hash  ticket -> "expiry|since|requests|input|output|owner|ub"
+--   base..'rw:'..rid   string  request_id -> "ticket|owner" of its waiter (re-attach by it)
 --   base..'users'      set   the ub of every user bucket under the tag (for reads only)
 -- Times are the Redis server's (TIME), in seconds; no sidecar clock is ever used here.
 --
@@ -227,13 +228,15 @@ local function sweep_lapsed(now, limit)
   return #due
 end
 
--- Queue entries: "expiry|since|requests|input|output|ub".
+-- Queue entries: "expiry|since|requests|input|output|owner|ub". The owner is the id of the
+-- Acquire call that holds the place (a re-attach by request_id takes it over).
 local function entry(ticket)
   local v = redis.call('HGET', BASE .. 'qx', ticket)
   if not v then return nil end
-  local exp, since, r, i, o, ub = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local exp, since, r, i, o, owner, ub = string.match(
+    v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
   return {exp = tonumber(exp), since = tonumber(since), amounts = {tonumber(r), tonumber(i),
-          tonumber(o)}, ub = ub}
+          tonumber(o)}, owner = owner, ub = ub}
 end
 
 local function claim_keys(ub)
@@ -247,6 +250,17 @@ local function leave(ticket, ub)
   for _, z in ipairs(claim_keys(ub)) do redis.call('ZREM', z, ticket) end
   redis.call('HDEL', BASE .. 'qx', ticket)
   wake()
+end
+
+-- Leave, but only the place `owner` holds (a caller that re-attached elsewhere keeps it),
+-- and forget the request_id's place if it still names this one.
+local function leave_owned(ticket, ub, owner, rid)
+  local e = entry(ticket)
+  if e ~= nil and e.owner ~= owner then return end
+  leave(ticket, ub)
+  if rid ~= '' and redis.call('GET', BASE .. 'rw:' .. rid) == ticket .. '|' .. owner then
+    redis.call('DEL', BASE .. 'rw:' .. rid)
+  end
 end
 
 -- The oldest live claim on a bucket (dead entries at the head are dropped on the way).
