@@ -68,7 +68,7 @@ async def agent(mode: str, n: int, stop: float, out: Any, rng: random.Random,
                 await client.messages.create(**params)
             ok = True
         except Exception as exc:  # noqa: BLE001 - every failure is a data point
-            error = type(exc).__name__
+            error = f"{type(exc).__name__}: {exc}"[:300]
         out.write(json.dumps({"agent": n, "start": started, "end": time.time(), "ok": ok,
                               "error": error}) + "\n")
 

@@ -156,9 +156,9 @@ def test_a_burst_from_full_refills_only_after_the_allowance() -> None:
     burst takes a full bucket (300 output/min, 5 per s) down; a caller waiting for the exact
     refill of 10 tokens is granted 2 s + the allowance after it, never sooner."""
     led = Ledger(config(refill_allowance_s=0.1), T0)
-    grant(led, req(0, 200), T0)  # from full: the output refill holds until T0 + 0.1
-    grant(led, req(0, 100), T0 + 0.05)  # already below capacity: no new hold
-    assert levels(led, SHARED, T0 + 0.1)[2] == pytest.approx(0.0, abs=1e-9)
+    grant(led, req(0, 200), T0)  # from full: output is charged 0.1 s of refill (0.5)
+    grant(led, req(0, 100), T0 + 0.1)  # already below capacity: no new charge
+    assert levels(led, SHARED, T0 + 0.1)[2] == pytest.approx(0.0, abs=1e-5)  # T0 + 0.1 rounds
     w = wait(led, req(0, 10), T0 + 0.1, T0 + 60)
     at = led.next_wakeup()
     assert at is not None and at - T0 == pytest.approx(2.1)
@@ -169,10 +169,9 @@ def test_a_burst_from_full_refills_only_after_the_allowance() -> None:
     assert isinstance(w.result, Granted) and w.result.reservation.granted_at == T0 + 2.1
 
 
-def test_a_restart_inside_the_allowance_ends_it() -> None:
-    """The allowance is kept in the bucket's refill time, which a restart never takes from
-    the future (that is how a wall clock that stepped back looks): a restart within 100 ms
-    of a burst loses what is left of it, at most 0.1 s of refill, once."""
+def test_a_restart_inside_the_allowance_keeps_it() -> None:
+    """The allowance is charged to the level taken from full, which is journaled: a restart
+    within 100 ms of a burst keeps it (the waiter is granted 2 s + 0.1 s after the burst)."""
     cfg = config(refill_allowance_s=0.1)
     led, journal = Ledger(cfg, T0), FoldedJournal()
     grant(led, req(0, 300), T0)
@@ -181,7 +180,20 @@ def test_a_restart_inside_the_allowance_ends_it() -> None:
     again.restore(journal.snapshot(), T0 + 0.05)
     wait(again, req(0, 10), T0 + 0.05, T0 + 60)
     at = again.next_wakeup()
-    assert at is not None and at - T0 == pytest.approx(2.05)
+    assert at is not None and at - T0 == pytest.approx(2.1)
+
+
+def test_the_allowance_holds_back_only_the_dimension_taken_from_full() -> None:
+    """A grant that finds its requests dimension full (the usual case when requests are not
+    the scarce limit) charges the allowance to requests only: the tokens, already below
+    capacity and refilling on the provider's side too, keep refilling. Holding the whole
+    bucket back lost 0.1 s of token refill per grant."""
+    led = Ledger(config(refill_allowance_s=0.1), T0)
+    grant(led, req(0, 300), T0)  # output from full: output is charged 0.1 s (0.5 tokens)
+    led.advance(T0 + 30)  # requests refill to full again; output is at 150 - 0.5
+    assert levels(led, SHARED, T0 + 30)[2] == pytest.approx(149.5)
+    grant(led, req(0, 100), T0 + 30)  # requests from full, output from 149.5
+    assert levels(led, SHARED, T0 + 31)[2] == pytest.approx(49.5 + 5.0)  # output refilled
 
 
 def test_no_allowance_when_it_is_off() -> None:

@@ -33,7 +33,8 @@ def test_the_ledger_corrects_a_bucket_from_numbers() -> None:
     assert isinstance(led.acquire(AcquireRequest("s", "m1", "", 1000, 0), T0, T0), Granted)
     key = BucketKey("s", "m*")
     notes = led.sync_from_provider(key, ProviderLimits((None,) * 3, (None, 400_000, None)), T0)
-    assert notes == ["lowered input_tokens for m* from 599000 to 400000: the provider reports "
+    # 600,000 - 1,000, less the refill allowance charged to a take from full (0.1 s: 1,000)
+    assert notes == ["lowered input_tokens for m* from 598000 to 400000: the provider reports "
                      "less remaining"]
     assert led.bucket(key, T0).levels[1] == 400_000
     # Within the provider's rounding (1,000 tokens): left alone.

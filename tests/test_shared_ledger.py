@@ -435,6 +435,31 @@ async def test_a_burst_from_full_holds_refill_for_the_allowance(redis_url: str) 
         assert waited >= 0.5 + 0.1 - 0.005, f"granted {waited:.3f} s after the burst"
 
 
+async def test_the_allowance_holds_back_only_the_dimension_taken_from_full(
+    redis_url: str,
+) -> None:
+    """A grant that finds its requests dimension full charges the allowance to requests
+    only: the input tokens, already below capacity, keep refilling (the script once held the
+    whole bucket's refill back for the allowance, on every such grant)."""
+    fast = parse_config(FAST, "<fast>")
+    config = replace(fast, settings=replace(fast.settings, refill_allowance_s=0.5))  # long
+    async with sidecar(redis_url, config) as a:
+        await granted(a, req("fast", inp=60_000, out=0))  # input from full to empty
+
+        async def requests_full() -> bool:
+            await a.refresh()
+            [view] = a.buckets(model="fast")
+            return view.dimensions[0].level >= view.dimensions[0].capacity
+        await until(requests_full)
+        [view] = a.buckets(model="fast")
+        before = view.dimensions[1].level  # input, as of the refresh (Redis' clock)
+        await granted(a, req("fast", inp=0, out=0))  # requests from full
+        refused = await a.acquire(req("fast", inp=60_000, out=0), 0.0)
+        assert isinstance(refused, Rejected)
+        # Input only refilled since `before`: no 0.5 s hold on top of its deficit.
+        assert refused.retry_after_s <= (60_000 - before) / 1000 + 0.01
+
+
 async def test_stream_position_and_estimate_count_waiters_on_every_sidecar(
     redis_url: str,
 ) -> None:

@@ -639,7 +639,7 @@ class Ledger:
         if schedule:
             used = self._refunds.used_share(b.key)
             cost = [own[i] + used[i] * (demand[i] - own[i]) for i in range(3)]
-            # A refill held by the allowance starts later (buckets.py).
+            # A refill time in the future (restore clamps it; kept as a guard).
             wait = max(0.0, b.as_of - now) + expected_wait(b.levels, b.caps, cost, schedule, now)
         else:
             wait = b.seconds_until((demand[0], demand[1], demand[2]), now)

@@ -130,7 +130,7 @@ local function fits(b, amounts)
 end
 
 -- Seconds from `now` until `demand` fits on the rate dimensions (0: it fits now), counting
--- a refill held back by the allowance (see take).
+-- a refill clock in the future (a bucket saved by a version that held refill back).
 local function seconds_until(b, demand, now)
   local worst = 0
   local held = math.max(0, b.t - now)
@@ -145,17 +145,16 @@ local function seconds_until(b, demand, now)
 end
 
 -- Take `amounts`. The provider starts refilling when a request reaches it, a little after
--- the grant: taken from a full dimension, the bucket refills again only `allowance` seconds
--- after `now` (its refill clock t moves forward), as the local ledger does.
+-- the grant: a dimension taken from full is also charged `allowance` seconds of its refill
+-- (that dimension only), as the local ledger does (limiterd/ledger/buckets.py).
 local function take(b, amounts, now, allowance)
-  local from_full = false
   for d = 1, 3 do
-    if b.cap[d] then
-      from_full = from_full or (amounts[d] > 0 and b.lv[d] >= b.cap[d])
+    local cap = b.cap[d]
+    if cap then
+      if amounts[d] > 0 and b.lv[d] >= cap then b.lv[d] = b.lv[d] - cap * allowance / 60 end
       b.lv[d] = b.lv[d] - amounts[d]
     end
   end
-  if from_full and allowance > 0 then b.t = math.max(b.t, now + allowance) end
   b.n = b.n + 1
 end
 
