@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,13 +58,16 @@ class PortTaken(RuntimeError):
 
 
 class RedisServer:
-    """One redis-server process. `aof`: append-only file with fsync on every write (so a
-    kill -9 loses nothing acknowledged); otherwise no persistence at all."""
+    """One redis-server process. `aof`: append-only file, fsynced as `fsync` says ("always":
+    every write, so a kill -9 loses nothing acknowledged; "everysec": once a second, the
+    production default); otherwise no persistence at all."""
 
     def __init__(self, workdir: Path, aof: bool = False, port: int | None = None,
-                 extra: tuple[str, ...] = (), config: Path | None = None) -> None:
+                 extra: tuple[str, ...] = (), config: Path | None = None,
+                 fsync: str = "always") -> None:
         self.workdir = workdir
         self.aof = aof
+        self.fsync = fsync
         self.port = port or free_port()
         # A port picked here can be taken before redis binds it: then another is picked. A
         # port asked for, or kept for a restart (clients hold its URL), stays as it is.
@@ -95,7 +98,7 @@ class RedisServer:
             "--dir", str(self.workdir), "--save", "", "--daemonize", "no",
             "--logfile", str(self.workdir / "redis.log"),
             "--appendonly", "yes" if self.aof else "no",
-            *(("--appendfsync", "always") if self.aof else ()),
+            *(("--appendfsync", self.fsync) if self.aof else ()),
             *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -147,30 +150,55 @@ def redis_server(workdir: Path, **kw: object) -> Iterator[RedisServer]:
         server.stop()
 
 
+def redis_cli(port: int, *args: str) -> str:
+    """One redis-cli command against a loopback port; its output."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.fail("redis-cli is not installed (it comes with redis-server)", pytrace=False)
+    return subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = START_TIMEOUT_S) -> None:
+    """Poll a Redis-side condition (a server coming up, a sentinel's view) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not reached in {timeout_s:g} s: {what}")
+        time.sleep(0.05)  # polling Redis processes, not racing the code under test
+
+
 @contextmanager
-def redis_sentinel(workdir: Path, master: RedisServer,
-                   service: str = "mymaster") -> Iterator[RedisServer]:
+def redis_replica(workdir: Path, master: RedisServer) -> Iterator[RedisServer]:
+    """A redis-server replicating `master`; yields once its link to the master is up."""
+    replica = RedisServer(workdir, extra=("--replicaof", "127.0.0.1", str(master.port))).start()
+    try:
+        wait_for("the replica's link to its master", lambda: "master_link_status:up"
+                 in redis_cli(replica.port, "info", "replication"))
+        yield replica
+    finally:
+        replica.stop()
+
+
+@contextmanager
+def redis_sentinel(workdir: Path, master: RedisServer, service: str = "mymaster",
+                   down_after_ms: int = 5000, failover_timeout_ms: int | None = None,
+                   replicas: int = 0) -> Iterator[RedisServer]:
     """`redis-server --sentinel` on loopback, monitoring `master` under the name `service`;
-    yields once it names that master's address."""
+    yields once it names that master's address (and knows its `replicas`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "sentinel.conf"  # Sentinel rewrites it: one file of its own
     conf.write_text(f"sentinel monitor {service} 127.0.0.1 {master.port} 1\n"
-                    f"sentinel down-after-milliseconds {service} 5000\n")
+                    f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+                    + (f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+                       if failover_timeout_ms is not None else ""))
     sentinel = RedisServer(workdir, config=conf, extra=("--sentinel",)).start()
     try:
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            pytest.fail("redis-cli is not installed (it comes with redis-server)", pytrace=False)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            named = subprocess.run(
-                [cli, "-p", str(sentinel.port), "sentinel", "get-master-addr-by-name", service],
-                capture_output=True, text=True, timeout=10).stdout.split()
-            if named == ["127.0.0.1", str(master.port)]:
-                break
-            time.sleep(0.05)  # polling the sentinel coming up, not racing the code under test
-        else:
-            raise RuntimeError(f"the sentinel on port {sentinel.port} does not name {service}")
+        wait_for(f"the sentinel names {service}", lambda: redis_cli(
+            sentinel.port, "sentinel", "get-master-addr-by-name", service
+        ).split() == ["127.0.0.1", str(master.port)])
+        wait_for(f"the sentinel knows {replicas} replicas", lambda: redis_cli(
+            sentinel.port, "sentinel", "replicas", service).count("slave") >= replicas)
         yield sentinel
     finally:
         sentinel.stop()
