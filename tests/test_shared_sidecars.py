@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +21,14 @@ import pytest
 
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
-from tests.redis_server import RedisServer, redis_sentinel, redis_server
+from tests.redis_server import (
+    RedisServer,
+    redis_cli,
+    redis_replica,
+    redis_sentinel,
+    redis_server,
+    wait_for,
+)
 from tests.test_process import ANY_PORT, limiterd
 
 CONFIG = """
@@ -144,6 +151,85 @@ async def test_sidecars_find_the_master_through_sentinel(tmp_path: Path) -> None
     for log in logs:
         assert (f"ledger shared on Redis, master 'ledger-main' db 0 via Sentinel "
                 f"127.0.0.1:{sentinel.port} (fail_closed") in log
+
+
+UNAVAILABLE_SAYS = "the shared ledger on Redis is unreachable"
+
+
+async def test_sidecars_follow_a_sentinel_failover_and_grant_no_burst(tmp_path: Path) -> None:
+    """A real master, a real replica and a sentinel: SIGKILL the master under light load.
+    Until the sentinel has promoted the replica every call fails closed (UNAVAILABLE, saying
+    why); then both sidecars grant from the new master, and over the whole run no bucket
+    granted more than its capacity plus its refill, plus one for each acknowledged grant the
+    replica had not received (the lost-data case; none are expected on loopback)."""
+    # The master syncs its replica at once (Redis waits 5 s for more replicas by default).
+    with redis_server(tmp_path / "master", extra=("--repl-diskless-sync-delay", "0")) as master, \
+            redis_replica(tmp_path / "replica", master) as replica, \
+            redis_sentinel(tmp_path / "sentinel", master, "ledger-main", down_after_ms=500,
+                           failover_timeout_ms=2000, replicas=1) as sentinel:
+        address = f"redis+sentinel://127.0.0.1:{sentinel.port}/ledger-main/0"
+        with sidecars(tmp_path, master, 2, ledger=address) as procs:
+            channels = [grpc.aio.insecure_channel(t) for t, _ in procs]
+            stubs = [pb_grpc.LimiterStub(ch) for ch in channels]
+            grants: list[pb.AcquireResponse] = []
+            unavailable = [0, 0]
+            promoted = asyncio.Event()
+            back = [asyncio.Event(), asyncio.Event()]
+
+            async def caller(i: int) -> None:
+                """Light load: one call at a time, try-once, on the 60-a-minute budget."""
+                while not back[i].is_set():
+                    try:
+                        grants.append(await stubs[i].Acquire(acq("audit"), timeout=HANG_S))
+                        if promoted.is_set():
+                            back[i].set()  # granted by the new master
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() == grpc.StatusCode.UNAVAILABLE:
+                            assert UNAVAILABLE_SAYS in (e.details() or ""), e.details()
+                            unavailable[i] += 1
+                        else:  # the budget is spent: that is an answer too
+                            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                            if promoted.is_set():
+                                back[i].set()
+                    await asyncio.sleep(0.02)  # light load, not a race: any pace passes
+
+            try:
+                callers = [asyncio.ensure_future(caller(i)) for i in range(2)]
+                await until(lambda: len(grants) >= 60)  # the bucket is spent
+                master.kill()
+                await asyncio.to_thread(wait_for, "the sentinel promotes the replica",
+                                        lambda: redis_cli(
+                                            sentinel.port, "sentinel",
+                                            "get-master-addr-by-name", "ledger-main",
+                                        ).split() == ["127.0.0.1", str(replica.port)], 60)
+                promoted.set()
+                await asyncio.wait_for(asyncio.gather(*callers), HANG_S)
+                # Both sidecars grant again from the new master.
+                for stub in stubs:
+                    got = await stub.Acquire(acq("fast"), timeout=HANG_S)
+                    assert got.reservation_id
+            finally:
+                for ch in channels:
+                    await ch.close()
+        assert all(n > 0 for n in unavailable), "a sidecar answered without a master"
+        assert "role:master" in redis_cli(replica.port, "info", "replication")
+        ids = {g.reservation_id for g in grants}
+        assert len(ids) == len(grants)  # nothing granted twice
+        lost = sum(1 for rid in ids if redis_cli(replica.port, "exists",
+                                                  f"limiterd:rid:{rid}").strip() != "1")
+        times = sorted(g.granted_at_ms / 1000 for g in grants)
+        for k, t in enumerate(times, start=1):
+            # 60 a minute: 60 at once, then one a second; a hair of float slack.
+            allowed = 60 + (t - times[0]) * 1.0 + lost + 1e-6
+            assert k <= allowed, f"grant {k} at +{t - times[0]:.3f}s: more than {allowed:.3f}"
+
+
+async def until(check: Callable[[], bool], timeout_s: float = HANG_S) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.02)
 
 
 def redis_keys(redis: RedisServer) -> list[str]:
