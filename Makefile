@@ -30,8 +30,9 @@ $(LINT): pyproject.toml client/pyproject.toml
 run: $(RUN)  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
 	$(VENV)/bin/limiterd serve $(ARGS)
 
-test: $(TEST) proto-check redis-server node-test  ## all but the long crash loop; properties derandomized
-	LIMITERD_HYPOTHESIS=repeatable $(PY) -m pytest -m "not long" $(ARGS)
+# pytest and the Node client's suite run side by side (scripts/test-both.sh); both gate it.
+test: $(TEST) proto-check redis-server node-deps node-proto-check  ## all but the long crash loop; properties derandomized
+	LIMITERD_HYPOTHESIS=repeatable scripts/test-both.sh $(PY) -m "not long" $(ARGS)
 
 # A new exploration seed each run, printed first; `make test-long SEED=n` re-runs one.
 ifndef SEED
