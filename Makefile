@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 RUN := $(VENV)/.installed-run
 TEST := $(VENV)/.installed-test
 LINT := $(VENV)/.installed-lint
-INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && $(PY) -m pip install -q -e ./client -e
+# Installs go through uv (from PyPI, into the venv): about 10 s where pip took over a minute
+# on a cold cache, since uv fetches and unpacks in parallel.
+UV := $(VENV)/bin/uv
+INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
+	{ test -x $(UV) || $(PY) -m pip install -q "uv>=0.5"; } && \
+	$(UV) pip install --python $(PY) -q -e ./client -e
 
 .PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
 	node-deps node-test node-proto node-proto-check node-bench
@@ -31,8 +36,10 @@ run: $(RUN)  ## the daemon on its embedded default: SQLite under ./var, loopback
 	$(VENV)/bin/limiterd serve $(ARGS)
 
 # pytest and the Node client's suite run side by side (scripts/test-both.sh); both gate it.
+# pytest runs two workers (pytest-xdist): tests are isolated (their own ports, temp dirs,
+# daemons, redis-servers) and much of their time is waiting on a daemon. `ARGS="-n 0"`: one.
 test: $(TEST) proto-check redis-server node-deps node-proto-check  ## all but the long crash loop; properties derandomized
-	LIMITERD_HYPOTHESIS=repeatable scripts/test-both.sh $(PY) -m "not long" $(ARGS)
+	LIMITERD_HYPOTHESIS=repeatable scripts/test-both.sh $(PY) -m "not long" -n 2 $(ARGS)
 
 # A new exploration seed each run, printed first; `make test-long SEED=n` re-runs one.
 ifndef SEED
@@ -97,7 +104,7 @@ node-proto-check: $(TEST) node-deps  ## fail when the committed TypeScript stubs
 	  rm -rf $$tmp
 
 bench: $(RUN)  ## never part of `make test`; writes bench/out/results.md and goodput.png
-	$(PY) -m pip install -q -e ".[bench]"
+	$(UV) pip install --python $(PY) -q -e ".[bench]"
 	$(PY) -m bench $(ARGS)
 
 clean:
