@@ -33,6 +33,21 @@ class Clock(Protocol):
         ...
 
 
+async def sleep(clock: Clock, seconds: float) -> None:
+    """asyncio.sleep on `clock`: a FakeClock's periodic work runs when the test steps it."""
+    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake() -> None:
+        if not woken.done():  # cancelled meanwhile
+            woken.set_result(None)
+
+    timer = clock.call_at(clock.now() + seconds, wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
 class AnchoredTime:
     """Unix seconds that advance with the monotonic clock: the wall clock is read once, here.
     `wall` and `monotonic` are the sources (injected, so that tests can step them)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from limiterd.clock import Clock
+from limiterd.clock import Clock, sleep
 
 log = logging.getLogger("limiterd.errorlog")
 
@@ -101,7 +101,7 @@ class ErrorLog:
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(FLUSH_EVERY_S)
+            await sleep(self.clock, FLUSH_EVERY_S)
             await self.flush()
 
 
