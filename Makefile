@@ -7,11 +7,12 @@ RUN := $(VENV)/.installed-run
 TEST := $(VENV)/.installed-test
 LINT := $(VENV)/.installed-lint
 # Installs go through uv (from PyPI, into the venv): about 10 s where pip took over a minute
-# on a cold cache, since uv fetches and unpacks in parallel.
+# on a cold cache, since uv fetches and unpacks in parallel. --compile-bytecode as pip does:
+# else every daemon and CLI the tests spawn compiles grpc & co. again (PYTHONDONTWRITEBYTECODE).
 UV := $(VENV)/bin/uv
 INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
 	{ test -x $(UV) || $(PY) -m pip install -q "uv>=0.5"; } && \
-	$(UV) pip install --python $(PY) -q -e ./client -e
+	$(UV) pip install --python $(PY) --compile-bytecode -q -e ./client -e
 
 .PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
 	node-deps node-test node-proto node-proto-check node-bench
