@@ -35,7 +35,6 @@ from limiterd.defaults import DEFAULT_DB, DEFAULT_GRACE_S, DEFAULT_LISTEN
 from limiterd.engine import Engine
 from limiterd.errorlog import ErrorLog
 from limiterd.metrics import Metrics
-from limiterd.shared.engine import SharedEngine
 from limiterd.shared.settings import SharedLedger
 from limiterd.storage.base import Journal, StartupError
 from limiterd.storage.factory import open_journal
@@ -290,6 +289,9 @@ async def start_server(
     creds = security.credentials()
     engine: Backend
     if shared is not None:
+        # Imported here: redis and its client take ~0.1 s to import, and most daemons are local.
+        from limiterd.shared.engine import SharedEngine
+
         engine = SharedEngine(config, shared, clock or SystemClock())
     else:
         engine = Engine(config, journal, clock or SystemClock())
