@@ -23,6 +23,7 @@ default_lease_ms = 60000
 max_lease_ms = 600000
 max_wait_ms = 60000
 refill_allowance_ms = 0  # exact refill times here; the allowance has its own tests
+reattach_grace_ms = 600000  # a lost stream's place outlives any test: only a cancel frees it
 
 [models."claude-scarce-1"]
 requests_per_minute = 2
