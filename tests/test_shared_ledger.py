@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from limiterd.api.provider_headers import provider_limits
-from limiterd.clock import SystemClock
+from limiterd.clock import Clock, SystemClock
 from limiterd.config.loader import ConfigError, check_config, parse_config
 from limiterd.config.model import Config
 from limiterd.engine import PersistenceFailing, WaitStatus
@@ -44,10 +44,10 @@ def req(model: str = "tiny", inp: int = 1, out: int = 1, user: str = "", rid: st
 
 
 @asynccontextmanager
-async def sidecar(url: str, config: Config | None = None, **kw: object) -> AsyncIterator[
-        SharedEngine]:
+async def sidecar(url: str, config: Config | None = None, clock: Clock | None = None,
+                  **kw: object) -> AsyncIterator[SharedEngine]:
     e = SharedEngine(config or make_test_config(), SharedLedger(url, **kw),  # type: ignore[arg-type]
-                     SystemClock())
+                     clock or SystemClock())
     await e.start()
     try:
         yield e
@@ -621,6 +621,37 @@ async def test_a_broken_stream_reattaches_on_another_sidecar_and_keeps_its_place
         assert sorted(r.id for r in b.leases()) == sorted(
             [got.reservation.id, other.reservation.id])  # x granted once, not also on A
         assert not await _queued_at(a, "tiny", 1)
+
+
+class Lagging(SystemClock):
+    """A sidecar's clock that runs ahead a quarter second at each reading: a loaded machine
+    where the sidecar's own measure of a wait disagrees with Redis' (and the other's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ahead = 0.0
+
+    def now(self) -> float:
+        self.ahead += 0.25
+        return super().now() + self.ahead
+
+
+async def test_a_reattached_stream_never_hears_it_waited_less_than_before(
+    redis_url: str,
+) -> None:
+    # make test once saw 2.2 ms after the re-attach against 3.4 ms before it: the first
+    # sidecar counted its own time before Redis took the place. Redis' clock alone counts.
+    async with sidecar(redis_url, clock=Lagging()) as a, sidecar(redis_url) as b:
+        holder = await granted(a, req(inp=1000, out=0))
+        first = await _broken_stream(a, req(inp=500, out=0, rid="x"))
+        again_heard = Heard()
+        again = asyncio.ensure_future(b.acquire(req(inp=500, out=0, rid="x"), 30.0,
+                                                again_heard))
+        back = await again_heard.first()
+        assert back.position == 1 and back.waited_s >= first.waited_s
+        await a.release(holder.reservation.id)
+        got = await again
+        assert isinstance(got, Granted) and got.reservation.request_id == "x"
 
 
 async def test_a_grant_made_while_detached_is_replayed_on_another_sidecar(

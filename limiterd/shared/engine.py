@@ -144,7 +144,6 @@ class _Wait:
     plan: _Plan
     rid: str
     lease_s: float
-    started: float
     deadline: float
     try_once: bool
     detachable: bool  # a stream with a request_id: keeps its place when it breaks
@@ -467,7 +466,7 @@ class SharedEngine:
         now = self.clock.now()
         w = _Wait(req, self._plan(req), os.urandom(16).hex(),
                   req.lease_s if req.lease_s is not None else settings.default_lease_s,
-                  now, now + max_wait_s, max_wait_s <= 0,
+                  now + max_wait_s, max_wait_s <= 0,
                   # A stream that breaks keeps its place for the grace (lua/acquire.lua).
                   on_status is not None and bool(req.request_id))
         self._waiting += 1
@@ -534,8 +533,10 @@ class SharedEngine:
                     key = (position, round(eta_s))
                     if key != last_status or now - last_sent >= interval:
                         overloaded = self._marks.until(plan.budget, now) > 0
-                        # Waited since the place was taken (before a re-attach, too).
-                        waited = max(now - w.started, float(text(reply[7])))
+                        # Waited since the place was taken (before a re-attach, too), by
+                        # Redis' clock alone: every sidecar reads the same one, so a stream
+                        # re-attached elsewhere never hears it waited less than it had.
+                        waited = float(text(reply[7]))
                         await on_status(WaitStatus(position, eta_s, depth, waited, overloaded))
                         last_status, last_sent = key, now
                 # Try again when woken, when the refill is due, or to renew the entry.
