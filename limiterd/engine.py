@@ -344,6 +344,13 @@ class Engine:
         await self._durably()
         return r
 
+    async def mark_sent(self, reservation_id: str) -> None:
+        """The caller is sending its provider request now (Ledger.mark_sent). Answered at
+        once, not after the journal: a mark lost in a crash only means the hold ends at the
+        restart, which it does anyway (a restart ends every hold)."""
+        self.ledger.mark_sent(reservation_id, self.clock.now())
+        self._after()
+
     # An answer is a promise that the change survives kill -9, so Report, Release and
     # KeepAlive are answered OK only once their change is on disk. They are idempotent and
     # clients retry UNAVAILABLE, so refusing them while the journal fails loses nothing.

@@ -102,6 +102,7 @@ def acquire_request(m: pb.AcquireRequest, settings: Settings) -> tuple[AcquireRe
         max_output_tokens=_count("max_output_tokens", m.max_output_tokens),
         request_id=request_id,
         lease_s=lease_s,
+        marks_sent=m.marks_sent,
     )
     return req, _ms_to_s("max_wait_ms", m.max_wait_ms, settings.max_wait_s)
 
@@ -139,8 +140,9 @@ def ms(t: float) -> int:
     return int(round(t * 1000))
 
 
-def acquire_response(r: Reservation, replayed: bool) -> pb.AcquireResponse:
+def acquire_response(r: Reservation, replayed: bool, mark_sent: bool) -> pb.AcquireResponse:
     return pb.AcquireResponse(
+        mark_sent_wanted=mark_sent,
         reservation_id=r.id,
         lease_expires_at_ms=ms(r.expires_at),
         waited_ms=ms(r.waited_s),

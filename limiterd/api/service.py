@@ -67,7 +67,8 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
                 f"no capacity for model {req.model!r} within {round(max_wait_s * 1000)} ms",
                 result.retry_after_s,
             )
-        response = convert.acquire_response(result.reservation, result.replayed)
+        response = convert.acquire_response(result.reservation, result.replayed,
+                                            result.mark_sent)
         overloaded = engine.overloaded_until(result.reservation.buckets[0].budget)
         if overloaded:
             response.model_overloaded = True
@@ -144,6 +145,16 @@ class LimiterService(pb_grpc.LimiterServicer):  # type: ignore[misc]
             return pb.KeepAliveResponse(
                 reservation_id=r.id, lease_expires_at_ms=convert.ms(r.expires_at)
             )
+
+        return await answer(context, call)
+
+
+    async def MarkSent(
+        self, request: pb.MarkSentRequest, context: Context
+    ) -> pb.MarkSentResponse:
+        async def call() -> pb.MarkSentResponse:
+            await self.engine.mark_sent(convert.reservation_id(request.reservation_id))
+            return pb.MarkSentResponse()
 
         return await answer(context, call)
 

@@ -101,8 +101,10 @@ class Settings:
     learn_limits: bool = False  # raise capacity when the provider reports a higher limit
     # Wait estimates count the refunds expected from calls in flight (ledger/refunds.py)
     expect_refunds: bool = True
-    # A take from a full bucket holds its refill this long: the provider starts refilling
-    # when the request arrives, after the grant (limiterd/ledger/buckets.py). 0 = off.
+    # The time from a client's send to the provider counting the request (the network): a
+    # take from a full bucket holds its refill until the client marks its send (MarkSent),
+    # then this long; after the grant, for a client that does not mark
+    # (limiterd/ledger/buckets.py). 0 = off.
     refill_allowance_s: float = 0.1
 
 

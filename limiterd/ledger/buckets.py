@@ -19,11 +19,20 @@ a full dimension also charges that dimension the refill of an allowance
 Only that dimension: the others were already refilling on both sides, and holding them back
 too (as the whole bucket's refill clock once was) cost every grant that found its requests
 dimension full 100 ms of token refill, about 6% of the output budget in the goodput bench.
+
+Measured, not guessed: the delay from grant to provider is not always small (a cold client's
+DNS and TLS handshake, an app starting on a busy core). For a caller that promises to mark the
+moment it sends (AcquireRequest.marks_sent), a dimension its take brings down from full is
+not charged at once: its refill is *held* (a Hold) until the first mark from a reservation
+granted during the hold, and then charged the allowance, which now covers only the way from
+the caller to the provider. If no mark comes, the holder's settlement (Report, Release, lapse)
+ends the hold, uncharged. A held dimension is journaled with the allowance charged: a restart
+ends the hold, and the dimension refills from the time it was journaled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from limiterd.config.model import Limits
 from limiterd.ledger.model import Amounts, BucketKey, BucketLevels
@@ -53,6 +62,15 @@ def amounts_tuple(a: Amounts) -> tuple[int, int, int]:
     return (a.requests, a.input_tokens, a.output_tokens)
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Dimensions whose refill is held until a mark (see the module's docstring)."""
+
+    holder: str  # the reservation whose take from full started it
+    allowance: float  # charged at the mark: the way from the caller to the provider
+    dims: tuple[bool, bool, bool]  # per RATE_DIMS: held or not
+
+
 @dataclass(slots=True, eq=False)
 class Bucket:
     key: BucketKey
@@ -65,6 +83,7 @@ class Bucket:
     # What every waiter on those queues asks for, summed (per RATE_DIMS): a newcomer's wait
     # estimate without walking the queues.
     queued: list[int] = field(default_factory=lambda: [0, 0, 0])
+    hold: Hold | None = None
 
     @classmethod
     def full(cls, key: BucketKey, limits: Limits, now: float) -> Bucket:
@@ -77,9 +96,10 @@ class Bucket:
             return
         self.as_of = now
         levels, caps = self.levels, self.caps
+        held = self.hold.dims if self.hold is not None else (False, False, False)
         for i in range(3):
             cap = caps[i]
-            if cap is not None and levels[i] < cap:
+            if cap is not None and levels[i] < cap and not held[i]:
                 levels[i] = min(float(cap), levels[i] + cap * elapsed / 60.0)
 
     def set_limits(self, limits: Limits) -> None:
@@ -100,6 +120,7 @@ class Bucket:
     def reset(self, now: float) -> None:
         """Full on every dimension, debt forgiven (an operator's reset)."""
         self.as_of = now
+        self.hold = None
         self.levels = [float(c or 0) for c in self.caps]
 
     def fits(self, amounts: tuple[int, int, int]) -> bool:
@@ -111,17 +132,49 @@ class Bucket:
         mc = self.limits.max_concurrent
         return mc is None or self.in_flight < mc
 
-    def take(self, amounts: tuple[int, int, int], now: float, allowance: float = 0.0) -> None:
+    def take(self, amounts: tuple[int, int, int], now: float, allowance: float = 0.0,
+             holder: str = "") -> None:
         """Take `amounts` (after refill). A dimension taken from full is also charged the
-        refill of `allowance` seconds (see the module's docstring)."""
+        refill of `allowance` seconds, or, for a `holder` that will mark when it sends, held
+        until the mark (see the module's docstring)."""
         caps, levels = self.caps, self.levels
+        held = [False, False, False]
         for i in range(3):
             cap = caps[i]
             if cap is not None:
                 if amounts[i] > 0 and levels[i] >= cap:
-                    levels[i] -= cap * allowance / 60.0
+                    if holder and allowance > 0:
+                        held[i] = True
+                    else:
+                        levels[i] -= cap * allowance / 60.0
                 levels[i] -= amounts[i]
+        if any(held):
+            h = self.hold
+            if h is None:
+                self.hold = Hold(holder, allowance, (held[0], held[1], held[2]))
+            else:  # one hold per bucket: its first mark ends it for every dimension
+                self.hold = replace(h, dims=(h.dims[0] or held[0], h.dims[1] or held[1],
+                                             h.dims[2] or held[2]))
         self.in_flight += 1
+
+    def end_hold(self, charge: bool) -> None:
+        """The held dimensions refill again from now (call refill(now) first); `charge`: the
+        caller just marked its send, so they are charged the allowance as well."""
+        h = self.hold
+        if h is None:
+            return
+        self.hold = None
+        if charge:
+            for i in range(3):
+                cap = self.caps[i]
+                if h.dims[i] and cap is not None:
+                    self.levels[i] -= cap * h.allowance / 60.0
+
+    def refill_delay(self, now: float) -> float:
+        """Seconds from `now` until every dimension refills again: a held one is counted as
+        resuming one allowance from now (a mark may come any moment)."""
+        delay = max(0.0, self.as_of - now)
+        return max(delay, self.hold.allowance) if self.hold is not None else delay
 
     def give(self, amounts: tuple[float, float, float]) -> None:
         """Refund (positive) or charge debt (negative), within [-capacity, capacity]."""
@@ -132,14 +185,17 @@ class Bucket:
 
     def seconds_until(self, demand: tuple[float, float, float], now: float) -> float:
         """Time from `now` until `demand` fits on the rate dimensions (0 if it fits now),
-        counting a refill time in the future (restored from a version that held refill)."""
+        counting a refill time in the future (restored from a version that held refill) and
+        a held dimension as resuming one allowance from now."""
         worst = 0.0
-        held = max(0.0, self.as_of - now)
+        later = max(0.0, self.as_of - now)
+        h = self.hold
         for i in range(3):
             cap = self.caps[i]
             if cap is not None:
                 deficit = demand[i] - self.levels[i]
                 if deficit > EPS:
+                    held = max(later, h.allowance) if h is not None and h.dims[i] else later
                     worst = max(worst, held + deficit * 60.0 / cap)
         return worst
 
@@ -157,7 +213,14 @@ class Bucket:
         return None
 
     def snapshot(self) -> BucketLevels:
-        lv, caps = self.levels, self.caps
+        """A held dimension is written with the allowance charged: after a restart the hold
+        is over (nobody's mark could end it any more)."""
+        lv, caps = list(self.levels), self.caps
+        if (h := self.hold) is not None:
+            for i in range(3):
+                cap = caps[i]
+                if h.dims[i] and cap is not None:
+                    lv[i] -= cap * h.allowance / 60.0
         return BucketLevels(
             key=self.key,
             requests=lv[0] if caps[0] is not None else None,

@@ -69,6 +69,9 @@ COMPACT_SLACK = 4096
 class Granted:
     reservation: Reservation
     replayed: bool = False
+    # The caller promised to mark when it sends, and this grant took from a bucket whose
+    # refill is held until such a mark: it should call MarkSent just before it sends.
+    mark_sent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,9 @@ class Ledger:
         # Buckets whose waiters' positions or estimates may have changed (a waiter left, a
         # level rose), for the engine to tell the streams watching them: take_moved().
         self._moved: set[BucketKey] = set()
+        # Open reservations granted during a hold, whose mark may end it: id -> ((bucket,
+        # holder), ...). In memory only: a restart ends every hold (buckets.py).
+        self._markable: dict[str, tuple[tuple[BucketKey, str], ...]] = {}
 
     # ---- outboxes -------------------------------------------------------------------------
 
@@ -193,7 +199,7 @@ class Ledger:
         paused = self._paused_until(req.scope, keys[0].budget, now)
         free = not paused and not any(b.queues for b in buckets)
         if free and all(b.fits(amounts) for b in buckets):
-            return Granted(self._grant(req, keys, buckets, amounts, now, now))
+            return self._grant(req, keys, buckets, amounts, now, now)
 
         queue = self._queues.get(keys)
         s = self._config.settings
@@ -233,7 +239,8 @@ class Ledger:
         self, prior: Reservation | Waiter, req: AcquireRequest, now: float, deadline: float
     ) -> Granted | Waiter | Rejected:
         if isinstance(prior, Waiter):
-            if prior.request != replace(req, lease_s=prior.request.lease_s):
+            if prior.request != replace(req, lease_s=prior.request.lease_s,
+                                        marks_sent=prior.request.marks_sent):
                 raise InvalidRequest("request_id", "already used for a different request")
             prior.deadline = deadline
             heapq.heappush(self._deadlines, (deadline, prior.seq, prior))
@@ -245,7 +252,7 @@ class Ledger:
             return prior
         if not prior.same_request(req):
             raise InvalidRequest("request_id", "already used for a different request")
-        return Granted(prior, replayed=True)
+        return Granted(prior, replayed=True, mark_sent=prior.id in self._markable)
 
     def cancel_wait(self, w: Waiter, now: float) -> None:
         """The caller went away: leave the queue at once, holding nothing."""
@@ -300,6 +307,28 @@ class Ledger:
         settlement = Settlement(State.RELEASED, now, refunded=r.reserved)
         refund = tuple(float(x) for x in amounts_tuple(r.reserved))
         return self._settle(r, settlement, refund, now), False  # type: ignore[arg-type]
+
+    def mark_sent(self, reservation_id: str, now: float) -> None:
+        """The caller is sending the provider request now. The first mark from a reservation
+        granted during a hold ends it: the held dimensions refill again, charged one
+        allowance (the way to the provider, whose refill starts when the request arrives). A
+        mark on a bucket whose hold already ended, again, or after the reservation settled
+        changes nothing."""
+        if reservation_id not in self._open:
+            if reservation_id in self._settled:
+                return
+            raise NotFound(reservation_id)
+        marks = self._markable.pop(reservation_id, ())
+        ended = []
+        for key, holder in marks:
+            b = self._buckets.get(key)
+            if b is not None and b.hold is not None and b.hold.holder == holder:
+                b.refill(now)
+                b.end_hold(charge=True)
+                self._dirty.add(key)
+                self._moved.add(key)
+                ended.append(b)
+        self._drain(ended, now)  # waiters' retries move to the new refill time
 
     def keep_alive(self, reservation_id: str, lease_s: float | None, now: float) -> Reservation:
         r = self._open.get(reservation_id)
@@ -378,12 +407,15 @@ class Ledger:
         self._changes.append(ReservationSettled(r.id, settlement))
         if len(self._leases) + len(self._deadlines) > self._heap_limit:
             self._compact_heaps()
+        self._markable.pop(r.id, None)
         touched = []
         for key in r.buckets:
             b = self._buckets.get(key)
             if b is None:  # only after a config change removed its limits
                 continue
             b.refill(now)
+            if b.hold is not None and b.hold.holder == r.id:
+                b.end_hold(charge=False)  # no mark came: the call is over or never went out
             b.give(give)
             b.in_flight -= 1
             self._dirty.add(key)
@@ -563,7 +595,7 @@ class Ledger:
                 q.popleft()
                 self._count(w, -1)
                 self._retry_at.pop(qk, None)
-                w.result = Granted(self._grant(w.request, qk, bs, w.amounts, now, w.enqueued_at))
+                w.result = self._grant(w.request, qk, bs, w.amounts, now, w.enqueued_at)
                 self._ended.append(w)
                 if not q:
                     del self._queues[qk]
@@ -639,8 +671,8 @@ class Ledger:
         if schedule:
             used = self._refunds.used_share(b.key)
             cost = [own[i] + used[i] * (demand[i] - own[i]) for i in range(3)]
-            # A refill time in the future (restore clamps it; kept as a guard).
-            wait = max(0.0, b.as_of - now) + expected_wait(b.levels, b.caps, cost, schedule, now)
+            # A held refill, or a refill time in the future (buckets.py).
+            wait = b.refill_delay(now) + expected_wait(b.levels, b.caps, cost, schedule, now)
         else:
             wait = b.seconds_until((demand[0], demand[1], demand[2]), now)
         mc = b.limits.max_concurrent
@@ -677,14 +709,21 @@ class Ledger:
         amounts: tuple[int, int, int],
         now: float,
         since: float,
-    ) -> Reservation:
+    ) -> Granted:
         allowance = self._config.settings.refill_allowance_s
+        rid = self._new_id()
+        holder = rid if req.marks_sent else ""
+        marks = []
         for b in buckets:
-            b.take(amounts, now, allowance)
+            b.take(amounts, now, allowance, holder)
             self._dirty.add(b.key)
+            if holder and b.hold is not None:
+                marks.append((b.key, b.hold.holder))
+        if marks:
+            self._markable[rid] = tuple(marks)
         lease = req.lease_s if req.lease_s is not None else self._config.settings.default_lease_s
         r = Reservation(
-            id=self._new_id(),
+            id=rid,
             scope=req.scope,
             model=req.model,
             user=req.user,
@@ -701,7 +740,7 @@ class Ledger:
         self._changes.append(ReservationOpened(r))
         for key in keys:
             self._refunds.granted(key, r.id, now, amounts)
-        return r
+        return Granted(r, mark_sent=bool(marks))
 
     def _plan(self, req: AcquireRequest) -> tuple[QueueKey, tuple[Limits, ...]]:
         """The buckets a request draws on: its model's budget, and its user's under it."""

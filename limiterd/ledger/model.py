@@ -49,6 +49,9 @@ class AcquireRequest:
     max_output_tokens: int
     request_id: str = ""
     lease_s: float | None = None  # None = the configured default
+    # The caller will mark the moment it sends the provider request, when its grant asks
+    # (MarkSent): a take from full then holds the refill until the mark (ledger.buckets).
+    marks_sent: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -415,6 +415,13 @@ class SharedEngine:
         except PersistenceFailing:
             return self._keep("keepalive", reservation_id, (lease,))[0]
 
+    async def mark_sent(self, reservation_id: str) -> None:
+        """The caller sends now: the script ends a hold the reservation may end. While Redis
+        is away this fails (UNAVAILABLE) and the hold ends at the holder's settlement."""
+        if self._local is not None and self._local.ledger.get(reservation_id) is not None:
+            return await self._local.mark_sent(reservation_id)
+        await self._settle(reservation_id, "mark")
+
     def _keep(self, op: str, reservation_id: str, args: tuple[Any, ...]) -> tuple[
             Reservation, bool]:
         """Redis is away: answer a settlement of a shared reservation this sidecar granted
@@ -514,7 +521,7 @@ class SharedEngine:
                     replayed = text(reply[1]) == "1"
                     if not replayed:
                         self._emit([ReservationOpened(r)])
-                    return Granted(r, replayed)
+                    return Granted(r, replayed, len(reply) > 22 and text(reply[22]) == "1")
                 if kind == "S":
                     w.ticket = 0
                     raise Superseded("a newer Acquire with this request_id took over")
@@ -665,8 +672,7 @@ class SharedEngine:
             int(plan.base in self._known or self.clock.now() < self._safe_until),
             *_caps(plan.limits),
             plan.user_bucket, *user_caps, plan.budget,
-            # The local ledger's refill allowance (issue 15), once its setting exists.
-            repr(float(getattr(s, "refill_allowance_s", 0.0))),
+            repr(s.refill_allowance_s), int(req.marks_sent),  # issue 15 (ledger.buckets)
         ]
 
     # ---- Redis -------------------------------------------------------------------------------
@@ -1011,12 +1017,14 @@ def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: flo
                  overloaded: float, open_count: int, now: float) -> BucketView:
     h = {text(k): text(v) for k, v in raw.items()}
     elapsed = max(0.0, now - float(h.get("t", now)))
+    held = h.get("hd", "000") if "h" in h else "000"  # lua/common.lua take: no refill yet
     levels = [0.0, 0.0, 0.0]
     caps: list[int | None] = [None, None, None]
     for i, (lv, cf) in enumerate(zip(("r", "i", "o"), ("cr", "ci", "co"), strict=True)):
         if cf in h:
             cap = caps[i] = int(h[cf])
-            levels[i] = min(float(cap), float(h.get(lv, 0.0)) + cap * elapsed / 60.0)
+            refilled = 0.0 if held[i] == "1" else cap * elapsed / 60.0
+            levels[i] = min(float(cap), float(h.get(lv, 0.0)) + refilled)
     mc = int(h["cm"]) if "cm" in h else None
     return BucketView(key, (levels[0], levels[1], levels[2]), (caps[0], caps[1], caps[2]),
                       mc, int(h.get("n", 0)), depth, open_count, paused, overloaded)

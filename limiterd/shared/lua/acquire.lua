@@ -3,10 +3,11 @@
 --   try_once, queue_ttl_s, max_waiters, known (this sidecar saw the bucket before),
 --   the scope x budget caps (rpm, itpm, otpm, max_concurrent; '' = none),
 --   the user bucket's ub ('' = users are not limited), the user caps (same four),
---   the budget's name, the refill allowance in seconds.
--- Replies: {'G', replayed, id, reservation...} granted; {'W', ticket, since, refill_s, eta_s,
---   position, depth, waited_s} waiting; {'R', eta_s} try-once refused; {'E', why, detail}
---   refused; {'S'} a newer Acquire with the same request_id took this caller's place.
+--   the budget's name, the refill allowance in seconds, marks_sent ('1': the caller marks).
+-- Replies: {'G', replayed, id, reservation..., mark_sent_wanted ('1' or '')} granted;
+--   {'W', ticket, since, refill_s, eta_s, position, depth, waited_s} waiting; {'R', eta_s}
+--   try-once refused; {'E', why, detail} refused; {'S'} a newer Acquire with the same
+--   request_id took this caller's place.
 local id, rid, scope, model, user = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local amounts = {1, tonumber(ARGV[9]), tonumber(ARGV[10])}
 local lease_s, ticket, try_once = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13] == '1'
@@ -15,6 +16,7 @@ local has_user = ARGV[21] ~= ''
 local ub = has_user and ARGV[21] or nil
 local budget = ARGV[26]
 local allowance = tonumber(ARGV[27])
+local holder = ARGV[28] == '1' and id or ''
 local caps = {parse_caps(ARGV[17], ARGV[18], ARGV[19], ARGV[20])}
 if has_user then table.insert(caps, parse_caps(ARGV[22], ARGV[23], ARGV[24], ARGV[25])) end
 
@@ -110,8 +112,10 @@ if not any then
   local e = entry(tostring(ticket))
   local since = (ticket > 0 and e ~= nil) and e.since or now
   local expires = now + lease_s
-  for _, b in ipairs(buckets) do
-    take(b, amounts, now, allowance)
+  local holds = {}  -- the holds this reservation's mark may end (MarkSent)
+  for i, b in ipairs(buckets) do
+    take(b, amounts, now, allowance, holder)
+    if holder ~= '' and b.hold then holds[i] = b.hold end
     b.le = math.max(b.le, expires)
     save_bucket(b, now)
   end
@@ -121,7 +125,7 @@ if not any then
   end
   local r = {s = scope, m = model, u = user, q = rid, ri = ARGV[9], ro = ARGV[10],
              g = fmt(now), e = fmt(expires), w = fmt(math.max(0, now - since)), st = 'open',
-             bu = ARGV[21], bn = budget}
+             bu = ARGV[21], bn = budget, hk = holds[1], hu = holds[2]}
   local flat = {}
   for k, v in pairs(r) do table.insert(flat, k); table.insert(flat, v) end
   local rkey = BASE .. 'r:' .. id
@@ -132,7 +136,9 @@ if not any then
   if rid ~= '' then redis.call('SET', BASE .. 'rq:' .. rid, id, 'PX', ms(lease_s + RETENTION)) end
   if ticket > 0 then leave(tostring(ticket), ub) end
   if rid ~= '' then redis.call('DEL', BASE .. 'rw:' .. rid) end
-  return res_reply('G', id, r, false)
+  local reply = res_reply('G', id, r, false)
+  table.insert(reply, (holds[1] or holds[2]) and '1' or '')
+  return reply
 end
 
 if try_once then

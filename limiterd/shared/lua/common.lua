@@ -2,12 +2,14 @@
 -- name, shared by every model id of the class): every key below starts with the same
 -- "<prefix>:{<n>:<scope>:<budget>}:" base, so a script touches one Cluster slot.
 -- A user's bucket under it is named by its user budget and user: ub = "<n>:<budget>:<user>".
---   base..'b'          hash  the scope x budget bucket (levels r,i,o; caps cr,ci,co,cm; t; n; le)
+--   base..'b'          hash  the scope x budget bucket (levels r,i,o; caps cr,ci,co,cm; t; n; le;
+--                            h, ha, hd while dimensions are held: holder id, allowance, '010')
 --   base..'u:'..ub     hash  a user's bucket under it (same fields)
 --   base..'seen'       string  this bucket existed (tells an idle expiry from lost data)
 --   base..'pause'      string  a provider 429 pauses grants until this time (PX = the pause)
 --   base..'l'          zset  open reservation id -> lease expiry
---   base..'r:'..id     hash  a reservation (open, then settled and kept for the retention)
+--   base..'r:'..id     hash  a reservation (open, then settled and kept for the retention;
+--                            hk, hu: the holds of its buckets its mark may end)
 --   base..'rq:'..rid   string  request_id -> reservation id (idempotency)
 --   base..'seq'        string  ticket counter of the wait queue
 --   base..'q', base..'uq:'..ub  zset  waiters claiming that bucket, by ticket (FIFO)
@@ -55,13 +57,14 @@ end
 local DIM = {'r', 'i', 'o'}
 local CAPF = {'cr', 'ci', 'co'}
 
+-- A held dimension (b.hd: see take) accrues nothing until its hold ends.
 local function refill(b, now)
   local elapsed = now - b.t
   if elapsed <= 0 then return end
   b.t = now
   for d = 1, 3 do
     local cap = b.cap[d]
-    if cap and b.lv[d] < cap then b.lv[d] = math.min(cap, b.lv[d] + cap * elapsed / 60) end
+    if cap and b.lv[d] < cap and not (b.hold and b.hd[d]) then b.lv[d] = math.min(cap, b.lv[d] + cap * elapsed / 60) end
   end
 end
 
@@ -83,6 +86,10 @@ local function load_bucket(key, seen_key, caps, now, known)
     return b
   end
   b.t = tonumber(h.t); b.n = tonumber(h.n or '0'); b.le = tonumber(h.le or '0')
+  if h.h then
+    b.hold = h.h; b.ha = tonumber(h.ha)
+    b.hd = {h.hd:sub(1, 1) == '1', h.hd:sub(2, 2) == '1', h.hd:sub(3, 3) == '1'}
+  end
   for d = 1, 3 do
     b.lv[d] = tonumber(h[DIM[d]] or '0')
     b.cap[d] = h[CAPF[d]] and tonumber(h[CAPF[d]]) or false
@@ -116,6 +123,13 @@ local function save_bucket(b, now)
     end
   end
   if b.mc then table.insert(fields, 'cm'); table.insert(fields, b.mc) else table.insert(gone, 'cm') end
+  if b.hold then
+    local hd = ''
+    for d = 1, 3 do hd = hd .. (b.hd[d] and '1' or '0') end
+    for _, v in ipairs({'h', b.hold, 'ha', fmt(b.ha), 'hd', hd}) do table.insert(fields, v) end
+  elseif b.unheld then
+    redis.call('HDEL', b.key, 'h', 'ha', 'hd')
+  end
   redis.call('HSET', b.key, unpack(fields))
   if b.reshaped and #gone > 0 then redis.call('HDEL', b.key, unpack(gone)) end
   redis.call('PEXPIRE', b.key, ms(math.max(b.le - now, 0) + IDLE_TTL))
@@ -130,14 +144,16 @@ local function fits(b, amounts)
 end
 
 -- Seconds from `now` until `demand` fits on the rate dimensions (0: it fits now), counting
--- a refill clock in the future (a bucket saved by a version that held refill back).
+-- a refill clock in the future (a bucket saved by a version that held refill back), and a
+-- held dimension as resuming one allowance from now (its mark may come any moment).
 local function seconds_until(b, demand, now)
   local worst = 0
-  local held = math.max(0, b.t - now)
+  local later = math.max(0, b.t - now)
   for d = 1, 3 do
     local cap = b.cap[d]
     if cap then
       local deficit = demand[d] - b.lv[d]
+      local held = (b.hold and b.hd[d]) and math.max(later, b.ha) or later
       if deficit > EPS then worst = math.max(worst, held + deficit * 60 / cap) end
     end
   end
@@ -146,16 +162,38 @@ end
 
 -- Take `amounts`. The provider starts refilling when a request reaches it, a little after
 -- the grant: a dimension taken from full is also charged `allowance` seconds of its refill
--- (that dimension only), as the local ledger does (limiterd/ledger/buckets.py).
-local function take(b, amounts, now, allowance)
+-- (that dimension only), as the local ledger does (limiterd/ledger/buckets.py). For a
+-- `holder` (the reservation of a caller that marks when it sends) the dimension is held
+-- instead, until the first mark from a reservation granted during the hold (then charged)
+-- or the holder's settlement (uncharged): end_hold.
+local function take(b, amounts, now, allowance, holder)
   for d = 1, 3 do
     local cap = b.cap[d]
     if cap then
-      if amounts[d] > 0 and b.lv[d] >= cap then b.lv[d] = b.lv[d] - cap * allowance / 60 end
+      if amounts[d] > 0 and b.lv[d] >= cap then
+        if holder ~= '' and allowance > 0 then
+          if not b.hold then b.hold = holder; b.ha = allowance; b.hd = {false, false, false} end
+          b.hd[d] = true  -- one hold per bucket: its first mark ends it for every dimension
+        else
+          b.lv[d] = b.lv[d] - cap * allowance / 60
+        end
+      end
       b.lv[d] = b.lv[d] - amounts[d]
     end
   end
   b.n = b.n + 1
+end
+
+-- The held dimensions refill again from now (the bucket was loaded, so refilled, at now);
+-- `charge`: the caller just marked its send, so they are charged the allowance as well.
+local function end_hold(b, charge)
+  if charge then
+    for d = 1, 3 do
+      if b.hd[d] and b.cap[d] then b.lv[d] = b.lv[d] - b.cap[d] * b.ha / 60 end
+    end
+  end
+  b.hold = false
+  b.unheld = true
 end
 
 -- Give back (positive) or charge as debt (negative). A refund never fills past capacity;
@@ -198,6 +236,7 @@ local function settle(id, r, state, back, fields, now)
   for _, k in ipairs(bucket_keys(ub)) do
     local b = load_bucket(k[1], k[2], nil, now, false)
     if b ~= nil then
+      if b.hold == id then end_hold(b, false) end  -- no mark came: over, or never sent
       give(b, back)
       b.n = math.max(0, b.n - 1)
       save_bucket(b, now)

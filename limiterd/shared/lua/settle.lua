@@ -1,5 +1,5 @@
--- Report, Release or KeepAlive of one reservation (ARGV[4] names which).
--- ARGV[4..]: op ('report'|'release'|'keepalive'), id, then
+-- Report, Release, KeepAlive or MarkSent of one reservation (ARGV[4] names which).
+-- ARGV[4..]: op ('report'|'release'|'keepalive'|'mark'), id, then
 --   report: input, output, outcome, retry_after_s, remaining requests/input/output from the
 --     provider's headers ('' = not sent), tolerance in tokens;
 --   keepalive: lease_s.
@@ -26,6 +26,25 @@ if op == 'keepalive' then
       b.le = math.max(b.le, expires)
       save_bucket(b, now)
     end
+  end
+  return res_reply('S', id, r, false)
+end
+
+if op == 'mark' then
+  -- The caller sends now: the first mark of a reservation granted during a hold ends it, and
+  -- the held dimensions refill again, charged one allowance. Again, late, or after the hold
+  -- ended: nothing.
+  if r.st == 'open' and ((r.hk or '') ~= '' or (r.hu or '') ~= '') then
+    local holds = {r.hk, r.hu}
+    for i, k in ipairs(bucket_keys(r.bu)) do
+      local b = load_bucket(k[1], k[2], nil, now, false)
+      if b ~= nil and holds[i] ~= nil and b.hold == holds[i] then
+        end_hold(b, true)
+        save_bucket(b, now)
+      end
+    end
+    redis.call('HDEL', rkey, 'hk', 'hu')
+    wake()
   end
   return res_reply('S', id, r, false)
 end

@@ -36,7 +36,7 @@ RELEASED: ReservationState
 EXPIRED: ReservationState
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("scope", "model", "user", "input_tokens", "max_output_tokens", "max_wait_ms", "lease_ms", "request_id")
+    __slots__ = ("scope", "model", "user", "input_tokens", "max_output_tokens", "max_wait_ms", "lease_ms", "request_id", "marks_sent")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class AcquireRequest(_message.Message):
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MARKS_SENT_FIELD_NUMBER: _ClassVar[int]
     scope: str
     model: str
     user: str
@@ -53,10 +54,11 @@ class AcquireRequest(_message.Message):
     max_wait_ms: int
     lease_ms: int
     request_id: str
-    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    marks_sent: bool
+    def __init__(self, scope: _Optional[str] = ..., model: _Optional[str] = ..., user: _Optional[str] = ..., input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., lease_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., marks_sent: _Optional[bool] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
-    __slots__ = ("reservation_id", "lease_expires_at_ms", "waited_ms", "reserved_requests", "reserved_input_tokens", "reserved_output_tokens", "granted_at_ms", "replayed", "model_overloaded", "overloaded_until_ms")
+    __slots__ = ("reservation_id", "lease_expires_at_ms", "waited_ms", "reserved_requests", "reserved_input_tokens", "reserved_output_tokens", "granted_at_ms", "replayed", "model_overloaded", "overloaded_until_ms", "mark_sent_wanted")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
     WAITED_MS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +69,7 @@ class AcquireResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     MODEL_OVERLOADED_FIELD_NUMBER: _ClassVar[int]
     OVERLOADED_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    MARK_SENT_WANTED_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     lease_expires_at_ms: int
     waited_ms: int
@@ -77,7 +80,8 @@ class AcquireResponse(_message.Message):
     replayed: bool
     model_overloaded: bool
     overloaded_until_ms: int
-    def __init__(self, reservation_id: _Optional[str] = ..., lease_expires_at_ms: _Optional[int] = ..., waited_ms: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ..., granted_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., model_overloaded: _Optional[bool] = ..., overloaded_until_ms: _Optional[int] = ...) -> None: ...
+    mark_sent_wanted: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_expires_at_ms: _Optional[int] = ..., waited_ms: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ..., granted_at_ms: _Optional[int] = ..., replayed: _Optional[bool] = ..., model_overloaded: _Optional[bool] = ..., overloaded_until_ms: _Optional[int] = ..., mark_sent_wanted: _Optional[bool] = ...) -> None: ...
 
 class AcquireEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -189,6 +193,16 @@ class KeepAliveRequest(_message.Message):
     reservation_id: str
     lease_ms: int
     def __init__(self, reservation_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class MarkSentRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class MarkSentResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class KeepAliveResponse(_message.Message):
     __slots__ = ("reservation_id", "lease_expires_at_ms")

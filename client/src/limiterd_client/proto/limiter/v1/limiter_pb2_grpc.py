@@ -60,6 +60,11 @@ class LimiterStub:
                 request_serializer=limiter_dot_v1_dot_limiter__pb2.KeepAliveRequest.SerializeToString,
                 response_deserializer=limiter_dot_v1_dot_limiter__pb2.KeepAliveResponse.FromString,
                 _registered_method=True)
+        self.MarkSent = channel.unary_unary(
+                '/limiter.v1.Limiter/MarkSent',
+                request_serializer=limiter_dot_v1_dot_limiter__pb2.MarkSentRequest.SerializeToString,
+                response_deserializer=limiter_dot_v1_dot_limiter__pb2.MarkSentResponse.FromString,
+                _registered_method=True)
 
 
 class LimiterServicer:
@@ -107,6 +112,15 @@ class LimiterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MarkSent(self, request, context):
+        """The caller is sending the provider request now (only when the grant's mark_sent_wanted
+        says so). Fire and forget: send it, then the provider request, without waiting for this
+        answer. Idempotent; a mark after the reservation settled changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LimiterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +148,11 @@ def add_LimiterServicer_to_server(servicer, server):
                     servicer.KeepAlive,
                     request_deserializer=limiter_dot_v1_dot_limiter__pb2.KeepAliveRequest.FromString,
                     response_serializer=limiter_dot_v1_dot_limiter__pb2.KeepAliveResponse.SerializeToString,
+            ),
+            'MarkSent': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkSent,
+                    request_deserializer=limiter_dot_v1_dot_limiter__pb2.MarkSentRequest.FromString,
+                    response_serializer=limiter_dot_v1_dot_limiter__pb2.MarkSentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +291,33 @@ class Limiter:
             '/limiter.v1.Limiter/KeepAlive',
             limiter_dot_v1_dot_limiter__pb2.KeepAliveRequest.SerializeToString,
             limiter_dot_v1_dot_limiter__pb2.KeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkSent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/limiter.v1.Limiter/MarkSent',
+            limiter_dot_v1_dot_limiter__pb2.MarkSentRequest.SerializeToString,
+            limiter_dot_v1_dot_limiter__pb2.MarkSentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file limiter/v1/limiter.proto.
  */
 export const file_limiter_v1_limiter: GenFile = /*@__PURE__*/
-  fileDesc("ChhsaW1pdGVyL3YxL2xpbWl0ZXIucHJvdG8SCmxpbWl0ZXIudjEiqAEKDkFjcXVpcmVSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEgwKBHVzZXIYAyABKAkSFAoMaW5wdXRfdG9rZW5zGAQgASgDEhkKEW1heF9vdXRwdXRfdG9rZW5zGAUgASgDEhMKC21heF93YWl0X21zGAYgASgDEhAKCGxlYXNlX21zGAcgASgDEhIKCnJlcXVlc3RfaWQYCCABKAkikwIKD0FjcXVpcmVSZXNwb25zZRIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIbChNsZWFzZV9leHBpcmVzX2F0X21zGAIgASgDEhEKCXdhaXRlZF9tcxgDIAEoAxIZChFyZXNlcnZlZF9yZXF1ZXN0cxgEIAEoAxIdChVyZXNlcnZlZF9pbnB1dF90b2tlbnMYBSABKAMSHgoWcmVzZXJ2ZWRfb3V0cHV0X3Rva2VucxgGIAEoAxIVCg1ncmFudGVkX2F0X21zGAcgASgDEhAKCHJlcGxheWVkGAggASgIEhgKEG1vZGVsX292ZXJsb2FkZWQYCSABKAgSGwoTb3ZlcmxvYWRlZF91bnRpbF9tcxgKIAEoAyJtCgxBY3F1aXJlRXZlbnQSJAoGcXVldWVkGAEgASgLMhIubGltaXRlci52MS5RdWV1ZWRIABIuCgdncmFudGVkGAIgASgLMhsubGltaXRlci52MS5BY3F1aXJlUmVzcG9uc2VIAEIHCgVldmVudCJ3CgZRdWV1ZWQSEAoIcG9zaXRpb24YASABKAUSGQoRZXN0aW1hdGVkX3dhaXRfbXMYAiABKAMSEwoLcXVldWVfZGVwdGgYAyABKAUSEQoJd2FpdGVkX21zGAQgASgDEhgKEG1vZGVsX292ZXJsb2FkZWQYBSABKAgi2gEKDFByb3ZpZGVySW5mbxITCgtodHRwX3N0YXR1cxgBIAEoBRISCgplcnJvcl90eXBlGAIgASgJEhIKCmVycm9yX2NvZGUYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCRI2CgdoZWFkZXJzGAUgAygLMiUubGltaXRlci52MS5Qcm92aWRlckluZm8uSGVhZGVyc0VudHJ5EhEKCWZlbGxfYmFjaxgGIAEoCBouCgxIZWFkZXJzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLMAQoNUmVwb3J0UmVxdWVzdBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIbChNhY3R1YWxfaW5wdXRfdG9rZW5zGAIgASgDEhwKFGFjdHVhbF9vdXRwdXRfdG9rZW5zGAMgASgDEiQKB291dGNvbWUYBCABKA4yEy5saW1pdGVyLnYxLk91dGNvbWUSFgoOcmV0cnlfYWZ0ZXJfbXMYBSABKAMSKgoIcHJvdmlkZXIYBiABKAsyGC5saW1pdGVyLnYxLlByb3ZpZGVySW5mbyL/AQoKU2V0dGxlbWVudBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIrCgVzdGF0ZRgCIAEoDjIcLmxpbWl0ZXIudjEuUmVzZXJ2YXRpb25TdGF0ZRIVCg1zZXR0bGVkX2F0X21zGAMgASgDEhkKEXJlZnVuZGVkX3JlcXVlc3RzGAQgASgDEh0KFXJlZnVuZGVkX2lucHV0X3Rva2VucxgFIAEoAxIeChZyZWZ1bmRlZF9vdXRwdXRfdG9rZW5zGAYgASgDEhwKFG92ZXJydW5faW5wdXRfdG9rZW5zGAcgASgDEh0KFW92ZXJydW5fb3V0cHV0X3Rva2VucxgIIAEoAyJOCg5SZXBvcnRSZXNwb25zZRIqCgpzZXR0bGVtZW50GAEgASgLMhYubGltaXRlci52MS5TZXR0bGVtZW50EhAKCHJlcGxheWVkGAIgASgIIigKDlJlbGVhc2VSZXF1ZXN0EhYKDnJlc2VydmF0aW9uX2lkGAEgASgJIk8KD1JlbGVhc2VSZXNwb25zZRIqCgpzZXR0bGVtZW50GAEgASgLMhYubGltaXRlci52MS5TZXR0bGVtZW50EhAKCHJlcGxheWVkGAIgASgIIjwKEEtlZXBBbGl2ZVJlcXVlc3QSFgoOcmVzZXJ2YXRpb25faWQYASABKAkSEAoIbGVhc2VfbXMYAiABKAMiSAoRS2VlcEFsaXZlUmVzcG9uc2USFgoOcmVzZXJ2YXRpb25faWQYASABKAkSGwoTbGVhc2VfZXhwaXJlc19hdF9tcxgCIAEoAyJYChFMaXN0TGVhc2VzUmVxdWVzdBINCgVzY29wZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSKCAgoFTGVhc2USFgoOcmVzZXJ2YXRpb25faWQYASABKAkSDQoFc2NvcGUYAiABKAkSEwoLc2NvcGVfYWxpYXMYAyABKAkSDQoFbW9kZWwYBCABKAkSDAoEdXNlchgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgJEhUKDWdyYW50ZWRfYXRfbXMYByABKAMSGwoTbGVhc2VfZXhwaXJlc19hdF9tcxgIIAEoAxIZChFyZXNlcnZlZF9yZXF1ZXN0cxgJIAEoAxIdChVyZXNlcnZlZF9pbnB1dF90b2tlbnMYCiABKAMSHgoWcmVzZXJ2ZWRfb3V0cHV0X3Rva2VucxgLIAEoAyJQChJMaXN0TGVhc2VzUmVzcG9uc2USIQoGbGVhc2VzGAEgAygLMhEubGltaXRlci52MS5MZWFzZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoRR2V0QnVja2V0c1JlcXVlc3QSDQoFc2NvcGUYASABKAkSDQoFbW9kZWwYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiYQoJRGltZW5zaW9uEgwKBG5hbWUYASABKAkSDQoFbGV2ZWwYAiABKAESEAoIY2FwYWNpdHkYAyABKAMSFAoMcmVmaWxsX3Blcl9zGAQgASgBEg8KB2xlYXJuZWQYBSABKAgi2gEKBkJ1Y2tldBINCgVzY29wZRgBIAEoCRITCgtzY29wZV9hbGlhcxgCIAEoCRINCgVtb2RlbBgDIAEoCRIMCgR1c2VyGAQgASgJEikKCmRpbWVuc2lvbnMYBSADKAsyFS5saW1pdGVyLnYxLkRpbWVuc2lvbhITCgtxdWV1ZV9kZXB0aBgGIAEoBRIXCg9wYXVzZWRfdW50aWxfbXMYByABKAMSGQoRb3Blbl9yZXNlcnZhdGlvbnMYCCABKAUSGwoTb3ZlcmxvYWRlZF91bnRpbF9tcxgJIAEoAyJiChJHZXRCdWNrZXRzUmVzcG9uc2USIwoHYnVja2V0cxgBIAMoCzISLmxpbWl0ZXIudjEuQnVja2V0Eg4KBm5vd19tcxgCIAEoAxIXCg9uZXh0X3BhZ2VfdG9rZW4YAyABKAkiQAoSUmVzZXRCdWNrZXRSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEgwKBHVzZXIYAyABKAkiOgoTUmVzZXRCdWNrZXRSZXNwb25zZRIjCgdidWNrZXRzGAEgAygLMhIubGltaXRlci52MS5CdWNrZXQiDwoNUmVsb2FkUmVxdWVzdCI9Cg5SZWxvYWRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdtZXNzYWdlGAIgASgJEg4KBnNvdXJjZRgDIAEoCSJYChFMaXN0RXJyb3JzUmVxdWVzdBINCgVtb2RlbBgBIAEoCRITCgtodHRwX3N0YXR1cxgCIAEoBRIQCghzaW5jZV9tcxgDIAEoAxINCgVsaW1pdBgEIAEoBSLaAQoSUHJvdmlkZXJFcnJvckVudHJ5Eg0KBWF0X21zGAEgASgDEhMKC3Njb3BlX2FsaWFzGAIgASgJEg0KBW1vZGVsGAMgASgJEiQKB291dGNvbWUYBCABKA4yEy5saW1pdGVyLnYxLk91dGNvbWUSEwoLaHR0cF9zdGF0dXMYBSABKAUSEgoKZXJyb3JfdHlwZRgGIAEoCRISCgplcnJvcl9jb2RlGAcgASgJEhsKE3Byb3ZpZGVyX3JlcXVlc3RfaWQYCCABKAkSEQoJZmVsbF9iYWNrGAkgASgIIkQKEkxpc3RFcnJvcnNSZXNwb25zZRIuCgZlcnJvcnMYASADKAsyHi5saW1pdGVyLnYxLlByb3ZpZGVyRXJyb3JFbnRyeSpmCgdPdXRjb21lEhcKE09VVENPTUVfVU5TUEVDSUZJRUQQABIGCgJPSxABEhAKDFJBVEVfTElNSVRFRBACEg4KCk9WRVJMT0FERUQQAxIJCgVFUlJPUhAEEg0KCUNBTkNFTExFRBAFKmgKEFJlc2VydmF0aW9uU3RhdGUSIQodUkVTRVJWQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIICgRPUEVOEAESDAoIUkVQT1JURUQQAhIMCghSRUxFQVNFRBADEgsKB0VYUElSRUQQBDLlAgoHTGltaXRlchJCCgdBY3F1aXJlEhoubGltaXRlci52MS5BY3F1aXJlUmVxdWVzdBobLmxpbWl0ZXIudjEuQWNxdWlyZVJlc3BvbnNlEkcKDUFjcXVpcmVTdHJlYW0SGi5saW1pdGVyLnYxLkFjcXVpcmVSZXF1ZXN0GhgubGltaXRlci52MS5BY3F1aXJlRXZlbnQwARI/CgZSZXBvcnQSGS5saW1pdGVyLnYxLlJlcG9ydFJlcXVlc3QaGi5saW1pdGVyLnYxLlJlcG9ydFJlc3BvbnNlEkIKB1JlbGVhc2USGi5saW1pdGVyLnYxLlJlbGVhc2VSZXF1ZXN0GhsubGltaXRlci52MS5SZWxlYXNlUmVzcG9uc2USSAoJS2VlcEFsaXZlEhwubGltaXRlci52MS5LZWVwQWxpdmVSZXF1ZXN0Gh0ubGltaXRlci52MS5LZWVwQWxpdmVSZXNwb25zZTL/AgoFQWRtaW4SSwoKTGlzdExlYXNlcxIdLmxpbWl0ZXIudjEuTGlzdExlYXNlc1JlcXVlc3QaHi5saW1pdGVyLnYxLkxpc3RMZWFzZXNSZXNwb25zZRJLCgpHZXRCdWNrZXRzEh0ubGltaXRlci52MS5HZXRCdWNrZXRzUmVxdWVzdBoeLmxpbWl0ZXIudjEuR2V0QnVja2V0c1Jlc3BvbnNlEj8KBlJlbG9hZBIZLmxpbWl0ZXIudjEuUmVsb2FkUmVxdWVzdBoaLmxpbWl0ZXIudjEuUmVsb2FkUmVzcG9uc2USSwoKTGlzdEVycm9ycxIdLmxpbWl0ZXIudjEuTGlzdEVycm9yc1JlcXVlc3QaHi5saW1pdGVyLnYxLkxpc3RFcnJvcnNSZXNwb25zZRJOCgtSZXNldEJ1Y2tldBIeLmxpbWl0ZXIudjEuUmVzZXRCdWNrZXRSZXF1ZXN0Gh8ubGltaXRlci52MS5SZXNldEJ1Y2tldFJlc3BvbnNlYgZwcm90bzM");
+  fileDesc("ChhsaW1pdGVyL3YxL2xpbWl0ZXIucHJvdG8SCmxpbWl0ZXIudjEivAEKDkFjcXVpcmVSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEgwKBHVzZXIYAyABKAkSFAoMaW5wdXRfdG9rZW5zGAQgASgDEhkKEW1heF9vdXRwdXRfdG9rZW5zGAUgASgDEhMKC21heF93YWl0X21zGAYgASgDEhAKCGxlYXNlX21zGAcgASgDEhIKCnJlcXVlc3RfaWQYCCABKAkSEgoKbWFya3Nfc2VudBgJIAEoCCKtAgoPQWNxdWlyZVJlc3BvbnNlEhYKDnJlc2VydmF0aW9uX2lkGAEgASgJEhsKE2xlYXNlX2V4cGlyZXNfYXRfbXMYAiABKAMSEQoJd2FpdGVkX21zGAMgASgDEhkKEXJlc2VydmVkX3JlcXVlc3RzGAQgASgDEh0KFXJlc2VydmVkX2lucHV0X3Rva2VucxgFIAEoAxIeChZyZXNlcnZlZF9vdXRwdXRfdG9rZW5zGAYgASgDEhUKDWdyYW50ZWRfYXRfbXMYByABKAMSEAoIcmVwbGF5ZWQYCCABKAgSGAoQbW9kZWxfb3ZlcmxvYWRlZBgJIAEoCBIbChNvdmVybG9hZGVkX3VudGlsX21zGAogASgDEhgKEG1hcmtfc2VudF93YW50ZWQYCyABKAgibQoMQWNxdWlyZUV2ZW50EiQKBnF1ZXVlZBgBIAEoCzISLmxpbWl0ZXIudjEuUXVldWVkSAASLgoHZ3JhbnRlZBgCIAEoCzIbLmxpbWl0ZXIudjEuQWNxdWlyZVJlc3BvbnNlSABCBwoFZXZlbnQidwoGUXVldWVkEhAKCHBvc2l0aW9uGAEgASgFEhkKEWVzdGltYXRlZF93YWl0X21zGAIgASgDEhMKC3F1ZXVlX2RlcHRoGAMgASgFEhEKCXdhaXRlZF9tcxgEIAEoAxIYChBtb2RlbF9vdmVybG9hZGVkGAUgASgIItoBCgxQcm92aWRlckluZm8SEwoLaHR0cF9zdGF0dXMYASABKAUSEgoKZXJyb3JfdHlwZRgCIAEoCRISCgplcnJvcl9jb2RlGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkSNgoHaGVhZGVycxgFIAMoCzIlLmxpbWl0ZXIudjEuUHJvdmlkZXJJbmZvLkhlYWRlcnNFbnRyeRIRCglmZWxsX2JhY2sYBiABKAgaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizAEKDVJlcG9ydFJlcXVlc3QSFgoOcmVzZXJ2YXRpb25faWQYASABKAkSGwoTYWN0dWFsX2lucHV0X3Rva2VucxgCIAEoAxIcChRhY3R1YWxfb3V0cHV0X3Rva2VucxgDIAEoAxIkCgdvdXRjb21lGAQgASgOMhMubGltaXRlci52MS5PdXRjb21lEhYKDnJldHJ5X2FmdGVyX21zGAUgASgDEioKCHByb3ZpZGVyGAYgASgLMhgubGltaXRlci52MS5Qcm92aWRlckluZm8i/wEKClNldHRsZW1lbnQSFgoOcmVzZXJ2YXRpb25faWQYASABKAkSKwoFc3RhdGUYAiABKA4yHC5saW1pdGVyLnYxLlJlc2VydmF0aW9uU3RhdGUSFQoNc2V0dGxlZF9hdF9tcxgDIAEoAxIZChFyZWZ1bmRlZF9yZXF1ZXN0cxgEIAEoAxIdChVyZWZ1bmRlZF9pbnB1dF90b2tlbnMYBSABKAMSHgoWcmVmdW5kZWRfb3V0cHV0X3Rva2VucxgGIAEoAxIcChRvdmVycnVuX2lucHV0X3Rva2VucxgHIAEoAxIdChVvdmVycnVuX291dHB1dF90b2tlbnMYCCABKAMiTgoOUmVwb3J0UmVzcG9uc2USKgoKc2V0dGxlbWVudBgBIAEoCzIWLmxpbWl0ZXIudjEuU2V0dGxlbWVudBIQCghyZXBsYXllZBgCIAEoCCIoCg5SZWxlYXNlUmVxdWVzdBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCSJPCg9SZWxlYXNlUmVzcG9uc2USKgoKc2V0dGxlbWVudBgBIAEoCzIWLmxpbWl0ZXIudjEuU2V0dGxlbWVudBIQCghyZXBsYXllZBgCIAEoCCI8ChBLZWVwQWxpdmVSZXF1ZXN0EhYKDnJlc2VydmF0aW9uX2lkGAEgASgJEhAKCGxlYXNlX21zGAIgASgDIikKD01hcmtTZW50UmVxdWVzdBIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCSISChBNYXJrU2VudFJlc3BvbnNlIkgKEUtlZXBBbGl2ZVJlc3BvbnNlEhYKDnJlc2VydmF0aW9uX2lkGAEgASgJEhsKE2xlYXNlX2V4cGlyZXNfYXRfbXMYAiABKAMiWAoRTGlzdExlYXNlc1JlcXVlc3QSDQoFc2NvcGUYASABKAkSDQoFbW9kZWwYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiggIKBUxlYXNlEhYKDnJlc2VydmF0aW9uX2lkGAEgASgJEg0KBXNjb3BlGAIgASgJEhMKC3Njb3BlX2FsaWFzGAMgASgJEg0KBW1vZGVsGAQgASgJEgwKBHVzZXIYBSABKAkSEgoKcmVxdWVzdF9pZBgGIAEoCRIVCg1ncmFudGVkX2F0X21zGAcgASgDEhsKE2xlYXNlX2V4cGlyZXNfYXRfbXMYCCABKAMSGQoRcmVzZXJ2ZWRfcmVxdWVzdHMYCSABKAMSHQoVcmVzZXJ2ZWRfaW5wdXRfdG9rZW5zGAogASgDEh4KFnJlc2VydmVkX291dHB1dF90b2tlbnMYCyABKAMiUAoSTGlzdExlYXNlc1Jlc3BvbnNlEiEKBmxlYXNlcxgBIAMoCzIRLmxpbWl0ZXIudjEuTGVhc2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlgKEUdldEJ1Y2tldHNSZXF1ZXN0Eg0KBXNjb3BlGAEgASgJEg0KBW1vZGVsGAIgASgJEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJImEKCURpbWVuc2lvbhIMCgRuYW1lGAEgASgJEg0KBWxldmVsGAIgASgBEhAKCGNhcGFjaXR5GAMgASgDEhQKDHJlZmlsbF9wZXJfcxgEIAEoARIPCgdsZWFybmVkGAUgASgIItoBCgZCdWNrZXQSDQoFc2NvcGUYASABKAkSEwoLc2NvcGVfYWxpYXMYAiABKAkSDQoFbW9kZWwYAyABKAkSDAoEdXNlchgEIAEoCRIpCgpkaW1lbnNpb25zGAUgAygLMhUubGltaXRlci52MS5EaW1lbnNpb24SEwoLcXVldWVfZGVwdGgYBiABKAUSFwoPcGF1c2VkX3VudGlsX21zGAcgASgDEhkKEW9wZW5fcmVzZXJ2YXRpb25zGAggASgFEhsKE292ZXJsb2FkZWRfdW50aWxfbXMYCSABKAMiYgoSR2V0QnVja2V0c1Jlc3BvbnNlEiMKB2J1Y2tldHMYASADKAsyEi5saW1pdGVyLnYxLkJ1Y2tldBIOCgZub3dfbXMYAiABKAMSFwoPbmV4dF9wYWdlX3Rva2VuGAMgASgJIkAKElJlc2V0QnVja2V0UmVxdWVzdBINCgVzY29wZRgBIAEoCRINCgVtb2RlbBgCIAEoCRIMCgR1c2VyGAMgASgJIjoKE1Jlc2V0QnVja2V0UmVzcG9uc2USIwoHYnVja2V0cxgBIAMoCzISLmxpbWl0ZXIudjEuQnVja2V0Ig8KDVJlbG9hZFJlcXVlc3QiPQoOUmVsb2FkUmVzcG9uc2USCgoCb2sYASABKAgSDwoHbWVzc2FnZRgCIAEoCRIOCgZzb3VyY2UYAyABKAkiWAoRTGlzdEVycm9yc1JlcXVlc3QSDQoFbW9kZWwYASABKAkSEwoLaHR0cF9zdGF0dXMYAiABKAUSEAoIc2luY2VfbXMYAyABKAMSDQoFbGltaXQYBCABKAUi2gEKElByb3ZpZGVyRXJyb3JFbnRyeRINCgVhdF9tcxgBIAEoAxITCgtzY29wZV9hbGlhcxgCIAEoCRINCgVtb2RlbBgDIAEoCRIkCgdvdXRjb21lGAQgASgOMhMubGltaXRlci52MS5PdXRjb21lEhMKC2h0dHBfc3RhdHVzGAUgASgFEhIKCmVycm9yX3R5cGUYBiABKAkSEgoKZXJyb3JfY29kZRgHIAEoCRIbChNwcm92aWRlcl9yZXF1ZXN0X2lkGAggASgJEhEKCWZlbGxfYmFjaxgJIAEoCCJEChJMaXN0RXJyb3JzUmVzcG9uc2USLgoGZXJyb3JzGAEgAygLMh4ubGltaXRlci52MS5Qcm92aWRlckVycm9yRW50cnkqZgoHT3V0Y29tZRIXChNPVVRDT01FX1VOU1BFQ0lGSUVEEAASBgoCT0sQARIQCgxSQVRFX0xJTUlURUQQAhIOCgpPVkVSTE9BREVEEAMSCQoFRVJST1IQBBINCglDQU5DRUxMRUQQBSpoChBSZXNlcnZhdGlvblN0YXRlEiEKHVJFU0VSVkFUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASCAoET1BFThABEgwKCFJFUE9SVEVEEAISDAoIUkVMRUFTRUQQAxILCgdFWFBJUkVEEAQyrAMKB0xpbWl0ZXISQgoHQWNxdWlyZRIaLmxpbWl0ZXIudjEuQWNxdWlyZVJlcXVlc3QaGy5saW1pdGVyLnYxLkFjcXVpcmVSZXNwb25zZRJHCg1BY3F1aXJlU3RyZWFtEhoubGltaXRlci52MS5BY3F1aXJlUmVxdWVzdBoYLmxpbWl0ZXIudjEuQWNxdWlyZUV2ZW50MAESPwoGUmVwb3J0EhkubGltaXRlci52MS5SZXBvcnRSZXF1ZXN0GhoubGltaXRlci52MS5SZXBvcnRSZXNwb25zZRJCCgdSZWxlYXNlEhoubGltaXRlci52MS5SZWxlYXNlUmVxdWVzdBobLmxpbWl0ZXIudjEuUmVsZWFzZVJlc3BvbnNlEkgKCUtlZXBBbGl2ZRIcLmxpbWl0ZXIudjEuS2VlcEFsaXZlUmVxdWVzdBodLmxpbWl0ZXIudjEuS2VlcEFsaXZlUmVzcG9uc2USRQoITWFya1NlbnQSGy5saW1pdGVyLnYxLk1hcmtTZW50UmVxdWVzdBocLmxpbWl0ZXIudjEuTWFya1NlbnRSZXNwb25zZTL/AgoFQWRtaW4SSwoKTGlzdExlYXNlcxIdLmxpbWl0ZXIudjEuTGlzdExlYXNlc1JlcXVlc3QaHi5saW1pdGVyLnYxLkxpc3RMZWFzZXNSZXNwb25zZRJLCgpHZXRCdWNrZXRzEh0ubGltaXRlci52MS5HZXRCdWNrZXRzUmVxdWVzdBoeLmxpbWl0ZXIudjEuR2V0QnVja2V0c1Jlc3BvbnNlEj8KBlJlbG9hZBIZLmxpbWl0ZXIudjEuUmVsb2FkUmVxdWVzdBoaLmxpbWl0ZXIudjEuUmVsb2FkUmVzcG9uc2USSwoKTGlzdEVycm9ycxIdLmxpbWl0ZXIudjEuTGlzdEVycm9yc1JlcXVlc3QaHi5saW1pdGVyLnYxLkxpc3RFcnJvcnNSZXNwb25zZRJOCgtSZXNldEJ1Y2tldBIeLmxpbWl0ZXIudjEuUmVzZXRCdWNrZXRSZXF1ZXN0Gh8ubGltaXRlci52MS5SZXNldEJ1Y2tldFJlc3BvbnNlYgZwcm90bzM");
 
 /**
  * @generated from message limiter.v1.AcquireRequest
@@ -81,6 +81,15 @@ export type AcquireRequest = Message<"limiter.v1.AcquireRequest"> & {
    * @generated from field: string request_id = 8;
    */
   requestId: string;
+
+  /**
+   * The caller promises to call MarkSent just before it sends the provider request whenever
+   * the grant asks (mark_sent_wanted). A grant that takes a bucket down from full then holds
+   * its refill until the mark, instead of guessing the delay from grant to provider.
+   *
+   * @generated from field: bool marks_sent = 9;
+   */
+  marksSent: boolean;
 };
 
 /**
@@ -147,6 +156,14 @@ export type AcquireResponse = Message<"limiter.v1.AcquireResponse"> & {
    * @generated from field: int64 overloaded_until_ms = 10;
    */
   overloadedUntilMs: bigint;
+
+  /**
+   * The request promised marks_sent and this grant holds a bucket's refill until a mark:
+   * call MarkSent just before sending the provider request.
+   *
+   * @generated from field: bool mark_sent_wanted = 11;
+   */
+  markSentWanted: boolean;
 };
 
 /**
@@ -462,6 +479,36 @@ export const KeepAliveRequestSchema: GenMessage<KeepAliveRequest> = /*@__PURE__*
   messageDesc(file_limiter_v1_limiter, 10);
 
 /**
+ * @generated from message limiter.v1.MarkSentRequest
+ */
+export type MarkSentRequest = Message<"limiter.v1.MarkSentRequest"> & {
+  /**
+   * @generated from field: string reservation_id = 1;
+   */
+  reservationId: string;
+};
+
+/**
+ * Describes the message limiter.v1.MarkSentRequest.
+ * Use `create(MarkSentRequestSchema)` to create a new message.
+ */
+export const MarkSentRequestSchema: GenMessage<MarkSentRequest> = /*@__PURE__*/
+  messageDesc(file_limiter_v1_limiter, 11);
+
+/**
+ * @generated from message limiter.v1.MarkSentResponse
+ */
+export type MarkSentResponse = Message<"limiter.v1.MarkSentResponse"> & {
+};
+
+/**
+ * Describes the message limiter.v1.MarkSentResponse.
+ * Use `create(MarkSentResponseSchema)` to create a new message.
+ */
+export const MarkSentResponseSchema: GenMessage<MarkSentResponse> = /*@__PURE__*/
+  messageDesc(file_limiter_v1_limiter, 12);
+
+/**
  * @generated from message limiter.v1.KeepAliveResponse
  */
 export type KeepAliveResponse = Message<"limiter.v1.KeepAliveResponse"> & {
@@ -481,7 +528,7 @@ export type KeepAliveResponse = Message<"limiter.v1.KeepAliveResponse"> & {
  * Use `create(KeepAliveResponseSchema)` to create a new message.
  */
 export const KeepAliveResponseSchema: GenMessage<KeepAliveResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 11);
+  messageDesc(file_limiter_v1_limiter, 13);
 
 /**
  * @generated from message limiter.v1.ListLeasesRequest
@@ -519,7 +566,7 @@ export type ListLeasesRequest = Message<"limiter.v1.ListLeasesRequest"> & {
  * Use `create(ListLeasesRequestSchema)` to create a new message.
  */
 export const ListLeasesRequestSchema: GenMessage<ListLeasesRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 12);
+  messageDesc(file_limiter_v1_limiter, 14);
 
 /**
  * @generated from message limiter.v1.Lease
@@ -586,7 +633,7 @@ export type Lease = Message<"limiter.v1.Lease"> & {
  * Use `create(LeaseSchema)` to create a new message.
  */
 export const LeaseSchema: GenMessage<Lease> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 13);
+  messageDesc(file_limiter_v1_limiter, 15);
 
 /**
  * @generated from message limiter.v1.ListLeasesResponse
@@ -610,7 +657,7 @@ export type ListLeasesResponse = Message<"limiter.v1.ListLeasesResponse"> & {
  * Use `create(ListLeasesResponseSchema)` to create a new message.
  */
 export const ListLeasesResponseSchema: GenMessage<ListLeasesResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 14);
+  messageDesc(file_limiter_v1_limiter, 16);
 
 /**
  * @generated from message limiter.v1.GetBucketsRequest
@@ -648,7 +695,7 @@ export type GetBucketsRequest = Message<"limiter.v1.GetBucketsRequest"> & {
  * Use `create(GetBucketsRequestSchema)` to create a new message.
  */
 export const GetBucketsRequestSchema: GenMessage<GetBucketsRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 15);
+  messageDesc(file_limiter_v1_limiter, 17);
 
 /**
  * @generated from message limiter.v1.Dimension
@@ -693,7 +740,7 @@ export type Dimension = Message<"limiter.v1.Dimension"> & {
  * Use `create(DimensionSchema)` to create a new message.
  */
 export const DimensionSchema: GenMessage<Dimension> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 16);
+  messageDesc(file_limiter_v1_limiter, 18);
 
 /**
  * @generated from message limiter.v1.Bucket
@@ -761,7 +808,7 @@ export type Bucket = Message<"limiter.v1.Bucket"> & {
  * Use `create(BucketSchema)` to create a new message.
  */
 export const BucketSchema: GenMessage<Bucket> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 17);
+  messageDesc(file_limiter_v1_limiter, 19);
 
 /**
  * @generated from message limiter.v1.GetBucketsResponse
@@ -790,7 +837,7 @@ export type GetBucketsResponse = Message<"limiter.v1.GetBucketsResponse"> & {
  * Use `create(GetBucketsResponseSchema)` to create a new message.
  */
 export const GetBucketsResponseSchema: GenMessage<GetBucketsResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 18);
+  messageDesc(file_limiter_v1_limiter, 20);
 
 /**
  * @generated from message limiter.v1.ResetBucketRequest
@@ -823,7 +870,7 @@ export type ResetBucketRequest = Message<"limiter.v1.ResetBucketRequest"> & {
  * Use `create(ResetBucketRequestSchema)` to create a new message.
  */
 export const ResetBucketRequestSchema: GenMessage<ResetBucketRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 19);
+  messageDesc(file_limiter_v1_limiter, 21);
 
 /**
  * @generated from message limiter.v1.ResetBucketResponse
@@ -842,7 +889,7 @@ export type ResetBucketResponse = Message<"limiter.v1.ResetBucketResponse"> & {
  * Use `create(ResetBucketResponseSchema)` to create a new message.
  */
 export const ResetBucketResponseSchema: GenMessage<ResetBucketResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 20);
+  messageDesc(file_limiter_v1_limiter, 22);
 
 /**
  * @generated from message limiter.v1.ReloadRequest
@@ -855,7 +902,7 @@ export type ReloadRequest = Message<"limiter.v1.ReloadRequest"> & {
  * Use `create(ReloadRequestSchema)` to create a new message.
  */
 export const ReloadRequestSchema: GenMessage<ReloadRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 21);
+  messageDesc(file_limiter_v1_limiter, 23);
 
 /**
  * @generated from message limiter.v1.ReloadResponse
@@ -886,7 +933,7 @@ export type ReloadResponse = Message<"limiter.v1.ReloadResponse"> & {
  * Use `create(ReloadResponseSchema)` to create a new message.
  */
 export const ReloadResponseSchema: GenMessage<ReloadResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 22);
+  messageDesc(file_limiter_v1_limiter, 24);
 
 /**
  * @generated from message limiter.v1.ListErrorsRequest
@@ -926,7 +973,7 @@ export type ListErrorsRequest = Message<"limiter.v1.ListErrorsRequest"> & {
  * Use `create(ListErrorsRequestSchema)` to create a new message.
  */
 export const ListErrorsRequestSchema: GenMessage<ListErrorsRequest> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 23);
+  messageDesc(file_limiter_v1_limiter, 25);
 
 /**
  * @generated from message limiter.v1.ProviderErrorEntry
@@ -985,7 +1032,7 @@ export type ProviderErrorEntry = Message<"limiter.v1.ProviderErrorEntry"> & {
  * Use `create(ProviderErrorEntrySchema)` to create a new message.
  */
 export const ProviderErrorEntrySchema: GenMessage<ProviderErrorEntry> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 24);
+  messageDesc(file_limiter_v1_limiter, 26);
 
 /**
  * @generated from message limiter.v1.ListErrorsResponse
@@ -1002,7 +1049,7 @@ export type ListErrorsResponse = Message<"limiter.v1.ListErrorsResponse"> & {
  * Use `create(ListErrorsResponseSchema)` to create a new message.
  */
 export const ListErrorsResponseSchema: GenMessage<ListErrorsResponse> = /*@__PURE__*/
-  messageDesc(file_limiter_v1_limiter, 25);
+  messageDesc(file_limiter_v1_limiter, 27);
 
 /**
  * @generated from enum limiter.v1.Outcome
@@ -1154,6 +1201,18 @@ export const Limiter: GenService<{
     methodKind: "unary";
     input: typeof KeepAliveRequestSchema;
     output: typeof KeepAliveResponseSchema;
+  },
+  /**
+   * The caller is sending the provider request now (only when the grant's mark_sent_wanted
+   * says so). Fire and forget: send it, then the provider request, without waiting for this
+   * answer. Idempotent; a mark after the reservation settled changes nothing.
+   *
+   * @generated from rpc limiter.v1.Limiter.MarkSent
+   */
+  markSent: {
+    methodKind: "unary";
+    input: typeof MarkSentRequestSchema;
+    output: typeof MarkSentResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_limiter_v1_limiter, 0);
