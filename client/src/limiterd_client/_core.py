@@ -49,6 +49,7 @@ class Counters:
     settles_deferred: int = 0  # Report/Release the daemon could not take at once
     settles_delivered: int = 0  # ...of which the outbox delivered later
     settles_dropped: int = 0  # ...of which the lease ended first (or the outbox overflowed)
+    marks_sent: int = 0  # MarkSent calls sent (a grant held a refill until the send)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Grant:
     input_tokens: int
     output_tokens: int
     lease_ms: int = 0  # how long a lease lasts, learnt at grant time (0 = unknown)
+    # The daemon holds a bucket's refill until this call is sent: mark_called() tells it.
+    mark_sent_wanted: bool = False
 
 
 @dataclass

@@ -96,6 +96,7 @@ class Runtime(Protocol):
     def stream(self, method: str, request: Any, timeout: float) -> RpcStream: ...
     async def sleep(self, seconds: float) -> None: ...
     def start(self, job: JobFn, name: str) -> Job: ...
+    def fire(self, method: str, request: Any, timeout: float) -> None: ...
     async def shielded(self, aw: Awaitable[T]) -> T: ...
     async def close_channel(self) -> None: ...
 
@@ -124,6 +125,7 @@ class AsyncRuntime:
     def __init__(self, channel: grpc.aio.Channel, stub: Any,
                  sleep: Callable[[float], Awaitable[None]]) -> None:
         self.channel, self.stub, self._sleep = channel, stub, sleep
+        self._fired: set[asyncio.Task[None]] = set()
 
     async def unary(self, method: str, request: Any, timeout: float,
                     wait_for_ready: bool = False) -> Any:
@@ -140,6 +142,18 @@ class AsyncRuntime:
 
     def start(self, job: JobFn, name: str) -> Job:
         return _Task(asyncio.get_running_loop().create_task(job(self._sleep), name=name))
+
+    def fire(self, method: str, request: Any, timeout: float) -> None:
+        """Send a call nobody waits for (its failure is only logged)."""
+        task = asyncio.get_running_loop().create_task(self._quietly(method, request, timeout))
+        self._fired.add(task)
+        task.add_done_callback(self._fired.discard)
+
+    async def _quietly(self, method: str, request: Any, timeout: float) -> None:
+        try:
+            await getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            log.debug("%s failed: %s", method, e)
 
     async def shielded(self, aw: Awaitable[T]) -> T:
         return await asyncio.shield(aw)
@@ -220,6 +234,13 @@ class SyncRuntime:
 
     def start(self, job: JobFn, name: str) -> Job:
         return _Thread(job, name)
+
+    def fire(self, method: str, request: Any, timeout: float) -> None:
+        """Send a call nobody waits for (grpc's own threads carry it; a failure is logged)."""
+        future = getattr(self.stub, method).future(request, timeout=timeout)
+        future.add_done_callback(
+            lambda f: log.debug("%s failed: %s", method, f.exception()) if f.exception()
+            else None)
 
     async def shielded(self, aw: Awaitable[T]) -> T:
         return await aw  # nothing can cancel a blocking call half way

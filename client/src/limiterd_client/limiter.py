@@ -99,11 +99,13 @@ class LimiterCore(Generic[R]):
     def _new_reservation(self, cls: type[R], scope: str, model: str, input_tokens: int,
                          max_output_tokens: int, max_wait: float, user: str,
                          lease_ms: int | None, on_wait: Any, wait_budget: float | None,
-                         overloaded_hint: bool) -> R:
+                         overloaded_hint: bool, marks_sent: bool = False) -> R:
         validate(scope, model, input_tokens, max_output_tokens, max_wait)
         gate = WaitGate(wait_budget, overloaded_hint)
-        return cls(self, scope, model, user, input_tokens, max_output_tokens, max_wait,
-                   self.lease_ms if lease_ms is None else lease_ms, on_wait, gate)
+        r = cls(self, scope, model, user, input_tokens, max_output_tokens, max_wait,
+                self.lease_ms if lease_ms is None else lease_ms, on_wait, gate)
+        r.marks_sent = marks_sent
+        return r
 
     def _not_ready(self, timeout: float) -> LimiterUnavailable:
         return LimiterUnavailable(
@@ -155,7 +157,7 @@ class LimiterCore(Generic[R]):
                                  input_tokens=r.input_tokens,
                                  max_output_tokens=r.max_output_tokens,
                                  max_wait_ms=round(max_wait * 1000), lease_ms=r.lease_ms,
-                                 request_id=r.request_id)
+                                 request_id=r.request_id, marks_sent=r.marks_sent)
 
     async def _acquire(self, r: ReservationCore) -> Grant:
         try:
@@ -299,6 +301,13 @@ class LimiterCore(Generic[R]):
                 log.warning("keepalive of %s failed: %s", grant.reservation_id, e)
                 interval = max(lease_s * self.keepalive_fraction / 4, 0.01)
 
+    def _mark_sent(self, reservation_id: str) -> None:
+        """MarkSent, fire and forget: the provider request goes out without waiting for it
+        (lost, it only means the daemon's hold ends at the Report)."""
+        self._rt.fire("MarkSent", pb.MarkSentRequest(reservation_id=reservation_id),
+                      self.rpc_timeout)
+        self.counters.marks_sent += 1
+
     async def _settle(self, method: str, request: pb.ReportRequest | pb.ReleaseRequest,
                       reservation_id: str, lease_expires_at_ms: int) -> pb.Settlement | None:
         """Report/Release now, or (daemon unreachable) hand it to the outbox and return None."""
@@ -346,6 +355,9 @@ class ReservationCore:
         self.input_tokens, self.max_output_tokens = input_tokens, max_output_tokens
         self.max_wait, self.lease_ms = max_wait, lease_ms
         self.request_id = uuid.uuid4().hex
+        # The caller calls mark_called() just before it sends the provider request: the
+        # daemon may then hold a refill until it does (issue 15), instead of guessing.
+        self.marks_sent = False
         self.grant: Grant | None = None
         self.lease_expires_at_ms = 0
         self.keepalives = 0
@@ -376,8 +388,14 @@ class ReservationCore:
         return self._state.settled
 
     def mark_called(self) -> None:
-        """The provider call has started: from now on an exception reports, not releases."""
+        """The provider call starts now: from now on an exception reports, not releases.
+        When the grant asks for it (`marks_sent=True`), the daemon is told at once
+        (MarkSent, not waited for): its refill resumes as the provider's starts."""
+        first = not self._state.called
         self._state.called = True
+        grant = self.grant
+        if first and grant is not None and grant.mark_sent_wanted:
+            self._limiter._mark_sent(grant.reservation_id)
 
     def record_usage(self, input_tokens: int, output_tokens: int) -> None:
         """Best-known usage so far, reported if the block ends without an explicit report."""
@@ -470,7 +488,7 @@ class ReservationCore:
 def _grant(request_id: str, resp: pb.AcquireResponse) -> Grant:
     return Grant(resp.reservation_id, request_id, resp.lease_expires_at_ms, resp.replayed,
                  "daemon", resp.reserved_input_tokens, resp.reserved_output_tokens,
-                 max(0, resp.lease_expires_at_ms - resp.granted_at_ms))
+                 max(0, resp.lease_expires_at_ms - resp.granted_at_ms), resp.mark_sent_wanted)
 
 
 SYNC_IN_ASYNC = ("{cls} is the asyncio client: use `async with`/`await`, or {other} in "
@@ -552,7 +570,7 @@ class Limiter(LimiterCore["Reservation"]):
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
                 max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
                 on_wait: WaitCallback | None = None, wait_budget: float | None = None,
-                overloaded_hint: bool = False) -> Reservation:
+                overloaded_hint: bool = False, marks_sent: bool = False) -> Reservation:
         """A reservation to use as `async with`: Acquire on entry, settle on exit.
 
         Live wait status: give `on_wait` (a sync or async callback) and the Acquire runs as
@@ -566,10 +584,14 @@ class Limiter(LimiterCore["Reservation"]):
         daemon's estimate exceeds what is left of the budget; `overloaded_hint=True` raises
         `ModelOverloadedHint` when the daemon marks the model overloaded. Either way the
         place is dropped at once and a grant made meanwhile is released, so nothing leaks.
+
+        `marks_sent=True` promises to call `r.mark_called()` just before sending the
+        provider request: a burst from a full bucket then refills from that moment (the
+        provider's), not from a guess. Without the mark the hold lasts until the Report.
         """
         return self._new_reservation(Reservation, scope, model, input_tokens,
                                      max_output_tokens, max_wait, user, lease_ms, on_wait,
-                                     wait_budget, overloaded_hint)
+                                     wait_budget, overloaded_hint, marks_sent)
 
 
 class Reservation(ReservationCore):

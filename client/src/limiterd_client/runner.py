@@ -189,7 +189,7 @@ class CallLoop(Generic[T]):
                 max_wait=planner.acquire_wait(retry.max_elapsed if self._max_wait is None
                                               else self._max_wait),
                 user=self._user, on_wait=self._waiter(planner), wait_budget=gate.budget,
-                overloaded_hint=gate.overloaded_hint)
+                overloaded_hint=gate.overloaded_hint, marks_sent=True)
             try:
                 await r._enter()
             except (LimiterBusy, LimiterRejected) as e:

@@ -89,12 +89,12 @@ class SyncLimiter(LimiterCore["SyncReservation"]):
     def reserve(self, scope: str, model: str, *, input_tokens: int, max_output_tokens: int,
                 max_wait: float = 0.0, user: str = "", lease_ms: int | None = None,
                 on_wait: SyncWaitCallback | None = None, wait_budget: float | None = None,
-                overloaded_hint: bool = False) -> SyncReservation:
+                overloaded_hint: bool = False, marks_sent: bool = False) -> SyncReservation:
         """Like `Limiter.reserve`, blocking; `on_wait` is a plain callback, called on the
         thread that enters the block."""
         return self._new_reservation(SyncReservation, scope, model, input_tokens,
                                      max_output_tokens, max_wait, user, lease_ms, on_wait,
-                                     wait_budget, overloaded_hint)
+                                     wait_budget, overloaded_hint, marks_sent)
 
 
 class SyncReservation(ReservationCore):

@@ -97,7 +97,7 @@ class _Meter:
             self._scope(request), str(body.get("model", "")),
             input_tokens=int(self.estimator(body)),
             max_output_tokens=int(body.get("max_tokens") or 0), max_wait=self.max_wait,
-            user=self.user)
+            user=self.user, marks_sent=True)  # mark_called() just before send() below
         try:
             await r._enter()
         except LimiterBusy as e:  # as the provider would say it: the SDK's RateLimitError
