@@ -125,7 +125,8 @@ class Messages:
                 reservation = self.limiter.reserve(
                     call.scope, model, input_tokens=estimated, user=call.user,
                     max_output_tokens=this.max_tokens, max_wait=call.max_wait_s,
-                    on_wait=_quiet if self._pings(call) else None)
+                    on_wait=_quiet if self._pings(call) else None,
+                    marks_sent=True)  # _attempt marks just before the upstream post
                 try:
                     r = await self._acquire(reservation, this, down)
                 except LimiterBusy as e:
