@@ -23,6 +23,8 @@ export interface AcquireArgs {
   maxWaitMs: number;
   leaseMs: number;
   requestId: string;
+  /** The caller will mark its send (MarkSent) when the grant asks. */
+  marksSent: boolean;
 }
 
 /** A grant as the daemon made it. */
@@ -35,6 +37,8 @@ export interface DaemonGrant {
   readonly reservedOutputTokens: number;
   readonly replayed: boolean;
   readonly modelOverloaded: boolean;
+  /** The daemon holds a bucket's refill until this call's MarkSent. */
+  readonly markSentWanted: boolean;
 }
 
 /** How a reservation ended and what it gave back to (or took from) its buckets. */
@@ -109,6 +113,7 @@ function grantOf(r: AcquireResponse): DaemonGrant {
     reservedOutputTokens: Number(r.reservedOutputTokens),
     replayed: r.replayed,
     modelOverloaded: r.modelOverloaded,
+    markSentWanted: r.markSentWanted,
   };
 }
 
@@ -130,7 +135,7 @@ function acquireRequest(a: AcquireArgs) {
   return {
     scope: a.scope, model: a.model, user: a.user, inputTokens: big(a.inputTokens),
     maxOutputTokens: big(a.maxOutputTokens), maxWaitMs: big(a.maxWaitMs),
-    leaseMs: big(a.leaseMs), requestId: a.requestId,
+    leaseMs: big(a.leaseMs), requestId: a.requestId, marksSent: a.marksSent,
   };
 }
 
@@ -191,6 +196,10 @@ export class DaemonApi {
   async keepAlive(reservationId: string, leaseMs: number, timeoutMs: number): Promise<number> {
     const resp = await this.limiter.keepAlive({ reservationId, leaseMs: big(leaseMs) }, { timeoutMs: ms(timeoutMs) });
     return Number(resp.leaseExpiresAtMs);
+  }
+
+  async markSent(reservationId: string, timeoutMs: number): Promise<void> {
+    await this.limiter.markSent({ reservationId }, { timeoutMs: ms(timeoutMs) });
   }
 
   async serving(timeoutMs: number): Promise<boolean> {

@@ -60,6 +60,8 @@ export interface Counters {
   settlementsDelivered: number;
   /** Given up: the lease had ended (the daemon settled it as consumed) or the queue was full. */
   settlementsDropped: number;
+  /** MarkSent calls sent (a grant held a refill until the send). */
+  marksSent: number;
 }
 
 export interface ReserveRequest {
@@ -79,6 +81,12 @@ export interface ReserveRequest {
   overloadedHint?: boolean;
   /** Abort the wait; the place in the queue (and any grant made meanwhile) is given back. */
   signal?: AbortSignal;
+  /**
+   * A promise to call `markCalled()` just before sending the provider request: a burst from a
+   * full bucket then refills from that moment (the provider's), not from a guess. Without the
+   * mark the daemon's hold lasts until the report.
+   */
+  marksSent?: boolean;
 }
 
 export interface ReportArgs {
@@ -103,6 +111,8 @@ export interface Grant {
   readonly modelOverloaded: boolean;
   readonly inputTokens: number;
   readonly outputTokens: number;
+  /** The daemon holds a bucket's refill until this call is sent: markCalled() tells it. */
+  readonly markSentWanted: boolean;
 }
 
 const sleepReal: Sleep = async (ms, signal) => {
@@ -131,6 +141,7 @@ export class Limiter {
   readonly counters: Counters = {
     acquireRetries: 0, streamReattaches: 0, failOpen: 0, localGrants: 0, fallbacks: 0,
     settleFailures: 0, settlementsDeferred: 0, settlementsDelivered: 0, settlementsDropped: 0,
+    marksSent: 0,
   };
   /** @internal */ readonly api: DaemonApi;
   private readonly channel: Channel;
@@ -276,6 +287,12 @@ export class Limiter {
     this.logger.warn(`limiterd-client: ${message}${more}`);
   }
 
+  /** @internal MarkSent, fire and forget: a lost mark only ends the daemon's hold at the report. */
+  markSent(reservationId: string): void {
+    this.counters.marksSent++;
+    this.api.markSent(reservationId, this.rpcTimeoutMs).catch(() => undefined); // nobody waits
+  }
+
   /** @internal */
   deferSettlement(kind: "report" | "release", r: Reservation, rpc: () => Promise<Settlement>): void {
     this.counters.settlementsDeferred++;
@@ -286,7 +303,7 @@ export class Limiter {
     return {
       scope: r.scope, model: r.model, user: r.user, inputTokens: r.inputTokens,
       maxOutputTokens: r.maxOutputTokens, maxWaitMs: Math.round(maxWaitMs), leaseMs: r.leaseMs,
-      requestId: r.requestId,
+      requestId: r.requestId, marksSent: r.marksSent,
     };
   }
 
@@ -426,6 +443,7 @@ function daemonGrant(requestId: string, g: DaemonGrant): Grant {
     leaseExpiresAtMs: g.leaseExpiresAtMs, leaseMs: Math.max(0, g.leaseExpiresAtMs - g.grantedAtMs),
     replayed: g.replayed, waitedMs: g.waitedMs, modelOverloaded: g.modelOverloaded,
     inputTokens: g.reservedInputTokens, outputTokens: g.reservedOutputTokens,
+    markSentWanted: g.markSentWanted,
   };
 }
 
@@ -433,7 +451,7 @@ function localGrant(r: Reservation, mode: GrantMode): Grant {
   return {
     reservationId: "", requestId: r.requestId, mode, leaseExpiresAtMs: 0, leaseMs: 0,
     replayed: false, waitedMs: 0, modelOverloaded: false, inputTokens: r.inputTokens,
-    outputTokens: r.maxOutputTokens,
+    outputTokens: r.maxOutputTokens, markSentWanted: false,
   };
 }
 
@@ -465,6 +483,7 @@ export class Reservation {
   readonly onWait: WaitCallback | undefined;
   readonly gate: WaitGate;
   readonly signal: AbortSignal | undefined;
+  readonly marksSent: boolean;
   /** Every wait update heard, in order. */
   readonly updates: WaitUpdate[] = [];
   grant: Grant | null = null;
@@ -488,6 +507,7 @@ export class Reservation {
     this.onWait = req.onWait;
     this.gate = new WaitGate(req.waitBudgetMs ?? null, req.overloadedHint ?? false);
     this.signal = req.signal;
+    this.marksSent = req.marksSent ?? false;
   }
 
   /** Acquire runs as AcquireStream: live status or an early give-up was asked for. */
@@ -507,9 +527,14 @@ export class Reservation {
     return this.settledFlag;
   }
 
-  /** The provider call has started: from now on an error reports, not releases. */
+  /**
+   * The provider call starts now: from now on an error reports, not releases. When the grant
+   * asks for it (`marksSent: true`), the daemon is told at once (MarkSent, not waited for).
+   */
   markCalled(): void {
+    const first = !this.called;
     this.called = true;
+    if (first && this.grant?.markSentWanted) this.limiter.markSent(this.grant.reservationId);
   }
 
   get wasCalled(): boolean {

@@ -99,6 +99,7 @@ export async function* attemptLoop<T>(limiter: Limiter, o: CallOptions, body: Bo
         maxWaitMs: planner.acquireWaitMs(o.maxWaitMs ?? retry.maxElapsedMs), user: o.user ?? "",
         ...(o.onWait ? { onWait: o.onWait } : {}), ...(o.signal ? { signal: o.signal } : {}),
         waitBudgetMs: gate.waitBudgetMs, overloadedHint: gate.overloadedHint,
+        marksSent: true, // markCalled() below, just before body() sends
       });
       r.markCalled();
       let delivered = "";
