@@ -160,8 +160,9 @@ describe("limitedFetch", () => {
     assert.equal(partial.text, "one two ");
     assert.ok(partial.usage.outputTokens >= 1);
     await waitFor(async () => (await openLeases(d, scope)) === 0);
-    const log = await d.admin.listErrors({ model: "claude-test" });
-    assert.ok(log.errors.some((e) => e.errorType === "connection_error"));
+    // The error log is written after the settlement the lease count shows: wait for it too.
+    await waitFor(async () => (await d.admin.listErrors({ model: "claude-test" })).errors
+      .some((e) => e.errorType === "connection_error"));
   });
 
   test("an error event mid-stream: the SDK raises its error, reported OVERLOADED", async () => {
