@@ -27,8 +27,10 @@ for i in $(seq 1 "$runs"); do
   secs=$(( $(date +%s) - start ))
   printf 'run %d/%d: %s in %dm%02ds\n' "$i" "$runs" "$verdict" $((secs / 60)) $((secs % 60))
   if [ "$verdict" = FAIL ]; then
-    # pytest's summary lines, and Node's failing subtests (`not ok N - name`).
-    grep -E '^(FAILED|ERROR) |^ *not ok [0-9]+ - ' "$log" | sed 's/^/    /' | head -40
+    # pytest's summary lines, and Node's failing subtests (`not ok N - name`); else (a
+    # failure before the tests, say an install) the log's last lines.
+    grep -E '^(FAILED|ERROR) |^ *not ok [0-9]+ - ' "$log" | sed 's/^/    /' | head -40 | grep . \
+      || tail -5 "$log" | sed 's/^/    /'
     echo "    full log: $log"
   else
     rm -f "$log"
