@@ -22,6 +22,7 @@ from limiterd.shared.settings import SharedLedger
 from limiterd_client.proto.limiter.v1 import limiter_pb2 as pb
 from limiterd_client.proto.limiter.v1 import limiter_pb2_grpc as pb_grpc
 from tests.conftest import TEST_CONFIG_TOML
+from tests.metrics_scrape import calls_counted, scrape_once
 from tests.redis_server import redis_server
 
 Code = grpc.StatusCode
@@ -145,3 +146,18 @@ async def test_a_mark_from_an_earlier_hold_does_not_end_this_one_and_a_report_do
     waited = waiter.granted_at_ms / 1000 - reported
     # Refill resumed at the Report (no mark came), without an allowance on top.
     assert waited >= 10 / TINY_PER_S - 0.005, f"granted {waited:.3f} s after the Report"
+
+
+async def test_mark_sent_is_counted_by_the_rpc_metrics() -> None:
+    base = parse_config(TEST_CONFIG_TOML, "<tests>")
+    config = replace(base, settings=replace(base.settings, refill_allowance_s=ALLOWANCE_S))
+    async with running_server(config=config, metrics_listen="127.0.0.1:0") as srv, \
+            grpc.aio.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LimiterStub(ch)
+        g = await stub.Acquire(acq(1000))
+        await stub.MarkSent(pb.MarkSentRequest(reservation_id=g.reservation_id))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.MarkSent(pb.MarkSentRequest(reservation_id=""))
+        after = await scrape_once(srv.metrics_target, calls_counted("MarkSent", 2))
+        counted = ("limiterd_rpc_duration_seconds_count", (("method", "MarkSent"),))
+        assert after[counted] == 2
