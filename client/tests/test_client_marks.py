@@ -135,3 +135,29 @@ async def test_a_reservation_that_does_not_promise_is_not_asked_to_mark(
             r.mark_called()  # once only
             await r.report(10, 10)
         assert lim.counters.marks_sent == 1
+
+
+@pytest.mark.parametrize("sync", [False, True])
+async def test_the_transport_marks_only_once_connected(marking: Daemon, dead: str,
+                                                       sync: bool) -> None:
+    """The drop-in transport marks when the request's headers go out, after DNS, TCP and
+    TLS: a request that never connects sends no mark (the hold ends at its Report)."""
+    url = f"http://{dead}"
+    if sync:
+        lim: Any = SyncLimiter(marking.target)
+        sdk: Any = anthropic.Anthropic(api_key="sk-test", base_url=url, max_retries=0,
+                                       http_client=limited_http_client(lim))
+        with pytest.raises(anthropic.APIConnectionError):
+            await asyncio.to_thread(sdk.messages.create, model=SONNET, **MSG)
+        sdk.close()
+        await asyncio.to_thread(lim.close)
+    else:
+        lim = Limiter(marking.target)
+        sdk = anthropic.AsyncAnthropic(api_key="sk-test", base_url=url, max_retries=0,
+                                       http_client=limited_http_client(lim))
+        with pytest.raises(anthropic.APIConnectionError):
+            await sdk.messages.create(model=SONNET, **MSG)
+        await sdk.close()
+        await lim.close()
+    assert lim.counters.marks_sent == 0
+    assert await marking.open_leases() == []  # reported as never sent

@@ -358,6 +358,7 @@ class ReservationCore:
         # The caller calls mark_called() just before it sends the provider request: the
         # daemon may then hold a refill until it does (issue 15), instead of guessing.
         self.marks_sent = False
+        self._marked = False
         self.grant: Grant | None = None
         self.lease_expires_at_ms = 0
         self.keepalives = 0
@@ -387,14 +388,21 @@ class ReservationCore:
     def settled(self) -> bool:
         return self._state.settled
 
-    def mark_called(self) -> None:
+    def mark_called(self, *, sent: bool = True) -> None:
         """The provider call starts now: from now on an exception reports, not releases.
-        When the grant asks for it (`marks_sent=True`), the daemon is told at once
-        (MarkSent, not waited for): its refill resumes as the provider's starts."""
-        first = not self._state.called
+        With `sent` (the default) the request goes out now too: mark_sent(). `sent=False`:
+        the caller calls mark_sent() itself when it does (after connecting)."""
         self._state.called = True
+        if sent:
+            self.mark_sent()
+
+    def mark_sent(self) -> None:
+        """The provider request goes out now. When the grant asks for it (`marks_sent=True`),
+        the daemon is told at once, once (MarkSent, not waited for): its held refill resumes
+        as the provider's starts."""
         grant = self.grant
-        if first and grant is not None and grant.mark_sent_wanted:
+        if not self._marked and grant is not None and grant.mark_sent_wanted:
+            self._marked = True
             self._limiter._mark_sent(grant.reservation_id)
 
     def record_usage(self, input_tokens: int, output_tokens: int) -> None:

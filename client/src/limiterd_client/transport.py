@@ -52,6 +52,27 @@ def _httpx() -> Any:
                       "'limiterd-client[anthropic]'")
 
 
+def _marking(inner: Any, r: ReservationCore, sync: bool) -> Any:
+    """An httpcore trace hook (chained to one already set) that marks the reservation sent
+    when the request's headers start going out on the connection."""
+    def seen(name: str) -> None:
+        if name.endswith("send_request_headers.started"):
+            r.mark_sent()
+
+    if sync:
+        def trace(name: str, info: dict[str, Any]) -> None:
+            seen(name)
+            if inner is not None:
+                inner(name, info)
+        return trace
+
+    async def atrace(name: str, info: dict[str, Any]) -> None:
+        seen(name)
+        if inner is not None:
+            await inner(name, info)
+    return atrace
+
+
 def _metered(request: Any) -> bool:
     return bool(request.method == "POST" and request.url.path.rstrip("/").endswith(
         "/v1/messages"))
@@ -107,7 +128,12 @@ class _Meter:
         except LimiterRejected as e:  # can never fit: retrying cannot help
             return _error_response(413, "request_too_large", f"limiterd: {e}",
                                    {"x-should-retry": "false"}, request)
-        r.mark_called()
+        r.mark_called(sent=False)
+        if r.grant is not None and r.grant.mark_sent_wanted:
+            # Marked when the request's headers go out: after DNS, TCP and TLS (a cold
+            # connection's handshake is then not counted as the way to the provider).
+            request.extensions["trace"] = _marking(request.extensions.get("trace"), r,
+                                                   limiter._rt.sync)
         try:
             response = await maybe_await(send(request))
         except Exception as e:
