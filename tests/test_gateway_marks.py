@@ -9,11 +9,13 @@ that mark arrived.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from pathlib import Path
 
 import anthropic
 import grpc
+import pytest
 
 from client.tests.fake_provider import FakeProvider, Reply
 from limiterd.config.loader import parse_config
@@ -71,3 +73,36 @@ async def test_the_gateway_marks_just_before_it_sends_upstream(tmp_path: Path) -
             finally:
                 hold.set()
                 assert await gw.close() == 0, gw.log_text()
+
+
+async def test_an_upstream_never_reached_gets_no_mark(tmp_path: Path) -> None:
+    """The gateway marks when the request's headers go out (after connecting): a refused
+    connection sends none, and the hold ends at the Report of the failed attempt."""
+    config = parse_config(DAEMON_CONFIG, "<gateway tests>")
+    with socket.socket() as refused:  # bound, never listening: connections are refused
+        refused.bind(("127.0.0.1", 0))
+        upstream = f"http://127.0.0.1:{refused.getsockname()[1]}"
+        async with running_server(config=config) as srv, \
+                grpc.aio.insecure_channel(srv.target) as ch:
+            daemon = DaemonView(srv, ch)
+            marked: list[str] = []
+            engine_mark = srv.engine.mark_sent
+
+            async def seen(reservation_id: str) -> None:
+                marked.append(reservation_id)
+                await engine_mark(reservation_id)
+
+            srv.engine.mark_sent = seen  # type: ignore[method-assign]
+            gw = await start_gateway(tmp_path, srv.target, upstream)
+            try:
+                sdk = anthropic.AsyncAnthropic(api_key=KEY, base_url=gw.base_url,
+                                               max_retries=0)
+                with pytest.raises(anthropic.APIStatusError):
+                    await sdk.messages.create(model=MODEL, max_tokens=16,
+                                              messages=[{"role": "user", "content": "hi"}])
+                await sdk.close()
+                [r] = await daemon.wait_settled(KEY, 1)
+                assert r.settlement is not None
+            finally:
+                assert await gw.close() == 0, gw.log_text()
+            assert marked == []

@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from limiterd.gateway.config import GatewayConfig
-from limiterd.gateway.messages import Messages
+from limiterd.gateway.messages import Messages, marks_on_send
 from limiterd.gateway.metrics import GatewayMetrics
 from limiterd.gateway.proxy import Proxy
 from limiterd_client import FailClosed, FailOpen, Limiter
@@ -77,7 +77,8 @@ async def running_gateway(cfg: GatewayConfig) -> AsyncIterator[tuple[web.AppRunn
     async with (
         Limiter(cfg.limiter, on_unavailable=unavailable) as limiter,
         aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
-                              skip_auto_headers=("User-Agent",)) as session,
+                              skip_auto_headers=("User-Agent",),
+                              trace_configs=[marks_on_send()]) as session,
     ):
         app = build_app(cfg, limiter, session, metrics)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,

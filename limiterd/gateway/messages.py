@@ -238,10 +238,11 @@ class Messages:
         the answer went to the caller, or the refused attempt (429/529) to retry or pass on."""
         label = self.metrics.model(call.model)
         try:
-            r.mark_called()
+            r.mark_called(sent=False)  # marked when the headers go out (marks_on_send)
             try:
                 upstream_cm = self.session.post(call.url(self.base), data=call.raw,
-                                                headers=call.headers)
+                                                headers=call.headers,
+                                                trace_request_ctx={"sent": r.mark_sent})
                 upstream = await upstream_cm.__aenter__()
             except (aiohttp.ClientError, TimeoutError) as e:
                 self.metrics.upstream.labels("messages", label, "error").inc()
@@ -403,3 +404,19 @@ def _http_error(status: int, headers: Any, body: bytes, now: float) -> ProviderE
     return classify_http(provider=PROVIDER, status=status, headers=dict(headers),
                          code=code if isinstance(code, str) else None,
                          message=message if isinstance(message, str) else "", now=now)
+
+
+def marks_on_send() -> aiohttp.TraceConfig:
+    """Calls a request's `trace_request_ctx["sent"]` when its headers go out on the
+    connection: after DNS, TCP and TLS, so a cold connection's handshake is not counted as
+    the way to the provider (the daemon's refill hold, issue 15), and a request that never
+    connects sends no mark."""
+    async def sent(_session: aiohttp.ClientSession, ctx: Any,
+                   _params: aiohttp.TraceRequestHeadersSentParams) -> None:
+        mark = ctx.trace_request_ctx.get("sent") if ctx.trace_request_ctx else None
+        if mark is not None:
+            mark()
+
+    config = aiohttp.TraceConfig()
+    config.on_request_headers_sent.append(sent)
+    return config
