@@ -700,3 +700,82 @@ async def _queued_at(e: SharedEngine, model: str, n: int, exactly: bool = False)
     await e.sweep()
     depth = int(await e.client.zcard(Keys().base("s1", model) + "q"))
     return depth == n if exactly else depth >= n
+
+
+# ---- the overload mark and learned limits, shared -----------------------------------------
+
+
+async def test_the_overload_mark_is_set_and_shown_by_every_sidecar(redis_url: str) -> None:
+    """OVERLOADED Reports counted on two sidecars (and scopes) mark the budget for all."""
+    async with sidecar(redis_url) as a, sidecar(redis_url) as b:
+        for i in range(3):
+            assert a.overloaded_until("claude-*") == 0 and b.overloaded_until("claude-*") == 0
+            g = await granted(a if i % 2 else b, req("claude-x", scope=f"s{i}"))
+            await (b if i % 2 else a).report(g.reservation.id, 1, 0, Outcome.OVERLOADED, 0.0)
+        await granted(b, req("claude-x", scope="s9"))  # Acquire's answer reads the mark
+        until = b.overloaded_until("claude-*")
+        assert until > 0 and a.overloaded_until("claude-*") == pytest.approx(until)
+        assert b.overloaded_until("tiny") == 0  # another budget
+        left_ms = await b.client.pttl(Keys().overload_mark("claude-*"))
+        assert 29_000 < left_ms <= 30_000  # the cooldown, kept by Redis itself
+
+    async with sidecar(redis_url) as c:  # a sidecar that saw none of it
+        assert c.overloaded_until("claude-*") == 0
+        await c.refresh()  # limiterd buckets, metrics
+        assert dict(c.stats().overloaded) == {"claude-*": pytest.approx(until)}
+        views = c.buckets(model="claude-*")
+        assert views and all(v.overloaded_until == pytest.approx(until) for v in views)
+        assert c.overloaded_until("claude-*") == pytest.approx(until)
+
+
+async def test_learned_limits_are_every_sidecars(redis_url: str) -> None:
+    config = make_test_config()
+    config = replace(config, settings=replace(config.settings, learn_limits=True))
+    async with sidecar(redis_url, config) as a, sidecar(redis_url, config) as b:
+        g = await granted(a, req("claude-x", inp=10, out=10))
+        await a.report(g.reservation.id, 10, 10, Outcome.OK, 0.0, provider_limits({
+            "anthropic-ratelimit-input-tokens-limit": "5000000",
+            "anthropic-ratelimit-output-tokens-limit": "100000",  # lower: never learned
+        }))
+        await b.refresh()
+        [bucket] = b.buckets(model="claude-*")
+        assert bucket.capacities == (1000, 5_000_000, 200_000)
+        assert bucket.learned == {"input_tokens"}
+        # B plans with it: a request above the configured capacity waits, not "never fits".
+        big = await b.acquire(req("claude-x", inp=1_500_000, out=1, scope="s1"), 0.0)
+        assert isinstance(big, Rejected)
+        left_ms = await b.client.pttl(Keys().base("s1", "claude-*") + "ln")
+        assert 3_500_000 < left_ms <= 3_600_000  # kept an hour after the provider last said so
+        # Another scope is another key: nothing learned there.
+        await granted(b, req("claude-x", scope="s2"))
+        await b.refresh()
+        [other] = b.buckets(scopes=frozenset({"s2"}), model="claude-*")
+        assert other.capacities[1] == 1_000_000 and not other.learned
+
+
+async def test_learned_limits_lapse_back_to_the_configured_ones(redis_url: str) -> None:
+    config = make_test_config()
+    config = replace(config, settings=replace(config.settings, learn_limits=True))
+    async with sidecar(redis_url, config) as a:
+        g = await granted(a, req("claude-x", inp=10, out=10))
+        await a.report(g.reservation.id, 10, 10, Outcome.OK, 0.0, provider_limits({
+            "anthropic-ratelimit-input-tokens-limit": "5000000"}))
+        await a.client.pexpire(Keys().base("s1", "claude-*") + "ln", 1)  # as if an hour passed
+        await until(lambda: _gone(a, Keys().base("s1", "claude-*") + "ln"))
+        await granted(a, req("claude-x"))
+        await a.refresh()
+        [bucket] = a.buckets(model="claude-*")
+        assert bucket.capacities[1] == 1_000_000 and not bucket.learned
+
+
+async def _gone(e: SharedEngine, key: str) -> bool:
+    return not await e.client.exists(key)
+
+
+async def test_a_sidecar_stops_at_once_right_after_its_first_read(redis_url: str) -> None:
+    """redis-py swallowed the cancel of the wake listener's blocking read just after it
+    subscribed: stop() then never returned."""
+    a = SharedEngine(make_test_config(), SharedLedger(redis_url), SystemClock())
+    await a.start()
+    await a.refresh()
+    await asyncio.wait_for(a.stop(), 10)

@@ -63,8 +63,7 @@ class Batcher:
         replies = await self._pipeline(commands)
         missing = [i for i, r in enumerate(replies) if isinstance(r, rx.NoScriptError)]
         if missing:
-            for script in (self.scripts.acquire, self.scripts.settle, self.scripts.leave,
-                           self.scripts.sweep, self.scripts.reset):
+            for script in self.scripts.all():
                 await self.client.script_load(script.script)
             again = await self._pipeline([commands[i] for i in missing])
             for i, r in zip(missing, again, strict=True):

@@ -50,7 +50,7 @@ from limiterd.ledger.errors import (
     NotFound,
     QueueFull,
 )
-from limiterd.ledger.ledger import Granted, Rejected, check_model_name
+from limiterd.ledger.ledger import LIMIT_FIELDS, Granted, Rejected, check_model_name
 from limiterd.ledger.model import (
     AcquireRequest,
     Amounts,
@@ -65,7 +65,6 @@ from limiterd.ledger.model import (
     Settlement,
     State,
 )
-from limiterd.ledger.overload import OverloadMarks
 from limiterd.shared.batch import Batcher
 from limiterd.shared.fallback import Outbox, Pending, scaled, settle_locally
 from limiterd.shared.keys import Keys
@@ -81,9 +80,14 @@ log = logging.getLogger("limiterd.shared")
 UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError, OSError)
 REMEMBERED = 100_000  # reservation id -> base, and bases seen, kept per sidecar (LRU)
 RESUBSCRIBE_S = 0.5
+LISTEN_POLL_S = 1.0  # how long stop() may wait for the wake listener, at most
 MIRROR_REFRESH_S = 5.0  # how stale the bucket gauges of /metrics may be
 EPOCH_CHECK_S = 0.05  # how soon a sidecar notices that Redis lost its data, at most
 LOST_DATA_SAFE_S = 60.0  # one refill period: after it, an empty bucket would be full anyway
+# A capacity learned from the provider's headers (learn_limits) is kept this long after the
+# last Report whose headers still said so; then the configured one applies again.
+LEARNED_KEPT_S = 3600.0
+_CAP_FIELDS = ("cr", "ci", "co")  # the bucket hash's capacity fields, per RATE_DIMS
 
 ChangeListener = Callable[[Sequence[Change]], None]
 
@@ -182,7 +186,11 @@ class SharedEngine:
         self.clock = clock
         self.shared = shared
         self._config = config
-        self._marks = OverloadMarks()
+        # Overload marks (budget -> when it lifts, Redis' clock) and learned capacities, both
+        # kept in Redis; these are this sidecar's last reads of them (every Acquire reads its
+        # budget's mark in its round trip; refresh() reads them all).
+        self._overloaded: dict[str, float] = {}
+        self._learned: dict[BucketKey, Limits] = {}
         self._mirror = _Mirror()
         self.keys = Keys(shared.key_prefix)
         # A pooled connection found dead (Redis restarted) is retried once on a new one:
@@ -288,11 +296,12 @@ class SharedEngine:
         m = self._mirror
         return Stats(len(m.leases), self._waiting, self._healthy,
                      sum(1 for v in m.buckets.values() if v.paused_until > now),
-                     tuple(sorted(self._marks.active(now).items())),
+                     tuple(sorted((b, u) for b, u in self._overloaded.items() if u > now)),
                      local_share=self.falling_back)
 
     def overloaded_until(self, budget: str) -> float:
-        return self._marks.until(budget, self.clock.now())
+        until = self._overloaded.get(budget, 0.0)
+        return until if until > self.clock.now() else 0.0
 
     def scopes(self, wanted: str) -> frozenset[str] | None:
         if not wanted:
@@ -348,13 +357,15 @@ class SharedEngine:
         """Read every tag's buckets and open leases from Redis (for Admin reads and metrics).
         Raises PersistenceFailing when Redis is away."""
         try:
-            self._mirror = await _read_mirror(self.client, self.keys, self._marks,
-                                              self.clock.now())
+            self._mirror = mirror = await _read_mirror(self.client, self.keys)
         except UNREACHABLE as exc:
             self._unhealthy(exc)
             raise PersistenceFailing(
                 f"the shared ledger on Redis is unreachable ({exc}); try again shortly"
             ) from None
+        for budget, until in mirror.overloaded.items():
+            self._mark(budget, repr(until) if until else None)
+        self._learned = dict(mirror.learned)
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -508,8 +519,8 @@ class SharedEngine:
                 wake.clear()
                 w.calling = True
                 reply = await self._shielded(
-                    self._first_acquire(plan.base, w.rid, w.lease_s, make_args) if w.ticket == 0
-                    else self._run(self.scripts.acquire, plan.base, args),
+                    self._first_acquire(plan, w.rid, w.lease_s, make_args) if w.ticket == 0
+                    else self._try_acquire(plan, [], args),
                     lambda r: self._undo(r, w),
                 )
                 w.calling = False
@@ -539,7 +550,7 @@ class SharedEngine:
                 if on_status is not None:
                     key = (position, round(eta_s))
                     if key != last_status or now - last_sent >= interval:
-                        overloaded = self._marks.until(plan.budget, now) > 0
+                        overloaded = self.overloaded_until(plan.budget) > 0
                         # Waited since the place was taken (before a re-attach, too), by
                         # Redis' clock alone: every sidecar reads the same one, so a stream
                         # re-attached elsewhere never hears it waited less than it had.
@@ -604,12 +615,14 @@ class SharedEngine:
         retry_after_s: float,
         provider: ProviderLimits | None = None,
     ) -> tuple[Reservation, bool]:
-        remaining = ["" if provider is None or n is None else str(n)
-                     for n in (provider.remaining if provider else (None, None, None))]
-        tolerance = self._config.settings.sync_tolerance_tokens
+        told = provider or ProviderLimits((None, None, None), (None, None, None))
+        remaining = ["" if n is None else str(n) for n in told.remaining]
+        limits = ["" if n is None else str(n) for n in told.limits]
+        s = self._config.settings
         r, replayed, reply = await self._settle(
             reservation_id, "report", actual_input, actual_output, outcome.value,
-            retry_after_s, *remaining, tolerance)
+            retry_after_s, *remaining, s.sync_tolerance_tokens, *limits,
+            int(s.learn_limits), LEARNED_KEPT_S)
         if not replayed:
             changes: list[Change] = [ReservationSettled(r.id, r.settlement)]  # type: ignore[arg-type]
             if outcome is Outcome.RATE_LIMITED and retry_after_s > 0:
@@ -617,11 +630,15 @@ class SharedEngine:
                                         r.settlement.settled_at  # type: ignore[union-attr]
                                         + retry_after_s))
             elif outcome is Outcome.OVERLOADED:
-                self._marks.note(r.buckets[0].budget, self.clock.now(), self._config.settings)
+                await self._note_overloaded(r)
             self._emit(changes)
             if len(reply) > 22 and text(reply[22]):
                 log.info("provider sync: lowered %s for %s (dimension:was:now)",
                          text(reply[22]), r.model)
+            if len(reply) > 23 and text(reply[23]):
+                log.info("provider sync: learned %s for %s from the provider (field:was:now)",
+                         text(reply[23]), r.buckets[0].budget)
+                self._learn(r.buckets[0], text(reply[23]))
         return r, replayed
 
     async def _release_shared(self, reservation_id: str) -> tuple[Reservation, bool]:
@@ -648,7 +665,9 @@ class SharedEngine:
             )
         per_user = config.budget_for(req.scope, req.model, user=True) if req.user else None
         amounts = (1, req.input_tokens, req.max_output_tokens)
-        checks = [(BucketKey(req.scope, budget.name), budget.limits)]
+        key = BucketKey(req.scope, budget.name)
+        learned = self._learned.get(key)  # a request that fits a learned capacity may wait
+        checks = [(key, budget.limits if learned is None else budget.limits.merged(learned))]
         if per_user is not None:
             checks.append((BucketKey(req.scope, per_user.name, req.user), per_user.limits))
         for key, lim in checks:
@@ -696,7 +715,7 @@ class SharedEngine:
         if len(self._known) > REMEMBERED:
             self._known.popitem(last=False)
 
-    async def _first_acquire(self, base: str, rid: str, lease_s: float,
+    async def _first_acquire(self, plan: _Plan, rid: str, lease_s: float,
                              args: Callable[[], Sequence[Any]]) -> list[Any]:
         """The first try also indexes the reservation id (any sidecar may settle it) and, at
         most once a second, the tag (any sidecar may sweep it): plain keys outside the tag's
@@ -716,6 +735,7 @@ class SharedEngine:
                     raise r
             await self._note_epoch(text(replies[1]), int(replies[2]))
         retention = self._config.settings.settlement_retention_s
+        base = plan.base
         commands: list[tuple[Any, ...]] = [
             ("SET", self.keys.reservation_index(rid), base,
              "PX", math.ceil((lease_s + retention) * 1000)),
@@ -725,14 +745,54 @@ class SharedEngine:
             if len(self._indexed) > REMEMBERED:
                 self._indexed.clear()
             commands.append(("ZADD", self.keys.sweep_index, "LT", now + lease_s, base))
+        return await self._try_acquire(plan, commands, args())
+
+    async def _try_acquire(self, plan: _Plan, before: list[tuple[Any, ...]],
+                           args: Sequence[Any]) -> list[Any]:
+        """The acquire script, after `before`, in one round trip that also reads the budget's
+        overload mark (another slot: a plain GET), so Acquire's answer and the wait status
+        show the mark whichever sidecar set it."""
         script = self.scripts.acquire
-        commands.append(("EVALSHA", script.sha, 1, self.keys.bucket(base), *self._common(),
-                         *args()))
-        reply = (await self._send(commands))[-1]
+        replies = await self._send([
+            *before,
+            ("GET", self.keys.overload_mark(plan.budget)),
+            ("EVALSHA", script.sha, 1, self.keys.bucket(plan.base), *self._common(), *args),
+        ])
+        mark, reply = replies[-2], replies[-1]
         if isinstance(reply, Exception):
             raise reply
-        self._ran(base)
+        if not isinstance(mark, Exception):
+            self._mark(plan.budget, mark)
+        self._ran(plan.base)
         return list(reply)
+
+    def _mark(self, budget: str, raw: Any) -> None:
+        """What Redis holds of `budget`'s overload mark (None or '': not marked)."""
+        if raw is None or text(raw) == "":
+            self._overloaded.pop(budget, None)
+        else:
+            self._overloaded[budget] = float(text(raw))
+
+    async def _note_overloaded(self, r: Reservation) -> None:
+        """An OVERLOADED Report: counted in Redis for the budget (lua/overload.lua), so the
+        mark it may set is every sidecar's. Not counted if Redis went away just now."""
+        s = self._config.settings
+        budget = r.buckets[0].budget
+        try:
+            [mark] = await self._run(self.scripts.overload, self.keys.overload_base(budget), [
+                r.id, repr(s.overload_window_s), s.overload_threshold,
+                repr(s.overload_cooldown_s)])
+        except PersistenceFailing:
+            return
+        self._mark(budget, mark)
+
+    def _learn(self, key: BucketKey, raised: str) -> None:
+        """Capacities the provider's headers raised ("cf:was:now,..."), for planning here."""
+        found = {}
+        for item in raised.split(","):
+            cf, _, now = item.split(":")
+            found[LIMIT_FIELDS[_CAP_FIELDS.index(cf)]] = int(float(now))
+        self._learned[key] = self._learned.get(key, Limits()).merged(Limits(**found))
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Through the batcher; PersistenceFailing when Redis cannot be reached."""
@@ -821,13 +881,19 @@ class SharedEngine:
     # ---- background: wakes and sweeps ----------------------------------------------------
 
     async def _listen(self) -> None:
-        """Wake this sidecar's waiters of a tag when a script says its queue may move."""
+        """Wake this sidecar's waiters of a tag when a script says its queue may move.
+
+        Reads with a timeout rather than pubsub.listen(): redis-py (8.1) can swallow the
+        cancel of a blocking read just after subscribing, and stop() then waited forever."""
         while not self._stopping:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.channel)
                 self._wake_all()  # anything published while not subscribed was missed
-                async for message in pubsub.listen():
+                while not self._stopping:
+                    message = await pubsub.get_message(timeout=LISTEN_POLL_S)
+                    if message is None:
+                        continue
                     base = text(message["data"])
                     for wake in self._wakes.get(base, ()):
                         wake.set()
@@ -945,15 +1011,17 @@ class _Mirror:
     buckets: Mapping[BucketKey, BucketView] = field(default_factory=dict)
     leases: tuple[Reservation, ...] = ()
     tags: Mapping[BucketKey, str] = field(default_factory=dict)  # key -> its tag's budget
+    overloaded: Mapping[str, float] = field(default_factory=dict)  # budget -> until (0: not)
+    learned: Mapping[BucketKey, Limits] = field(default_factory=dict)
 
 
 MAX_TAGS_READ = 10_000
 
 
-async def _read_mirror(client: Redis, keys: Keys, marks: OverloadMarks,
-                       local_now: float) -> _Mirror:
+async def _read_mirror(client: Redis, keys: Keys) -> _Mirror:
     """One read of the shared state: the buckets and open leases of every tag in the sweep
-    index, levels brought forward to Redis' clock."""
+    index, levels brought forward to Redis' clock; their budgets' overload marks and the
+    capacities learned from the provider."""
     seconds, micros = await client.time()
     now = seconds + micros / 1e6
     bases = [text(b) for b in await client.zrange(keys.sweep_index, 0, MAX_TAGS_READ - 1)]
@@ -964,11 +1032,13 @@ async def _read_mirror(client: Redis, keys: Keys, marks: OverloadMarks,
             pipe.zrange(base + "l", 0, -1)
             pipe.zcard(base + "q")
             pipe.get(base + "pause")
+            pipe.hgetall(base + "ln")
         per_tag = await pipe.execute()
+    budgets = sorted({where[1] for b in bases if (where := keys.parse(b)) is not None})
     second: list[tuple[str, str, str]] = []  # (base, kind, name)
     async with client.pipeline(transaction=False) as pipe:
         for i, base in enumerate(bases):
-            _, users, lease_ids, _, _ = per_tag[5 * i:5 * i + 5]
+            _, users, lease_ids, _, _, _ = per_tag[6 * i:6 * i + 6]
             for u in users:
                 second.append((base, "u", text(u)))
                 pipe.hgetall(f"{base}u:{text(u)}")
@@ -977,7 +1047,12 @@ async def _read_mirror(client: Redis, keys: Keys, marks: OverloadMarks,
                 second.append((base, "r", text(rid)))
                 pipe.hgetall(f"{base}r:{text(rid)}")
                 pipe.exists(f"{base}r:{text(rid)}")
+        for budget in budgets:
+            pipe.get(keys.overload_mark(budget))
         more = await pipe.execute()
+    marks = more[2 * len(second):]
+    overloaded = {b: float(text(m)) if m else 0.0 for b, m in zip(budgets, marks, strict=True)}
+    learned: dict[BucketKey, Limits] = {}
     buckets: dict[BucketKey, BucketView] = {}
     tags: dict[BucketKey, str] = {}
     open_per: dict[BucketKey, int] = {}
@@ -995,13 +1070,20 @@ async def _read_mirror(client: Redis, keys: Keys, marks: OverloadMarks,
         if where is None:
             continue
         scope, model = where
-        h, _, _, depth, pause = per_tag[5 * i:5 * i + 5]
+        h, _, _, depth, pause, ln = per_tag[6 * i:6 * i + 6]
         key = BucketKey(scope, model)
         paused = float(text(pause)) if pause else 0.0
+        raised = {text(k): int(float(text(v))) for k, v in ln.items()}
+        if raised:
+            learned[key] = Limits(**{LIMIT_FIELDS[_CAP_FIELDS.index(cf)]: v
+                                     for cf, v in raised.items() if cf in _CAP_FIELDS})
         if h:
             tags[key] = model
+            mark = overloaded.get(model, 0.0)
             buckets[key] = _bucket_view(key, h, int(depth), paused if paused > now else 0.0,
-                                        marks.until(model, local_now), open_per.get(key, 0), now)
+                                        mark if mark > now else 0.0, open_per.get(key, 0), now,
+                                        frozenset(RATE_DIMS[_CAP_FIELDS.index(cf)]
+                                                  for cf in raised if cf in _CAP_FIELDS))
     for j, (base, kind, name) in enumerate(second):
         where = keys.parse(base)
         if kind != "u" or where is None or not more[2 * j]:
@@ -1010,11 +1092,12 @@ async def _read_mirror(client: Redis, keys: Keys, marks: OverloadMarks,
         tags[key] = where[1]
         buckets[key] = _bucket_view(key, more[2 * j], int(more[2 * j + 1]), 0.0, 0.0,
                                     open_per.get(key, 0), now)
-    return _Mirror(buckets, tuple(leases), tags)
+    return _Mirror(buckets, tuple(leases), tags, overloaded, learned)
 
 
 def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: float,
-                 overloaded: float, open_count: int, now: float) -> BucketView:
+                 overloaded: float, open_count: int, now: float,
+                 learned: frozenset[str] = frozenset()) -> BucketView:
     h = {text(k): text(v) for k, v in raw.items()}
     elapsed = max(0.0, now - float(h.get("t", now)))
     held = h.get("hd", "000") if "h" in h else "000"  # lua/common.lua take: no refill yet
@@ -1027,7 +1110,7 @@ def _bucket_view(key: BucketKey, raw: Mapping[Any, Any], depth: int, paused: flo
             levels[i] = min(float(cap), float(h.get(lv, 0.0)) + refilled)
     mc = int(h["cm"]) if "cm" in h else None
     return BucketView(key, (levels[0], levels[1], levels[2]), (caps[0], caps[1], caps[2]),
-                      mc, int(h.get("n", 0)), depth, open_count, paused, overloaded)
+                      mc, int(h.get("n", 0)), depth, open_count, paused, overloaded, learned)
 
 _RES_FIELDS = ("s", "m", "u", "q", "ri", "ro", "g", "e", "w", "st", "sa",
                "fr", "fi", "fo", "oi", "oo", "oc", "bu", "bn")

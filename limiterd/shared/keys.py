@@ -33,6 +33,14 @@ class Keys:
     def bucket(self, base: str) -> str:
         return base + "b"
 
+    def overload_base(self, budget: str) -> str:
+        """A model budget's overload mark (lua/overload.lua): a provider's overload is not a
+        key's, so it is the budget's alone, across scopes, in a tag of its own."""
+        return f"{self.prefix}:{{ov:{budget}}}:"
+
+    def overload_mark(self, budget: str) -> str:
+        return self.overload_base(budget) + "o"
+
     def reservation_index(self, reservation_id: str) -> str:
         return f"{self.prefix}:rid:{reservation_id}"
 

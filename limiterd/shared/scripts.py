@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 
-NAMES = ("acquire", "settle", "leave", "sweep", "reset")
+NAMES = ("acquire", "settle", "leave", "sweep", "reset", "overload")
 
 
 def source(name: str) -> str:
@@ -28,6 +28,10 @@ class Scripts:
     leave: AsyncScript
     sweep: AsyncScript
     reset: AsyncScript
+    overload: AsyncScript
+
+    def all(self) -> tuple[AsyncScript, ...]:
+        return tuple(getattr(self, n) for n in NAMES)
 
     @classmethod
     def register(cls, client: Redis | RedisCluster) -> Scripts:

@@ -18,6 +18,12 @@ local budget = ARGV[26]
 local allowance = tonumber(ARGV[27])
 local holder = ARGV[28] == '1' and id or ''
 local caps = {parse_caps(ARGV[17], ARGV[18], ARGV[19], ARGV[20])}
+-- A capacity the provider said is higher (learn_limits, lua/settle.lua) wins over the config.
+local learned = hash(BASE .. 'ln')
+for d = 1, 3 do
+  local v = tonumber(learned[CAPF[d]] or '')
+  if v and caps[1][d] and v > caps[1][d] then caps[1][d] = v end
+end
 if has_user then table.insert(caps, parse_caps(ARGV[22], ARGV[23], ARGV[24], ARGV[25])) end
 
 local now = now_s()

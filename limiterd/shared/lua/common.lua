@@ -16,6 +16,8 @@
 --   base..'qx'         hash  ticket -> "expiry|since|requests|input|output|owner|ub"
 --   base..'rw:'..rid   string  request_id -> "ticket|owner" of its waiter (re-attach by it)
 --   base..'users'      set   the ub of every user bucket under the tag (for reads only)
+--   base..'ln'         hash  capacities learned from the provider's headers (cr,ci,co), above
+--                            the configured ones (learn_limits); PX: renewed while it says so
 -- Times are the Redis server's (TIME), in seconds; no sidecar clock is ever used here.
 --
 -- Every script: KEYS[1] = base..'b'; ARGV[1] = the wake channel, ARGV[2] = how long settled

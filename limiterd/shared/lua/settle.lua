@@ -1,10 +1,12 @@
 -- Report, Release, KeepAlive or MarkSent of one reservation (ARGV[4] names which).
 -- ARGV[4..]: op ('report'|'release'|'keepalive'|'mark'), id, then
 --   report: input, output, outcome, retry_after_s, remaining requests/input/output from the
---     provider's headers ('' = not sent), tolerance in tokens;
+--     provider's headers ('' = not sent), tolerance in tokens, the limits from the headers
+--     (same three), learn_limits ('1'/'0'), how long a learned capacity is kept (s);
 --   keepalive: lease_s.
 -- Replies: {'S', replayed, id, reservation...}; {'X', '0', id, reservation...} when it was
---   settled another way; {'E', 'not_found'}.
+--   settled another way; {'E', 'not_found'}. A Report's 'S' may end with what the headers
+--   lowered ("dim:was:now,...") and raised ("capfield:was:now,...").
 local op, id = ARGV[4], ARGV[5]
 local now = now_s()
 sweep_lapsed(now, 20)
@@ -74,22 +76,44 @@ if outcome == 'rate_limited' and retry_after > 0 then
   end
 end
 -- Header sync: the provider says less remains than we believe (beyond its rounding): lower.
+-- With learn_limits, a limit above the bucket's capacity raises it (a tier upgrade): kept in
+-- base..'ln' for every sidecar, renewed while the provider's headers still say so.
 local remaining = {ARGV[10], ARGV[11], ARGV[12]}
 local tolerance = {1, tonumber(ARGV[13]), tonumber(ARGV[13])}
-if remaining[1] ~= '' or remaining[2] ~= '' or remaining[3] ~= '' then
+local learn = ARGV[17] == '1'
+local limits = {}
+for d = 1, 3 do limits[d] = learn and tonumber(ARGV[13 + d]) or nil end
+local told = remaining[1] ~= '' or remaining[2] ~= '' or remaining[3] ~= ''
+  or limits[1] ~= nil or limits[2] ~= nil or limits[3] ~= nil
+if told then
   local b = load_bucket(BASE .. 'b', BASE .. 'seen', nil, now, false)
   if b ~= nil then
-    local changed = {}
+    local changed, raised = {}, {}
+    local lkey, keep_ms = BASE .. 'ln', ms(tonumber(ARGV[18]))
     for d = 1, 3 do
+      local limit = limits[d]
+      if limit ~= nil and b.cap[d] then
+        local had = tonumber(redis.call('HGET', lkey, CAPF[d]) or '')
+        if limit > b.cap[d] then
+          table.insert(raised, CAPF[d] .. ':' .. b.cap[d] .. ':' .. limit)
+          b.cap[d] = limit
+          redis.call('HSET', lkey, CAPF[d], string.format('%d', limit))
+          redis.call('PEXPIRE', lkey, keep_ms)
+        elseif had ~= nil and limit >= had then
+          redis.call('PEXPIRE', lkey, keep_ms)  -- still so: keep it
+        end
+      end
       local left = tonumber(remaining[d])
       if left ~= nil and b.cap[d] and left + tolerance[d] < b.lv[d] then
         table.insert(changed, DIM[d] .. ':' .. fmt(b.lv[d]) .. ':' .. left)
         b.lv[d] = left
       end
     end
-    if #changed > 0 then save_bucket(b, now) end
+    if #changed > 0 or #raised > 0 then save_bucket(b, now) end
+    if #raised > 0 then wake() end  -- a waiter may fit the larger bucket
     local reply = res_reply('S', id, r, false)
     table.insert(reply, table.concat(changed, ','))
+    table.insert(reply, table.concat(raised, ','))
     return reply
   end
 end
