@@ -6,6 +6,9 @@
 # the failing test ids and where its full log is kept. Exits non-zero if any run failed.
 set -uo pipefail
 
+# All in one block, read whole before it runs: a checkout or merge in this repo during the
+# series (bash reads a script as it goes) cannot change it halfway.
+{
 runs=${1:?usage: scripts/same-verdict.sh N [REPO [COMMIT]]}
 repo=${2:-$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)}
 commit=${3:-$(git -C "$repo" rev-parse HEAD)}
@@ -39,3 +42,5 @@ for i in $(seq 1 "$runs"); do
 done
 echo "same-verdict: $((runs - failed)) of $runs passed"
 [ "$failed" -eq 0 ]
+exit
+}
