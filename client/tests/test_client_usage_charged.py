@@ -14,10 +14,13 @@ from client_daemon import Daemon, over_backends
 from fake_provider import FakeProvider, Reply
 from wire import Recorder
 
+from limiterd.clock import FakeClock
+from limiterd.config.loader import load_config
 from limiterd.server import running_server
 from limiterd_client import AsyncAnthropicAdapter, Limiter, ProviderError, RetryPolicy
 
 SONNET, OPUS = "claude-sonnet-4-6", "claude-opus-4-1"
+OUTPUT_CAP = 8000  # Opus's output tokens a minute, Tier 1 (the built-in limits)
 MSG: dict[str, Any] = {"max_tokens": 300, "messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -32,7 +35,12 @@ async def test_three_overloads_on_opus_leave_its_output_budget_whole(
     """The issue's case: under the built-in (Tier 1) limits, 3 x 529 with max_tokens=2000 took
     Opus's output budget from 8,000 to about 2,000. A 529 uses no tokens."""
     provider.script(OPUS, *[Reply.overloaded()] * 3)
-    async with running_server() as srv, Limiter(srv.target) as lim:
+    # The daemon's time stands still: no refill can hide a charge. The first take from a full
+    # bucket is charged the refill allowance (the way to the provider), as any grant is; a
+    # real clock made that 0 or not by whether 0.1 s passed before the read (failed once).
+    config = load_config(None)
+    kept = 1 - config.settings.refill_allowance_s / 60.0  # a bucket less its allowance
+    async with running_server(config, clock=FakeClock()) as srv, Limiter(srv.target) as lim:
         client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=provider.base_url)
         ad = AsyncAnthropicAdapter(client, lim, retry=no_sleep_policy(max_attempts=3))
         with pytest.raises(ProviderError) as info:
@@ -43,9 +51,10 @@ async def test_three_overloads_on_opus_leave_its_output_budget_whole(
         async with grpc.aio.insecure_channel(srv.target) as ch:
             d = Daemon(srv, ch)
             dims = {x.name: x for x in (await d.bucket(OPUS)).dimensions}
-        assert dims["output_tokens"].capacity == 8000
-        assert dims["output_tokens"].level == 8000  # every 529 refunded in full
-        assert dims["input_tokens"].level == 30000
+        assert dims["output_tokens"].capacity == OUTPUT_CAP
+        # every 529 refunded in full: only the allowance of the take from full is gone
+        assert dims["output_tokens"].level == pytest.approx(OUTPUT_CAP * kept)
+        assert dims["input_tokens"].level == pytest.approx(30000 * kept)
 
 
 @pytest.mark.parametrize(("reply", "charged"), [
