@@ -15,6 +15,7 @@ import json
 import math
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -105,7 +106,7 @@ class FakeProvider:
         self._scripts: dict[str, deque[Reply]] = {}
         self._lock = threading.Lock()
         self.requests: list[Recorded] = []
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- scripting ---------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class FakeProvider:
         class Handler(_Handler):
             fake = provider
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         daemon=True,
@@ -173,6 +174,14 @@ def ratelimit_headers() -> list[tuple[str, str]]:
             ("anthropic-ratelimit-output-tokens-limit", "8000"),
             ("anthropic-ratelimit-output-tokens-remaining", "7900"),
             ("anthropic-ratelimit-tokens-reset", reset)]
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client closing its kept-alive connection is what clients do (and what some tests
+        # make them do): not worth a traceback in the middle of pytest's output.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
