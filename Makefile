@@ -9,10 +9,14 @@ LINT := $(VENV)/.installed-lint
 # Installs go through uv (from PyPI, into the venv): about 10 s where pip took over a minute
 # on a cold cache, since uv fetches and unpacks in parallel. --compile-bytecode as pip does:
 # else every daemon and CLI the tests spawn compiles grpc & co. again (PYTHONDONTWRITEBYTECODE).
+# Should uv be unavailable or fail (its own network settings differ from pip's), pip does the
+# same install: slower, never a different verdict.
 UV := $(VENV)/bin/uv
-INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
-	{ test -x $(UV) || $(PY) -m pip install -q "uv>=0.5"; } && \
-	$(UV) pip install --python $(PY) --compile-bytecode -q -e ./client -e
+install = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
+	{ { test -x $(UV) || $(PY) -m pip install -q "uv>=0.5"; } && \
+	  $(UV) pip install --python $(PY) --compile-bytecode -q -e ./client -e $(1) || \
+	  { echo "uv could not install $(1): installing with pip"; \
+	    $(PY) -m pip install -q -e ./client -e $(1); }; }
 
 .PHONY: setup run test test-long lint typecheck proto proto-check bench clean redis-server \
 	node-deps node-test node-proto node-proto-check node-bench
@@ -22,15 +26,15 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
 setup: $(TEST) $(LINT)  ## the venv with everything a developer uses
 
 $(RUN): pyproject.toml client/pyproject.toml
-	$(INSTALL) .
+	$(call install,.)
 	touch $@
 
 $(TEST): pyproject.toml client/pyproject.toml
-	$(INSTALL) ".[test]"
+	$(call install,".[test]")
 	touch $(RUN) $@
 
 $(LINT): pyproject.toml client/pyproject.toml
-	$(INSTALL) ".[lint]"
+	$(call install,".[lint]")
 	touch $(RUN) $@
 
 run: $(RUN)  ## the daemon on its embedded default: SQLite under ./var, loopback :50051
@@ -105,7 +109,7 @@ node-proto-check: $(TEST) node-deps  ## fail when the committed TypeScript stubs
 	  rm -rf $$tmp
 
 bench: $(RUN)  ## never part of `make test`; writes bench/out/results.md and goodput.png
-	$(UV) pip install --python $(PY) -q -e ".[bench]"
+	$(call install,".[bench]")
 	$(PY) -m bench $(ARGS)
 
 clean:
